@@ -1,0 +1,104 @@
+"""A classifier seen as a chain of blocks followed by a head: the unit Block-KD cuts into."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+AttrPaths = Union[str, Sequence[str]]
+
+
+class Head(nn.Module):
+    """Runs modules in order, flattening a feature map before the first ``nn.Linear``."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear) and x.dim() > 2:
+                x = torch.flatten(x, 1)
+            x = layer(x)
+        return x
+
+
+class BlockNet(nn.Module):
+    """``head(blocks[n-1](...blocks[0](x)))``; ``features(x)`` returns every block's output.
+
+    Cut ``i`` (1-based) is the output of block ``i``: a stepping stone at cut ``i`` feeds the
+    student's features there, through a connector, into the teacher's blocks ``i+1..n`` and head.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        if len(blocks) == 0:
+            raise ValueError("BlockNet needs at least one block; got an empty block list.")
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return outputs
+
+    def forward_from(self, cut: int, feature: torch.Tensor) -> torch.Tensor:
+        """Logits from the output of block ``cut`` (1-based): runs blocks ``cut+1..n`` and the head."""
+        for block in self.blocks[cut:]:
+            feature = block(feature)
+        return self.head(feature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module,
+        blocks: Sequence[AttrPaths],
+        head: Sequence[str],
+        stem: Sequence[str] = (),
+    ) -> "BlockNet":
+        """Wrap an existing model by attribute paths, sharing (not copying) its modules.
+
+        ``blocks`` lists one attribute path (or a list of paths run in order) per block; ``stem``
+        modules are folded into block 1; ``head`` modules run last (flattened before a Linear).
+        Example (torchvision ResNet): ``stem=["conv1", "bn1", "relu", "maxpool"],
+        blocks=["layer1", "layer2", "layer3", "layer4"], head=["avgpool", "fc"]``.
+        """
+        if len(blocks) == 0:
+            raise ValueError("BlockNet.from_module needs at least one block path in blocks=[...].")
+        if len(head) == 0:
+            raise ValueError("BlockNet.from_module needs the head's attribute paths in head=[...].")
+        built = []
+        for index, paths in enumerate(blocks):
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            modules = [_get_attr(model, p) for p in paths]
+            if index == 0:
+                modules = [_get_attr(model, p) for p in stem] + modules
+            built.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
+        return cls(built, Head([_get_attr(model, p) for p in head]))
+
+
+def _get_attr(model: nn.Module, path: str) -> nn.Module:
+    obj = model
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            children = ", ".join(name for name, _ in model.named_children())
+            raise ValueError(
+                f"{type(model).__name__} has no submodule {path!r} (missing {part!r}); "
+                f"its top-level children are: {children}."
+            )
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"{path!r} is a {type(obj).__name__}, not an nn.Module.")
+    return obj

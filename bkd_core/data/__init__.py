@@ -1,0 +1,28 @@
+"""Data: in-memory uint8 datasets, readers for common layouts, and a device-side batch loader."""
+from .datasets import Augmentation, DataSplits, ImageDataset
+from .download import download, fetch_files
+from .loader import BatchLoader, random_crop_flip
+from .sources import load_cifar, load_digits, load_idx_dataset, load_image_folder
+
+DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder")
+
+
+def load(name: str, root: str | None = None, **kwargs) -> DataSplits:
+    """Load a dataset by name: ``digits`` needs no root; the others read from ``root``."""
+    if name == "digits":
+        return load_digits(**kwargs)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}.")
+    if not root:
+        raise ValueError(f"dataset {name!r} needs a root directory (data.root=PATH).")
+    if name in ("fashion_mnist", "mnist"):
+        return load_idx_dataset(root, name, **kwargs)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(root, 10 if name == "cifar10" else 100)
+    return load_image_folder(root, **kwargs)
+
+
+__all__ = [
+    "Augmentation", "BatchLoader", "DataSplits", "ImageDataset", "DATASETS", "load", "load_digits",
+    "load_idx_dataset", "load_cifar", "load_image_folder", "download", "fetch_files", "random_crop_flip",
+]

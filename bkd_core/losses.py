@@ -1,0 +1,120 @@
+"""Logit distances d(student, teacher): KD, DKD and KD with logit standardisation.
+
+All are computed in fp32 (inputs are upcast), averaged over the batch and scaled by T^2 so that
+gradient magnitudes do not shrink with the temperature (Hinton et al., 2015).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_LOSSES = ("kd", "dkd", "kd_ls")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, mean over the batch."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    return kl.mean() * temperature**2
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample z-score of the logits (Sun et al., 2024, "Logit Standardization in KD")."""
+    logits = logits.float()
+    mean = logits.mean(dim=1, keepdim=True)
+    std = logits.std(dim=1, keepdim=True)
+    return (logits - mean) / (std + eps)
+
+
+def kd_ls_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KD on per-sample standardised logits."""
+    return kd_loss(standardize_logits(student_logits), standardize_logits(teacher_logits), temperature)
+
+
+def _non_target_indices(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Column indices of the non-target classes, shape (B, C-1), without a host sync."""
+    base = torch.arange(num_classes - 1, device=target.device).unsqueeze(0)
+    return base + (base >= target.unsqueeze(1)).long()
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., 2022): ``alpha * TCKD + beta * NCKD``, both T^2-scaled.
+
+    The binary target/non-target log-probabilities come from logsumexp in fp32, so the loss stays
+    finite for any logits (``log(sum(probs))`` overflows to inf for gaps of a few hundred).
+    """
+    s = student_logits.float() / temperature
+    t = teacher_logits.float() / temperature
+    target = target.long().view(-1, 1)
+    non_target = _non_target_indices(target.view(-1), s.shape[1])
+
+    def binary_log_probs(z: torch.Tensor) -> torch.Tensor:
+        log_z = torch.logsumexp(z, dim=1, keepdim=True)
+        log_target = z.gather(1, target) - log_z
+        log_rest = torch.logsumexp(z.gather(1, non_target), dim=1, keepdim=True) - log_z
+        return torch.cat([log_target, log_rest], dim=1)
+
+    log_b_s, log_b_t = binary_log_probs(s), binary_log_probs(t)
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(dim=1).mean()
+
+    log_q_s = F.log_softmax(s.gather(1, non_target), dim=1)
+    log_q_t = F.log_softmax(t.gather(1, non_target), dim=1)
+    nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1).mean()
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+LogitDistance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _kd_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    return kd_loss(s, t, temperature)
+
+
+def _kd_ls_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    return kd_ls_loss(s, t, temperature)
+
+
+def _dkd_distance(
+    s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float, beta: float
+) -> torch.Tensor:
+    return dkd_loss(s, t, y, alpha, beta, temperature)
+
+
+def make_logit_distance(name: str, **kwargs: float) -> LogitDistance:
+    """``d(student, teacher, target, temperature)`` for a loss name (DKD takes dkd_alpha, dkd_beta)."""
+    if name == "kd":
+        _reject_kwargs(name, kwargs)
+        return _kd_distance
+    if name == "kd_ls":
+        _reject_kwargs(name, kwargs)
+        return _kd_ls_distance
+    if name == "dkd":
+        unknown = set(kwargs) - {"dkd_alpha", "dkd_beta"}
+        if unknown:
+            raise ValueError(f"dkd takes dkd_alpha, dkd_beta and warmup_epochs; unknown: {sorted(unknown)}.")
+        alpha, beta = float(kwargs.get("dkd_alpha", 1.0)), float(kwargs.get("dkd_beta", 8.0))
+        return functools.partial(_dkd_distance, alpha=alpha, beta=beta)
+    raise ValueError(f"unknown logit loss {name!r}; valid: {', '.join(LOGIT_LOSSES)}.")
+
+
+def _reject_kwargs(name: str, kwargs: dict) -> None:
+    if kwargs:
+        raise ValueError(f"logit loss {name!r} takes no extra parameters; got {sorted(kwargs)}.")
+
+
+def warmup_factor(epoch: Optional[float], warmup_epochs: float) -> float:
+    """Linear ramp 0 -> 1 over ``warmup_epochs`` (1.0 when no warm-up or epoch unknown)."""
+    if warmup_epochs <= 0 or epoch is None:
+        return 1.0
+    return min(1.0, max(0.0, epoch) / warmup_epochs)

@@ -1,0 +1,251 @@
+"""A plain training loop for teachers and distillers: SGD + momentum, cosine or step schedule with
+linear warm-up, bf16 autocast on CUDA, metrics kept on the device and read once per epoch.
+
+The orchestrator's Ray Train workers call ``train_epoch``/``evaluate`` per epoch; ``fit`` runs the
+whole loop without Ray.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocknet import BlockNet
+from .data import BatchLoader, DataSplits
+from .distiller import BlockKD, BlockKDOutput
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # "cosine" | "step"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs, for "step"
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    bf16: Optional[bool] = None  # None: on for CUDA
+    channels_last: Optional[bool] = None  # None: on for CUDA
+    compile: Optional[bool] = None  # None: on for CUDA
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "step"):
+            raise ValueError(f"train.schedule must be 'cosine' or 'step'; got {self.schedule!r}.")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0.")
+
+    def resolved(self, device: torch.device) -> "TrainConfig":
+        """A copy with the device-dependent defaults (bf16, channels_last, compile) filled in."""
+        cuda = device.type == "cuda"
+        pick = lambda v: cuda if v is None else bool(v)  # noqa: E731
+        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16), "channels_last": pick(self.channels_last), "compile": pick(self.compile)})
+
+
+class Supervised(nn.Module):
+    """Wraps a plain classifier so that it trains through the same loop: ``forward(x, y)`` -> output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.student = model
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return self.student.parameters()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> BlockKDOutput:
+        logits = self.student(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return BlockKDOutput(loss, logits, logits.detach(), {}, {"loss": loss.detach()})
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with momentum; the fused kernel on CUDA, foreach elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.SGD(
+        list(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov, fused=fused or None, foreach=None if fused else True,
+    )
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at an optimizer step: linear warm-up, then cosine or step decay."""
+    epoch = step / max(1, steps_per_epoch)
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        span = max(1e-8, cfg.epochs - cfg.warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - cfg.warmup_epochs) / span)))
+    return cfg.lr_decay ** sum(epoch >= m * cfg.epochs for m in cfg.milestones)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf: the run diverged (often a learning rate too high)."""
+
+
+def train_epoch(
+    module: nn.Module,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler],
+    cfg: TrainConfig,
+    epoch: int,
+) -> dict[str, float]:
+    """One pass over ``loader``. Returns ``train_loss``, each loss part, ``lr`` and ``throughput_img_s``.
+
+    Sums stay on the device; the host reads them once at the end of the epoch.
+    """
+    device = loader.device
+    inner = unwrap(module)
+    if isinstance(inner, BlockKD):
+        inner.epoch = float(epoch)
+    module.train()
+    loader.set_epoch(epoch)
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    start = time.perf_counter()
+    for x, y in loader:
+        with autocast(device, bool(cfg.bf16)):
+            out = module(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        for key, value in out.parts.items():
+            sums[key] = sums[key] + value if key in sums else value.clone()
+        seen += x.shape[0]
+    values = {k: v.item() / max(1, len(loader)) for k, v in sums.items()}  # one sync per epoch
+    elapsed = time.perf_counter() - start
+    loss = values.pop("loss", float("nan"))
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"training loss is {loss} at epoch {epoch}: the run diverged; lower the learning rate.")
+    metrics = {"train_loss": loss, **{f"train_{k}": v for k, v in values.items()}}
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["throughput_img_s"] = seen / elapsed if elapsed > 0 else 0.0
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
+    """Top-1 accuracy in percent of the student (``val_acc``) and of each stepping stone."""
+    module.eval()
+    correct: dict[str, torch.Tensor] = {}
+    total = 0
+    for x, y in loader:
+        with autocast(loader.device, bf16):
+            out = module(x, y)
+        heads = {"val_acc": out.student_logits, **{f"val_acc_stone_{c}": l for c, l in out.stone_logits.items()}}
+        for key, logits in heads.items():
+            hits = (logits.argmax(dim=1) == y).sum()
+            correct[key] = correct[key] + hits if key in correct else hits
+        total += y.shape[0]
+    return {k: 100.0 * v.item() / max(1, total) for k, v in correct.items()}
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def make_loaders(data: DataSplits, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
+    """Training loader (sharded, augmented) and evaluation loader (the whole test split)."""
+    train = BatchLoader(data.train, cfg.batch_size, train=True, augmentation=data.augmentation, device=device,
+                        seed=cfg.seed, rank=rank, world_size=world_size, channels_last=bool(cfg.channels_last))
+    test = BatchLoader(data.test, max(cfg.batch_size, 256), train=False, device=device, channels_last=bool(cfg.channels_last))
+    return train, test
+
+
+def fit(
+    module: nn.Module,
+    data: DataSplits,
+    cfg: TrainConfig,
+    device: Union[str, torch.device] = "cpu",
+    on_epoch: Optional[EpochCallback] = None,
+) -> dict[str, float]:
+    """Train ``module`` (a ``BlockKD``/``LogitKD`` or a ``Supervised`` classifier) for ``cfg.epochs``.
+
+    Calls ``on_epoch(epoch, metrics)`` after every epoch and returns the last epoch's metrics.
+    """
+    device = torch.device(device)
+    cfg = cfg.resolved(device)
+    torch.manual_seed(cfg.seed)
+    module.to(device)
+    if cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
+    train_loader, test_loader = make_loaders(data, cfg, device)
+    optimizer = make_optimizer(unwrap(module).trainable_parameters(), cfg, device)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    step_module = torch.compile(module) if cfg.compile else module
+    metrics: dict[str, float] = {}
+    for epoch in range(1, cfg.epochs + 1):
+        metrics = {"epoch": epoch, **train_epoch(step_module, train_loader, optimizer, scheduler, cfg, epoch)}
+        metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return metrics
+
+
+def print_progress(epoch: int, metrics: dict[str, float]) -> None:
+    """An ``on_epoch`` callback that prints one line per epoch."""
+    stones = " ".join(f"s{k.rsplit('_', 1)[1]}={v:.1f}" for k, v in metrics.items() if k.startswith("val_acc_stone_"))
+    print(f"  epoch {epoch:3d}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_acc']:.2f}%  {stones}  "
+          f"({metrics['throughput_img_s']:.0f} img/s)", flush=True)
+
+
+def load_state_checked(model: nn.Module, source: Union[str, Path, dict], what: str = "teacher checkpoint") -> None:
+    """Load a state_dict file into ``model``, with an error that lists missing, unexpected and mis-shaped keys."""
+    if not isinstance(source, dict):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{what} {path} does not exist; give the path of a state_dict saved with torch.save.")
+        try:
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt files
+            raise ValueError(f"{what} {path} is not a readable torch state_dict ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(source, dict):
+        raise ValueError(f"{what} holds a {type(source).__name__}, not a state_dict (save model.state_dict()).")
+    source = source.get("state_dict", source)
+    own = model.state_dict()
+    missing = [k for k in own if k not in source]
+    unexpected = [k for k in source if k not in own]
+    shapes = [f"{k}: {tuple(source[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in source and hasattr(source[k], "shape") and tuple(source[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            part for part in (
+                f"{len(missing)} missing keys (e.g. {missing[:3]})" if missing else "",
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})" if unexpected else "",
+                f"{len(shapes)} shape mismatches (e.g. {shapes[:2]})" if shapes else "",
+            ) if part
+        )
+        raise ValueError(f"{what} does not fit the model: {detail}. Check the model name and num_classes it was trained with.")
+    model.load_state_dict(source)
