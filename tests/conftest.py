@@ -1,0 +1,36 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
+
+
+def write_idx(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
+    """Write a small MNIST-layout IDX gz dataset whose class is the brightest quadrant."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, y in enumerate(labels):
+            images[i, (y % 4) * 7 : (y % 4) * 7 + 7, (y // 4) * 9 : (y // 4) * 9 + 9] = 250
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+@pytest.fixture
+def idx_root(tmp_path):
+    return write_idx(tmp_path / "idx")
+
+
+def fashion_root() -> Path:
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real Fashion-MNIST not found at {FASHION} (a fresh clone has no ../shared)")
+    return FASHION

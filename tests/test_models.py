@@ -1,0 +1,72 @@
+"""Model zoo: published parameter counts, standard pairs, from_module."""
+import pytest
+import torch
+from torch import nn
+
+from bkd_core import BlockKD, BlockNet, models
+
+# CIFAR-100 parameter counts in millions, as published (Tian et al., CRD, 2020 and its zoo).
+PUBLISHED = {
+    "resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.73, "resnet8x4": 1.23,
+    "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.26, "vgg8": 3.96,
+    "vgg13": 9.46, "ResNet50": 23.71, "MobileNetV2": 0.81, "ShuffleV1": 0.95, "ShuffleV2": 1.36,
+}
+PAIRS = [
+    ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
+    ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+    ("wrn_40_2", "ShuffleV1"), ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"),
+]
+
+
+@pytest.mark.parametrize("name, millions", PUBLISHED.items())
+def test_parameter_counts(name, millions):
+    count = sum(p.numel() for p in models.create(name, 100).parameters()) / 1e6
+    assert count == pytest.approx(millions, abs=0.01)  # published figures are rounded
+
+
+def test_names_complete():
+    assert set(PUBLISHED) | {"ResNet18", "ResNet34", "tiny_cnn", "small_cnn", "tiny_resnet"} == set(models.names())
+
+
+@pytest.mark.parametrize("teacher, student", PAIRS)
+def test_standard_pair_stepping_stones_forward_backward(teacher, student):
+    torch.manual_seed(0)
+    t, s = models.create(teacher, 100), models.create(student, 100)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    kd = BlockKD(t, s, gamma=1.0, sample_input=x)
+    out = kd(x, y)
+    assert set(out.stone_logits) == set(range(1, t.num_blocks + 1))
+    assert all(v.shape == (2, 100) for v in out.stone_logits.values())
+    out.loss.backward()
+    assert all(p.grad is not None for p in kd.trainable_parameters())
+    assert all(p.grad is None for p in kd.teacher.parameters())
+
+
+class TorchvisionStyle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()
+        self.layer1, self.layer2 = nn.Conv2d(8, 16, 3, 2), nn.Conv2d(16, 32, 3, 2)
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def test_from_module_shares_weights_and_matches_forward():
+    model = TorchvisionStyle().eval()
+    net = BlockNet.from_module(model, stem=["conv1", "bn1", "relu"], blocks=["layer1", "layer2"], head=["avgpool", "fc"]).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(net(x), model(x))
+    assert net.blocks[1] is model.layer2
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters())
+    assert [f.shape[1] for f in net.features(x)] == [16, 32]
+    with pytest.raises(ValueError, match="layer9"):
+        BlockNet.from_module(model, blocks=["layer9"], head=["fc"])
+
+
+def test_imagenet_resnet18_is_four_blocks():
+    net = models.create("ResNet18", 10)
+    assert net.num_blocks == 4
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 10)

@@ -1,0 +1,55 @@
+"""The plain trainer: a real (small) training run, schedules, checkpoint checks, divergence."""
+import copy
+
+import pytest
+import torch
+
+from bkd_core import BlockKD, models, train
+from bkd_core.data import load_digits
+
+
+def test_distillation_run_learns_and_keeps_teacher_frozen():
+    splits = load_digits()
+    teacher, student = models.create("tiny_resnet", 10, 1), models.create("tiny_cnn", 10, 1)
+    train.fit(train.Supervised(teacher), splits, train.TrainConfig(epochs=2, batch_size=64, lr=0.1))
+    frozen = copy.deepcopy(teacher.state_dict())
+    kd = BlockKD(teacher, student, sample_input=splits.train.images[:2].float(), gamma=0.5)
+    seen = []
+    metrics = train.fit(kd, splits, train.TrainConfig(epochs=3, batch_size=64, lr=0.1), on_epoch=lambda e, m: seen.append(m))
+    assert [m["epoch"] for m in seen] == [1, 2, 3]
+    assert metrics["val_acc"] > 50 and {"val_acc_stone_1", "val_acc_stone_3", "train_loss_cross"} <= set(metrics)
+    assert all(torch.equal(frozen[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_lr_schedules():
+    cfg = train.TrainConfig(epochs=10, warmup_epochs=1, schedule="cosine")
+    assert train.lr_factor(0, 10, cfg) == pytest.approx(0.1)
+    assert train.lr_factor(10, 10, cfg) == pytest.approx(1.0)
+    assert train.lr_factor(100, 10, cfg) == pytest.approx(0.0, abs=1e-9)
+    step = train.TrainConfig(epochs=10, schedule="step", milestones=(0.5, 0.8), lr_decay=0.1)
+    assert [train.lr_factor(e * 10, 10, step) for e in (0, 5, 8)] == pytest.approx([1.0, 0.1, 0.01])
+    with pytest.raises(ValueError, match="schedule"):
+        train.TrainConfig(schedule="linear")
+
+
+def test_diverging_run_raises():
+    splits = load_digits()
+    kd = BlockKD(models.create("tiny_resnet", 10, 1), models.create("tiny_cnn", 10, 1), sample_input=splits.train.images[:2].float())
+    with pytest.raises(train.NonFiniteLossError, match="lower the learning rate"):
+        train.fit(kd, splits, train.TrainConfig(epochs=1, batch_size=64, lr=1e9, weight_decay=0))
+
+
+def test_load_state_checked(tmp_path):
+    model = models.create("tiny_resnet", 10, 1)
+    good = tmp_path / "t.pt"
+    torch.save(model.state_dict(), good)
+    train.load_state_checked(models.create("tiny_resnet", 10, 1), good)
+    with pytest.raises(ValueError, match="does not exist"):
+        train.load_state_checked(model, tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="not a readable torch state_dict"):
+        train.load_state_checked(model, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="shape mismatches"):
+        train.load_state_checked(models.create("tiny_resnet", 100, 1), good)
+    with pytest.raises(ValueError, match="missing keys"):
+        train.load_state_checked(models.create("resnet20", 10, 1), good)
