@@ -1,0 +1,34 @@
+"""Shared command-line handling: compose, validate, run; configuration errors exit with code 2."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional
+
+from omegaconf import OmegaConf
+
+from .config import ConfigError, Job, apply_env_defaults, compose, validate
+
+USAGE = """usage: python -m orchestrator.{tune,train,teacher} [KEY=VALUE | GROUP=OPTION ...] [--cfg] [--help]
+
+Hydra overrides, e.g. data=fashion_mnist data.root=PATH pair=resnet32x4_resnet8x4 search=kd tune.num_samples=64.
+Groups: data, pair, search. --cfg prints the composed config and exits. See README.md."""
+
+
+def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None) -> int:
+    """Parse ``argv``, validate before Ray starts, and call ``run(job)``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(USAGE)
+        return 0
+    apply_env_defaults()
+    try:
+        cfg = compose([a for a in argv if a != "--cfg"])
+        if "--cfg" in argv:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        job = validate(cfg)
+        run(job)
+    except ConfigError as exc:
+        print(f"\nbkd: configuration error in `{exc.key}`:\n  {str(exc).split(': ', 1)[1]}\n", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,202 @@
+"""Compose the Hydra config, validate it before Ray starts, and resolve it into a ``Job``.
+
+Every problem found here is a ``ConfigError`` that names the key and the fix; the entry points print
+it as one paragraph and exit with code 2, before any Ray or MLflow work.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bkd_core import data as bkd_data
+from bkd_core import models
+from bkd_core.losses import LOGIT_LOSSES
+from search_spaces.space import SearchSpaceError, partitions
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: ``key`` names it, the message says what is wrong and how to fix it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_module(config_module="orchestrator.conf", version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = str(exc).strip().replace("\n\n", "\n")
+        key = text.split("'")[1].split("/")[0] if "Could not find '" in text else "overrides"
+        raise ConfigError(key, f"{text}\nFix the override (see `--cfg` for the composed config and README for the groups).") from None
+
+
+@dataclass
+class Job:
+    """The validated, resolved configuration that travels to Ray (plain, picklable values)."""
+
+    cfg: dict[str, Any]
+    num_classes: int
+    in_channels: int
+    num_blocks: int
+    partitions: list[str]
+    storage_path: str
+    tracking_uri: str
+    output_dir: str
+    experiment_name: str
+
+    @property
+    def teacher_model(self) -> str:
+        return self.cfg["pair"]["teacher"]
+
+    @property
+    def student_model(self) -> str:
+        return self.cfg["pair"]["student"]
+
+    @property
+    def pair_name(self) -> str:
+        return f"{self.teacher_model}->{self.student_model}"
+
+    def teacher_key(self) -> str:
+        """Identifies a teacher training: same key, same teacher (reused instead of retrained)."""
+        d = self.cfg["data"]
+        spec = {"model": self.teacher_model, "classes": self.num_classes, "channels": self.in_channels,
+                "data": d["name"], "root": d.get("root"), "train_size": d.get("train_size"),
+                "teacher": {k: v for k, v in self.cfg["teacher"].items() if k != "checkpoint"}, "seed": self.cfg["train"]["seed"]}
+        return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_dataset(data_cfg: dict[str, Any]) -> bkd_data.DataSplits:
+    """The dataset a config names, with ``train_size`` applied (used by validation and workers)."""
+    extra = {"image_size": data_cfg["image_size"]} if data_cfg["name"] == "image_folder" else {}
+    splits = bkd_data.load(data_cfg["name"], data_cfg.get("root"), **extra)
+    if data_cfg.get("train_size"):
+        splits.train = splits.train.subset(int(data_cfg["train_size"]))
+    return splits
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _tracking_uri(value: Optional[str]) -> str:
+    if not value:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+        return f"sqlite:///{Path(value[len('sqlite:///'):]).resolve()}"  # relative -> absolute for workers
+    if "://" not in value:
+        raise ConfigError("mlflow.tracking_uri", f"{value!r} is not a URI; use sqlite:///PATH/mlflow.db or http://HOST:5000.")
+    return value
+
+
+def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job:
+    """Check names, paths, the search space and a teacher checkpoint; resolve paths to absolute."""
+    try:
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:
+        raise ConfigError("config", str(exc)) from None
+    if missing:
+        key = missing[0]
+        hint = "data.root=PATH (the directory holding the dataset files)" if key == "data.root" else f"{key}=VALUE"
+        raise ConfigError(key, f"is required for this configuration; pass {hint} on the command line.")
+    c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+
+    for role in ("teacher", "student"):
+        name = c["pair"][role]
+        if name not in models.names():
+            raise ConfigError(f"pair.{role}", f"unknown model {name!r}; valid: {', '.join(models.names())}.")
+    d = c["data"]
+    if d["name"] not in bkd_data.DATASETS:
+        raise ConfigError("data.name", f"unknown dataset {d['name']!r}; valid: {', '.join(bkd_data.DATASETS)}.")
+    if d.get("root"):
+        d["root"] = _absolute(d["root"])
+        if not Path(d["root"]).is_dir():
+            raise ConfigError("data.root", f"directory {d['root']} does not exist; point data.root at the {d['name']} files.")
+    try:
+        splits = load_dataset(d)
+    except ValueError as exc:
+        raise ConfigError("data.root", f"{exc}") from None
+
+    teacher = models.create(c["pair"]["teacher"], splits.num_classes, splits.in_channels)
+    student = models.create(c["pair"]["student"], splits.num_classes, splits.in_channels)
+    search = c["search"]
+    method = search.get("method", "blockkd")
+    if method not in ("blockkd", "logit"):
+        raise ConfigError("search.method", f"unknown method {method!r}; use blockkd or logit.")
+    if method == "blockkd" and teacher.num_blocks != student.num_blocks:
+        raise ConfigError(
+            "pair", f"teacher {c['pair']['teacher']} has {teacher.num_blocks} blocks and student {c['pair']['student']} has "
+            f"{student.num_blocks}: Block-KD needs the same count; pick a pair from conf/pair or a logit baseline (search=kd).")
+    try:
+        options = partitions(search, student.num_blocks)
+    except SearchSpaceError as exc:
+        raise ConfigError("search.partition", str(exc)) from None
+    losses = search.get("params", {}).get("logit_loss", "kd")
+    choices = losses.get("choices", [losses.get("default")]) if isinstance(losses, dict) else [losses]
+    bad = [x for x in choices if x not in LOGIT_LOSSES]
+    if bad:
+        raise ConfigError("search.params.logit_loss", f"unknown logit loss {bad}; valid: {', '.join(LOGIT_LOSSES)}.")
+    for key in c.get("fixed") or {}:
+        if key not in (search.get("params") or {}) and key != "cuts" and not key.startswith("w_"):
+            raise ConfigError(f"fixed.{key}", f"is not a parameter of search space {search.get('name')!r}; valid: "
+                              f"{', '.join(list(search.get('params') or {}) + ['cuts', 'w_<cut>'])}.")
+
+    checkpoint = c["teacher"].get("checkpoint")
+    if checkpoint and need_teacher_checkpoint_check and "://" not in str(checkpoint) and not str(checkpoint).startswith("runs:"):
+        c["teacher"]["checkpoint"] = _absolute(checkpoint)
+        from bkd_core.train import load_state_checked
+        try:
+            load_state_checked(teacher, c["teacher"]["checkpoint"], what=f"teacher checkpoint (teacher.checkpoint={checkpoint})")
+        except ValueError as exc:
+            raise ConfigError("teacher.checkpoint", f"{exc}") from None
+
+    res = c["resources"]
+    if res["workers_per_trial"] < 1:
+        raise ConfigError("resources.workers_per_trial", "must be at least 1.")
+    if res["use_gpu"] and not 0 < float(res["gpus_per_worker"]) <= 8:
+        raise ConfigError("resources.gpus_per_worker", f"must be in (0, 8]; got {res['gpus_per_worker']} (fractions share a GPU).")
+    t = c["tune"]
+    if t["scheduler"] not in ("asha", "none", None):
+        raise ConfigError("tune.scheduler", f"unknown scheduler {t['scheduler']!r}; use asha or none.")
+    if t["num_samples"] < 1:
+        raise ConfigError("tune.num_samples", "must be at least 1.")
+
+    storage = _absolute(c["ray"].get("storage_path") or str(Path.cwd() / "results" / "ray"))
+    output_dir = _absolute(c.get("output_dir") or "results")
+    name = t.get("name") or default_experiment_name(c, storage, resume=bool(t.get("resume")))
+    return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
+               _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name)
+
+
+def default_experiment_name(c: dict[str, Any], storage: str, resume: bool) -> str:
+    """``bkd-<search>-<pair>-<data>-<time>``; on resume, the latest existing one with that prefix."""
+    prefix = f"bkd-{c['search'].get('name', 'search')}-{c['pair']['teacher']}-{c['pair']['student']}-{c['data']['name']}"
+    if resume and "://" not in storage and Path(storage).is_dir():
+        found = sorted(p.name for p in Path(storage).iterdir() if p.name.startswith(prefix + "-"))
+        if found:
+            return found[-1]
+        raise ConfigError("tune.resume", f"no earlier experiment {prefix}-* under {storage} to resume; pass tune.name=NAME or drop tune.resume.")
+    return f"{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def apply_env_defaults() -> None:
+    """Environment that every entry point wants before Ray starts."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

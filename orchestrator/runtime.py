@@ -1,0 +1,67 @@
+"""Ray set-up shared by the entry points: start or join a cluster, and the Train configs of a trial."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from .config import ConfigError, Job
+from .worker import train_loop_per_worker
+
+
+def init_ray(job: Job) -> None:
+    """Join ``ray.address`` (or RAY_ADDRESS / a running cluster), else start a local one."""
+    if ray.is_initialized():
+        return
+    address = job.cfg["ray"].get("address")
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if job.cfg["ray"].get("num_cpus") and address in (None, "local"):
+        kwargs["num_cpus"] = int(job.cfg["ray"]["num_cpus"])
+    ray.init(address=address, **kwargs)
+
+
+def check_cluster_resources(job: Job) -> None:
+    """Refuse, before any trial, a trial that the cluster can never place (instead of waiting forever)."""
+    res = job.cfg["resources"]
+    total = ray.cluster_resources()
+    need_gpu = float(res["gpus_per_worker"]) * res["workers_per_trial"] if res["use_gpu"] else 0.0
+    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"]
+    if need_gpu > total.get("GPU", 0.0):
+        raise ConfigError("resources.use_gpu", f"a trial asks for {need_gpu:g} GPUs ({res['workers_per_trial']} workers x "
+                          f"{res['gpus_per_worker']}) but the cluster has {total.get('GPU', 0.0):g}; lower "
+                          "resources.workers_per_trial or resources.gpus_per_worker, or add GPU nodes (autoscaling clusters: "
+                          "check the worker group's max_workers).")
+    if need_cpu > total.get("CPU", 0.0):
+        raise ConfigError("resources.cpus_per_worker", f"a trial asks for {need_cpu:g} CPUs ({res['workers_per_trial']} workers x "
+                          f"{res['cpus_per_worker']}) but the cluster has {total.get('CPU', 0.0):g}; lower "
+                          "resources.workers_per_trial or resources.cpus_per_worker.")
+
+
+def scaling_config(job: Job) -> ray.train.ScalingConfig:
+    res = job.cfg["resources"]
+    per_worker = {"CPU": float(res["cpus_per_worker"])}
+    if res["use_gpu"]:
+        per_worker["GPU"] = float(res["gpus_per_worker"])
+    return ray.train.ScalingConfig(num_workers=int(res["workers_per_trial"]), use_gpu=bool(res["use_gpu"]),
+                                   resources_per_worker=per_worker, placement_strategy=res.get("placement_strategy", "PACK"))
+
+
+def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher_state: Optional[dict] = None,
+                 report_to_tune: bool = False) -> TorchTrainer:
+    """A TorchTrainer running ``train_loop_per_worker``; a stable ``name`` lets a retry resume its checkpoints."""
+    run_config = ray.train.RunConfig(
+        name=name,
+        storage_path=job.storage_path,
+        callbacks=[TuneReportCallback()] if report_to_tune else None,
+        failure_config=ray.train.FailureConfig(max_failures=int(job.cfg["resources"]["max_worker_failures"])),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "params": params, "mode": mode, "teacher_state": teacher_state},
+        scaling_config=scaling_config(job),
+        run_config=run_config,
+    )

@@ -1,0 +1,114 @@
+"""Get the teacher: a given checkpoint, an MLflow URI, an earlier run with the same teacher config,
+or a new training through the same Ray Train path (logged as its own MLflow run).
+
+    python -m orchestrator.teacher data=fashion_mnist data.root=PATH pair=tiny
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Any
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from bkd_core import models
+from bkd_core.train import load_state_checked
+
+from .cli import entry_point
+from .config import ConfigError, Job
+from .runtime import check_cluster_resources, init_ray, make_trainer
+from .tracking import ROLE_TAG, connect, flatten, log_metrics, log_params
+from .worker import MODEL_FILE
+
+KEY_TAG = "bkd.teacher_key"
+ARTIFACT = "teacher/teacher.pt"
+
+
+def _empty_teacher(job: Job) -> torch.nn.Module:
+    return models.create(job.teacher_model, job.num_classes, job.in_channels)
+
+
+def load_uri(job: Job, uri: str) -> dict[str, torch.Tensor]:
+    """A teacher state_dict from a local path or an MLflow artifact URI (runs:/..., models:/...)."""
+    path = uri
+    if uri.startswith(("runs:", "models:", "mlflow-artifacts:")) or "://" in uri:
+        import mlflow.artifacts
+        try:
+            path = mlflow.artifacts.download_artifacts(uri, tracking_uri=job.tracking_uri)
+        except Exception as exc:
+            raise ConfigError("teacher.checkpoint", f"cannot download {uri} from MLflow ({exc}); give a run artifact URI "
+                              f"such as runs:/<run_id>/{ARTIFACT} or a local state_dict path.") from None
+    model = _empty_teacher(job)
+    try:
+        load_state_checked(model, path, what=f"teacher checkpoint (teacher.checkpoint={uri})")
+    except ValueError as exc:
+        raise ConfigError("teacher.checkpoint", str(exc)) from None
+    return model.state_dict()
+
+
+def find_trained(client: MlflowClient, experiment_id: str, key: str) -> str | None:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Train the teacher with Ray Train and log it as its own MLflow run; returns (state, run id)."""
+    key = job.teacher_key()
+    run = client.create_run(experiment_id, run_name=f"teacher-{job.teacher_model}-{job.cfg['data']['name']}",
+                            tags={ROLE_TAG: "teacher", KEY_TAG: key})
+    run_id = run.info.run_id
+    log_params(client, run_id, {"model": job.teacher_model, "data": job.cfg["data"]["name"],
+                                **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data.")})
+    print(f"[bkd] training teacher {job.teacher_model} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
+    try:
+        result = make_trainer(job, {}, "teacher", name=f"teacher-{key}-{run_id[:8]}").fit()
+        if result.error:
+            raise result.error
+        for _, row in result.metrics_dataframe.iterrows():
+            log_metrics(client, run_id, row.to_dict(), int(row["epoch"]), int(row.get("timestamp", 0) * 1000))
+        with result.checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "teacher.pt")
+            torch.save(state, path)
+            client.log_artifact(run_id, path, artifact_path="teacher")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        client.set_tag(run_id, "bkd.error", str(exc)[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%", flush=True)
+    return state, run_id
+
+
+def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(teacher state_dict, where it came from)."""
+    checkpoint = job.cfg["teacher"].get("checkpoint")
+    if checkpoint:
+        return load_uri(job, str(checkpoint)), str(checkpoint)
+    run_id = find_trained(client, experiment_id, job.teacher_key())
+    if run_id:
+        print(f"[bkd] reusing teacher from MLflow run {run_id} (same teacher config)", flush=True)
+        return load_uri(job, f"runs:/{run_id}/{ARTIFACT}"), f"runs:/{run_id}/{ARTIFACT}"
+    state, run_id = train_teacher(job, client, experiment_id)
+    return state, f"runs:/{run_id}/{ARTIFACT}"
+
+
+def run(job: Job) -> str:
+    client, experiment_id = connect(job.tracking_uri, job.cfg["mlflow"]["experiment"])
+    init_ray(job)
+    check_cluster_resources(job)
+    _, source = obtain_teacher(job, client, experiment_id)
+    print(f"[bkd] teacher: {source}")
+    return source
+
+
+def main(argv: list[str] | None = None) -> int:
+    return entry_point(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Run one Block-KD configuration (no search) through the same path as a tune trial.
+
+    python -m orchestrator.train fixed.temperature=4 fixed.cuts=[1,3] fixed.gamma=1
+
+Parameters not given in ``fixed`` take their search space's defaults.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from search_spaces.space import SearchSpaceError, defaults
+
+from .cli import entry_point
+from .config import ConfigError, Job
+from .tune import search
+
+
+def run(job: Job):
+    try:
+        params = defaults(job.cfg["search"], job.num_blocks, job.cfg.get("fixed"))
+    except SearchSpaceError as exc:
+        raise ConfigError("fixed", str(exc)) from None
+    print("[bkd] configuration: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    return search(job, fixed_params=params)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return entry_point(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Search Block-KD hyper-parameters: Ray Tune + Optuna (TPE, define-by-run) over Ray Train trials,
+each trial a nested MLflow run under one parent run; trials.parquet and the best student at the end.
+
+    python -m orchestrator.tune                                   # embedded default (digits)
+    python -m orchestrator.tune data=fashion_mnist data.root=PATH pair=tiny tune.num_samples=64
+    ray job submit --working-dir . -- python -m orchestrator.tune <same overrides>
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search_spaces.space import defaults, suggest
+
+from .cli import entry_point
+from .config import Job
+from .results import format_table, ranked, trial_id_of, trial_row, write_parquet
+from .runtime import check_cluster_resources, init_ray, make_trainer
+from .teacher import obtain_teacher
+from .tracking import ROLE_TAG, MLflowTrialLogger, child_runs, connect, end_leftover_runs, flatten, log_params
+from .worker import MODEL_FILE
+
+PARENT_FILE = "bkd_parent_run.json"
+
+
+def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
+    """Tune function trainable: one trial = one Ray Train run (DDP over its workers).
+
+    The Train run's name is the Tune trial id, so a retried trial resumes from its last checkpoint.
+    """
+    trial_id = tune.get_context().get_trial_id()
+    make_trainer(job, dict(config), "distill", name=f"{job.experiment_name}-train-{trial_id}",
+                 teacher_state=teacher_state, report_to_tune=True).fit()
+
+
+def common_params(job: Job, teacher_source: str) -> dict[str, Any]:
+    c = job.cfg
+    return {"pair": job.pair_name, "teacher": job.teacher_model, "student": job.student_model, "data": c["data"]["name"],
+            "epochs": c["train"]["epochs"], "batch_size": c["train"]["batch_size"], "search": c["search"].get("name"),
+            "workers_per_trial": c["resources"]["workers_per_trial"], "teacher_source": teacher_source}
+
+
+def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool) -> str:
+    """The search's parent MLflow run: new, or on resume the one recorded in the experiment folder."""
+    marker = Path(job.storage_path) / job.experiment_name / PARENT_FILE
+    if resume and marker.is_file():
+        run_id = json.loads(marker.read_text())["run_id"]
+        ended = end_leftover_runs(client, experiment_id, run_id)
+        client.update_run(run_id, status="RUNNING")
+        print(f"[bkd] resuming {job.experiment_name}: parent MLflow run {run_id} ({ended} runs of the killed attempt marked KILLED)")
+        return run_id
+    run = client.create_run(experiment_id, run_name=job.experiment_name, tags={ROLE_TAG: "search"})
+    log_params(client, run.info.run_id, flatten(job.cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.json")
+        Path(path).write_text(json.dumps(job.cfg, indent=2))
+        client.log_artifact(run.info.run_id, path)
+    if "://" not in job.storage_path:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"run_id": run.info.run_id}))
+    return run.info.run_id
+
+
+def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, fixed_params: Optional[dict]) -> tune.Tuner:
+    t = job.cfg["tune"]
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), {"cpu": 0.01})
+    run_config = tune.RunConfig(name=job.experiment_name, storage_path=job.storage_path, callbacks=[callback],
+                                failure_config=tune.FailureConfig(max_failures=int(t["max_failures"])))
+    path = os.path.join(job.storage_path, job.experiment_name)
+    if t.get("resume") and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if fixed_params is not None:  # one configuration, no search (orchestrator.train)
+        return tune.Tuner(trainable, param_space=fixed_params, run_config=run_config,
+                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max"))
+    searcher = OptunaSearch(
+        space=functools.partial(suggest, space=job.cfg["search"], num_blocks=job.num_blocks, fixed=job.cfg.get("fixed")),
+        metric="val_acc", mode="max", seed=int(t["seed"]))
+    scheduler = None
+    if t["scheduler"] == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(job.cfg["train"]["epochs"]),
+                                  grace_period=int(t["grace_period"]), reduction_factor=float(t["reduction_factor"]))
+    tune_config = tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
+                                  num_samples=int(t["num_samples"]), max_concurrent_trials=int(t["max_concurrent"]),
+                                  time_budget_s=t.get("time_budget_s"))
+    return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)
+
+
+def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]]:
+    """The whole job; returns the trial rows, best first."""
+    client, experiment_id = connect(job.tracking_uri, job.cfg["mlflow"]["experiment"])
+    init_ray(job)
+    check_cluster_resources(job)
+    teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
+    parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg["tune"].get("resume")))
+    callback = MLflowTrialLogger(job.tracking_uri, experiment_id, parent_id, common_params(job, teacher_source))
+    start = time.time()
+    try:
+        results = make_tuner(job, teacher_state, callback, fixed_params).fit()
+        rows = summarize(job, client, experiment_id, parent_id, results)
+        client.set_terminated(parent_id, "FINISHED")
+    except BaseException as exc:
+        client.set_tag(parent_id, "bkd.error", f"{type(exc).__name__}: {exc}"[:5000])
+        end_leftover_runs(client, experiment_id, parent_id, "KILLED")
+        client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    print(f"\n[bkd] {len(rows)} trials in {time.time() - start:.0f} s; MLflow parent run {parent_id}")
+    return rows
+
+
+def summarize(job: Job, client: MlflowClient, experiment_id: str, parent_id: str, results: Any) -> list[dict[str, Any]]:
+    """Write trials.parquet and the best student; log them and the best trial to the parent run."""
+    run_ids = child_runs(client, experiment_id, parent_id)
+    epochs = int(job.cfg["train"]["epochs"])
+    rows, by_trial = [], {}
+    for result in results:
+        trial_id = trial_id_of(result)
+        rows.append(trial_row(result, dict(result.config or {}), run_ids.get(trial_id), epochs))
+        by_trial[trial_id] = result
+    rows = ranked(rows)
+    out = Path(job.output_dir) / job.experiment_name
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(rows, str(out / "trials.parquet"))
+    client.log_artifact(parent_id, str(out / "trials.parquet"))
+    best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
+    if best is not None:
+        params = dict(by_trial[best["trial_id"]].config or {})
+        log_params(client, parent_id, {f"best.{k}": v for k, v in params.items()} | {"best.trial_id": best["trial_id"]})
+        client.log_metric(parent_id, "best_val_acc", float(best["best_val_acc"]))
+        student = export_student(by_trial[best["trial_id"]], out)
+        if student:
+            client.log_artifact(parent_id, student, artifact_path="best_student")
+    param_names = [k for k in (rows[0] if rows else {}) if k in _param_keys(rows)]
+    print("\n" + format_table(rows, param_names))
+    print(f"\nresults: {out}/trials.parquet" + (f", best student: {out}/student.pt" if best else ""))
+    print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open http://127.0.0.1:5000)")
+    return rows
+
+
+def _param_keys(rows: list[dict[str, Any]]) -> set[str]:
+    fixed_columns = {"trial_id", "status", "stopped_early", "epochs", "best_val_acc", "wall_time_s", "mlflow_run_id", "error"}
+    return {k for r in rows for k in r if k not in fixed_columns and not k.startswith(("val_acc", "train_loss", "throughput"))}
+
+
+def export_student(result: Any, out: Path) -> Optional[str]:
+    """Copy the best trial's final student weights (its last checkpoint) to ``out/student.pt``."""
+    path = (result.metrics or {}).get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None)
+    source = Path(str(path)) / MODEL_FILE if path else None
+    if source is None or not source.is_file():
+        return None
+    target = out / "student.pt"
+    torch.save(torch.load(source, map_location="cpu", weights_only=True), target)
+    return str(target)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return entry_point(search, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

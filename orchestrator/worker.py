@@ -1,0 +1,103 @@
+"""The Ray Train worker loop: one trial's (or the teacher's) training on one DDP rank.
+
+Every rank trains its shard and evaluates the whole test split; rank 0 saves a checkpoint each epoch
+(model + connectors + optimizer + scheduler + epoch), so that a restarted worker group resumes there.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from bkd_core import BlockKD, LogitKD, models
+from bkd_core.train import (
+    Supervised, TrainConfig, evaluate, make_loaders, make_optimizer, make_scheduler, train_epoch,
+)
+from search_spaces.space import parse_cuts, stone_weights
+
+from .config import load_dataset
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+
+
+def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> TrainConfig:
+    t = job["cfg"]["train"]
+    if mode == "teacher":
+        tc = job["cfg"]["teacher"]
+        epochs, lr, batch = tc["epochs"], tc["lr"], tc["batch_size"]
+    else:
+        epochs, lr, batch = t["epochs"], params["lr"], t["batch_size"]
+    return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), momentum=t["momentum"],
+                       weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
+                       bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"], seed=int(t["seed"]))
+
+
+def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
+    """``Supervised(teacher)`` for teacher training, else ``BlockKD``/``LogitKD`` with the frozen teacher."""
+    n, c = job["num_classes"], job["in_channels"]
+    torch.manual_seed(int(job["cfg"]["train"]["seed"]))
+    teacher = models.create(job["cfg"]["pair"]["teacher"], n, c)
+    if mode == "teacher":
+        return Supervised(teacher)
+    teacher.load_state_dict(teacher_state)
+    student = models.create(job["cfg"]["pair"]["student"], n, c)
+    loss_kwargs = {k: float(params[k]) for k in ("dkd_alpha", "dkd_beta") if k in params}
+    common = dict(logit_loss=params.get("logit_loss", "kd"), temperature=float(params.get("temperature", 4.0)),
+                  alpha=float(params.get("alpha", 1.0)), beta=float(params.get("beta", 1.0)), **loss_kwargs)
+    cuts = parse_cuts(params.get("cuts", ""))
+    if not cuts:
+        return LogitKD(teacher, student, **common)
+    return BlockKD(teacher, student, cuts=cuts, stone_weights=stone_weights(params, cuts),
+                   stone_temperature=params.get("stone_temperature"), gamma=float(params.get("gamma", 0.0)),
+                   connector=job["cfg"]["train"]["connector"], sample_input=sample, **common)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: ``config`` holds ``job`` (Job.to_dict()), ``params``, ``mode`` and ``teacher_state``."""
+    job, params, mode = config["job"], config["params"], config["mode"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(job["cfg"]["resources"]["cpus_per_worker"])))
+    splits = load_dataset(job["cfg"]["data"])
+    cfg = train_config(job, params, mode).resolved(device)
+    module = build_module(job, params, mode, config.get("teacher_state"), splits.train.images[:2].float()).to(device)
+    if cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
+    train_loader, test_loader = make_loaders(splits, cfg, device, rank, world)
+    optimizer = make_optimizer(module.trainable_parameters(), cfg, device)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+
+    start = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=False)
+        result = module.load_state_dict(state["module"], strict=False)
+        if result.unexpected_keys or any(not k.startswith("teacher.") for k in result.missing_keys):
+            raise RuntimeError(f"checkpoint does not fit this trial's model: {result}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["epoch"]) + 1
+
+    ddp = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
+    step = torch.compile(ddp) if cfg.compile else ddp
+    for epoch in range(start, cfg.epochs + 1):
+        metrics = train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)
+        metrics["throughput_img_s"] *= world
+        metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
+        metrics.update(epoch=epoch, workers=world)
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+                torch.save({"module": trainable, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch}, os.path.join(folder, STATE_FILE))
+                torch.save(module.student.state_dict(), os.path.join(folder, MODEL_FILE))
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)

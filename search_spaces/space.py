@@ -1,0 +1,150 @@
+"""Define-by-run search over Block-KD hyper-parameters and the block partition.
+
+A space is a plain dict (a composed Hydra ``search`` group):
+
+    method: blockkd            # blockkd (stepping stones) | logit (plain KD/DKD/KD-LS baseline)
+    params:                    # scalar hyper-parameters, each a range, a choice list or a constant
+      temperature: {low: 1.0, high: 8.0, default: 4.0}
+      lr: {low: 0.01, high: 0.3, log: true, default: 0.05}
+      logit_loss: {choices: [kd, dkd, kd_ls], default: kd}
+      dkd_beta: {low: 1.0, high: 8.0, default: 8.0, when: {logit_loss: dkd}}
+    partition:                 # which cuts become stepping stones
+      allowed: null            # cuts that may be chosen (null: 1..n)
+      fixed: null              # [1, 3] or "all": no search over the partition
+      min_stones: 1
+      max_stones: null
+    stone_weight: {low: 0.05, high: 2.0, log: true}   # one w_<cut> per chosen cut; null: 2^-(n-i)
+
+``suggest`` names every suggestion flat (``temperature``, ``cuts`` as "1,3", ``w_3``) so that the
+same names appear in Tune, MLflow and the Parquet export. It is picklable through
+``functools.partial(suggest, space=..., num_blocks=..., fixed=...)``.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Mapping, Optional, Sequence
+
+
+class SearchSpaceError(ValueError):
+    """A search space that cannot produce a valid trial (names the key and the fix)."""
+
+
+def partitions(space: Mapping[str, Any], num_blocks: int) -> list[str]:
+    """Every block partition the space allows, as "1,3"-style strings ([] for logit baselines)."""
+    if space.get("method", "blockkd") == "logit":
+        return [""]
+    part = space.get("partition") or {}
+    if part.get("fixed") == "all":
+        return [",".join(str(c) for c in range(1, num_blocks + 1))]
+    if part.get("fixed"):
+        fixed = sorted(int(c) for c in part["fixed"])
+        bad = [c for c in fixed if not 1 <= c <= num_blocks]
+        if bad:
+            raise SearchSpaceError(
+                f"search.partition.fixed holds cuts {bad} outside 1..{num_blocks} (the pair has {num_blocks} blocks); "
+                f"choose cuts between 1 and {num_blocks}."
+            )
+        return [",".join(map(str, fixed))]
+    allowed = sorted(int(c) for c in (part.get("allowed") or range(1, num_blocks + 1)) if 1 <= int(c) <= num_blocks)
+    lo = int(part.get("min_stones", 1) or 1)
+    hi = int(part.get("max_stones") or num_blocks)
+    found = [
+        ",".join(map(str, combo))
+        for size in range(max(1, lo), min(hi, len(allowed)) + 1)
+        for combo in itertools.combinations(allowed, size)
+    ]
+    if not found:
+        raise SearchSpaceError(
+            f"the search space allows no valid block partition for a pair with {num_blocks} blocks "
+            f"(search.partition: allowed={part.get('allowed')}, min_stones={lo}, max_stones={part.get('max_stones')}); "
+            f"allow at least one cut in 1..{num_blocks} and set min_stones <= max_stones."
+        )
+    return found
+
+
+def _active(spec: Mapping[str, Any], chosen: Mapping[str, Any]) -> bool:
+    when = spec.get("when") or {}
+    return all(chosen.get(key) == value for key, value in when.items())
+
+
+def _suggest_one(trial: Any, name: str, spec: Any) -> Any:
+    if not isinstance(spec, Mapping):
+        return spec  # a constant
+    if "choices" in spec:
+        return trial.suggest_categorical(name, list(spec["choices"]))
+    low, high = spec["low"], spec["high"]
+    if isinstance(low, int) and isinstance(high, int) and spec.get("type") == "int":
+        return trial.suggest_int(name, low, high, log=bool(spec.get("log", False)))
+    return trial.suggest_float(name, float(low), float(high), log=bool(spec.get("log", False)))
+
+
+def suggest(trial: Any, space: Mapping[str, Any], num_blocks: int, fixed: Optional[Mapping[str, Any]] = None) -> Optional[dict]:
+    """Define-by-run: suggest every searched parameter on ``trial``; return the constants."""
+    fixed = dict(fixed or {})
+    chosen: dict[str, Any] = {}
+    constants: dict[str, Any] = {}
+    for name, spec in (space.get("params") or {}).items():
+        if not _active(spec if isinstance(spec, Mapping) else {}, {**chosen, **constants}):
+            continue
+        if name in fixed:
+            constants[name] = fixed[name]
+        elif isinstance(spec, Mapping) and ("choices" in spec or "low" in spec):
+            chosen[name] = _suggest_one(trial, name, spec)
+        else:
+            constants[name] = spec.get("default") if isinstance(spec, Mapping) else spec
+    options = partitions(space, num_blocks)
+    if "cuts" in fixed:
+        constants["cuts"] = _cuts_string(fixed["cuts"])
+        cuts = constants["cuts"]
+    elif len(options) == 1:
+        constants["cuts"] = cuts = options[0]
+    else:
+        cuts = trial.suggest_categorical("cuts", options)
+    weight = space.get("stone_weight")
+    for cut in (int(c) for c in cuts.split(",") if c):
+        key = f"w_{cut}"
+        if key in fixed:
+            constants[key] = float(fixed[key])
+        elif isinstance(weight, Mapping) and "low" in weight:
+            trial.suggest_float(key, float(weight["low"]), float(weight["high"]), log=bool(weight.get("log", False)))
+        else:
+            constants[key] = 2.0 ** -(num_blocks - cut)
+    return constants or None
+
+
+def defaults(space: Mapping[str, Any], num_blocks: int, fixed: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """One configuration without search: each parameter's default (or its ``fixed`` value)."""
+    fixed = dict(fixed or {})
+    config: dict[str, Any] = {}
+    for name, spec in (space.get("params") or {}).items():
+        if not _active(spec if isinstance(spec, Mapping) else {}, config):
+            continue
+        if name in fixed:
+            config[name] = fixed[name]
+        elif isinstance(spec, Mapping):
+            if "default" not in spec:
+                raise SearchSpaceError(f"search.params.{name} has no default; add `default:` or pass fixed.{name}=VALUE.")
+            config[name] = spec["default"]
+        else:
+            config[name] = spec
+    options = partitions(space, num_blocks)
+    config["cuts"] = _cuts_string(fixed["cuts"]) if "cuts" in fixed else options[-1] if space.get("method") != "logit" else ""
+    for cut in (int(c) for c in config["cuts"].split(",") if c):
+        config[f"w_{cut}"] = float(fixed.get(f"w_{cut}", 2.0 ** -(num_blocks - cut)))
+    return config
+
+
+def _cuts_string(cuts: Any) -> str:
+    if isinstance(cuts, str):
+        return ",".join(str(int(c)) for c in cuts.split(",") if c.strip())
+    if isinstance(cuts, int):
+        return str(cuts)
+    return ",".join(str(int(c)) for c in sorted(cuts))
+
+
+def parse_cuts(cuts: str) -> list[int]:
+    return [int(c) for c in cuts.split(",") if c]
+
+
+def stone_weights(config: Mapping[str, Any], cuts: Sequence[int]) -> list[float]:
+    return [float(config[f"w_{c}"]) for c in cuts]
