@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,18 +32,32 @@ class ConfigError(ValueError):
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/)."""
+    """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/).
+
+    ``fixed.KEY=VALUE`` adds a key to the open ``fixed`` mapping (Hydra would want ``+fixed.KEY``).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.errors import HydraException
 
+    overrides = [f"+{o}" if o.startswith("fixed.") else o for o in overrides]
     try:
         with initialize_config_module(config_module="orchestrator.conf", version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        text = str(exc).strip().replace("\n\n", "\n")
-        key = text.split("'")[1].split("/")[0] if "Could not find '" in text else "overrides"
-        raise ConfigError(key, f"{text}\nFix the override (see `--cfg` for the composed config and README for the groups).") from None
+        raise _override_error(str(exc)) from None
+
+
+def _override_error(text: str) -> ConfigError:
+    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        return ConfigError(group, f"unknown {group} {option!r}; available: {', '.join(options)}. Pick one with {group}=NAME.")
+    key = re.search(r"override '([^']+)'|Key '([^']+)'", text)
+    name = next((g for g in key.groups() if g), "overrides") if key else "overrides"
+    first = text.strip().splitlines()[0]
+    return ConfigError(name, f"{first} Check the spelling against `python -m orchestrator.tune --cfg` (the composed config).")
 
 
 @dataclass

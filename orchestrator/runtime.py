@@ -12,6 +12,10 @@ from .config import ConfigError, Job
 from .worker import train_loop_per_worker
 
 
+# The Tune function that drives a trial's Train run holds this much CPU (Tune refuses 0).
+TRIAL_DRIVER_CPU = 0.01
+
+
 def init_ray(job: Job) -> None:
     """Join ``ray.address`` (or RAY_ADDRESS / a running cluster), else start a local one."""
     if ray.is_initialized():
@@ -28,7 +32,7 @@ def check_cluster_resources(job: Job) -> None:
     res = job.cfg["resources"]
     total = ray.cluster_resources()
     need_gpu = float(res["gpus_per_worker"]) * res["workers_per_trial"] if res["use_gpu"] else 0.0
-    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"]
+    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"] + TRIAL_DRIVER_CPU
     if need_gpu > total.get("GPU", 0.0):
         raise ConfigError("resources.use_gpu", f"a trial asks for {need_gpu:g} GPUs ({res['workers_per_trial']} workers x "
                           f"{res['gpus_per_worker']}) but the cluster has {total.get('GPU', 0.0):g}; lower "
@@ -36,8 +40,9 @@ def check_cluster_resources(job: Job) -> None:
                           "check the worker group's max_workers).")
     if need_cpu > total.get("CPU", 0.0):
         raise ConfigError("resources.cpus_per_worker", f"a trial asks for {need_cpu:g} CPUs ({res['workers_per_trial']} workers x "
-                          f"{res['cpus_per_worker']}) but the cluster has {total.get('CPU', 0.0):g}; lower "
-                          "resources.workers_per_trial or resources.cpus_per_worker.")
+                          f"{res['cpus_per_worker']}, plus {TRIAL_DRIVER_CPU} for the trial's driver) but the cluster has "
+                          f"{total.get('CPU', 0.0):g}; lower resources.workers_per_trial or resources.cpus_per_worker "
+                          "(fractions such as 0.9 are fine).")
 
 
 def scaling_config(job: Job) -> ray.train.ScalingConfig:

@@ -27,7 +27,7 @@ from search_spaces.space import defaults, suggest
 from .cli import entry_point
 from .config import Job
 from .results import format_table, ranked, trial_id_of, trial_row, write_parquet
-from .runtime import check_cluster_resources, init_ray, make_trainer
+from .runtime import TRIAL_DRIVER_CPU, check_cluster_resources, init_ray, make_trainer
 from .teacher import obtain_teacher
 from .tracking import ROLE_TAG, MLflowTrialLogger, child_runs, connect, end_leftover_runs, flatten, log_params
 from .worker import MODEL_FILE
@@ -75,7 +75,7 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
 
 def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, fixed_params: Optional[dict]) -> tune.Tuner:
     t = job.cfg["tune"]
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), {"cpu": TRIAL_DRIVER_CPU})
     run_config = tune.RunConfig(name=job.experiment_name, storage_path=job.storage_path, callbacks=[callback],
                                 failure_config=tune.FailureConfig(max_failures=int(t["max_failures"])))
     path = os.path.join(job.storage_path, job.experiment_name)

@@ -66,6 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(job["cfg"]["resources"]["cpus_per_worker"])))
     splits = load_dataset(job["cfg"]["data"])
     cfg = train_config(job, params, mode).resolved(device)
+    cfg.batch_size = max(1, cfg.batch_size // world)  # train.batch_size is the global batch: same steps for any worker count
     module = build_module(job, params, mode, config.get("teacher_state"), splits.train.images[:2].float()).to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)

@@ -1,0 +1,94 @@
+"""Bad configurations: one clear paragraph naming the key, exit code 2, before Ray starts."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bkd_core import models
+from orchestrator.cli import entry_point
+from orchestrator.config import compose, validate
+
+from conftest import REPO, write_idx
+
+
+def never_run(job):
+    raise AssertionError("run() must not be reached for a bad configuration")
+
+
+def check(argv, key, *fragments, capsys):
+    assert entry_point(never_run, argv) == 2
+    err = capsys.readouterr().err
+    assert f"configuration error in `{key}`" in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert "Traceback" not in err
+
+
+def test_unknown_pair_group(capsys):
+    check(["pair=resnet9000_resnet1"], "pair", "resnet32x4_resnet8x4", capsys=capsys)
+
+
+def test_unknown_model_name(capsys):
+    check(["pair.teacher=resnet9000"], "pair.teacher", "unknown model 'resnet9000'", "resnet8x4", capsys=capsys)
+
+
+def test_unknown_dataset_group(capsys):
+    check(["data=imagenet22k"], "data", "fashion_mnist", capsys=capsys)
+
+
+def test_missing_data_root(capsys):
+    check(["data=fashion_mnist"], "data.root", "data.root=PATH", capsys=capsys)
+
+
+def test_data_root_does_not_exist(tmp_path, capsys):
+    check(["data=fashion_mnist", f"data.root={tmp_path}/nope"], "data.root", "does not exist", capsys=capsys)
+
+
+def test_data_root_with_wrong_files(tmp_path, capsys):
+    (tmp_path / "readme.txt").write_text("not data")
+    check(["data=fashion_mnist", f"data.root={tmp_path}"], "data.root", "train-images-idx3-ubyte.gz", capsys=capsys)
+
+
+def test_search_space_without_valid_partition(capsys):
+    check(["search.partition.allowed=[7,8]"], "search.partition", "no valid block partition", capsys=capsys)
+    check(["search=blockkd_fixed_partition", "search.partition.fixed=[0,5]"], "search.partition", "outside 1..3", capsys=capsys)
+
+
+def test_unknown_loss_and_search_space(capsys):
+    check(["search.params.logit_loss.choices=[kd,mse]"], "search.params.logit_loss", "mse", capsys=capsys)
+    check(["search=bayes"], "search", "blockkd", capsys=capsys)
+
+
+def test_unknown_fixed_parameter(capsys):
+    check(["fixed.temprature=3"], "fixed.temprature", "temperature", capsys=capsys)
+
+
+def test_block_count_mismatch(capsys):
+    check(["pair=vgg13_vgg8", "pair.student=resnet20"], "pair", "4 blocks", capsys=capsys)
+
+
+def test_teacher_checkpoint_corrupt_and_mismatched(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    check([f"teacher.checkpoint={bad}"], "teacher.checkpoint", "not a readable torch state_dict", capsys=capsys)
+    other = tmp_path / "other.pt"
+    torch.save(models.create("resnet20", 10, 1).state_dict(), other)
+    check([f"teacher.checkpoint={other}"], "teacher.checkpoint", "does not fit", "missing keys", capsys=capsys)
+    check([f"teacher.checkpoint={tmp_path}/none.pt"], "teacher.checkpoint", "does not exist", capsys=capsys)
+
+
+def test_good_config_resolves_absolute_paths(tmp_path, monkeypatch):
+    root = write_idx(tmp_path / "fm")
+    monkeypatch.chdir(tmp_path)
+    job = validate(compose(["data=fashion_mnist", "data.root=fm", "mlflow.tracking_uri=sqlite:///m.db"]))
+    assert job.cfg["data"]["root"] == str(root)
+    assert job.tracking_uri == f"sqlite:///{tmp_path / 'm.db'}"
+    assert job.storage_path.startswith("/") and job.partitions == ["1", "2", "3", "1,2", "1,3", "2,3", "1,2,3"]
+
+
+def test_command_line_exit_code_and_message():
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.tune", "data=fashion_mnist", "data.root=/no/such/dir"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "configuration error in `data.root`" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,100 @@
+"""End to end on a real local Ray cluster, real Optuna and a real MLflow sqlite store."""
+import re
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from orchestrator import train as train_entry
+from orchestrator import tune as tune_entry
+from orchestrator.cli import entry_point
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("bkd")
+
+
+def common(ws, name):
+    return [f"mlflow.tracking_uri=sqlite:///{ws}/mlflow.db", f"ray.storage_path={ws}/ray", f"output_dir={ws}/out",
+            f"tune.name={name}", "teacher.epochs=2"]
+
+
+def runs(ws, role):
+    client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    exp = client.get_experiment_by_name("bkd")
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`bkd.role` = '{role}'")
+
+
+def test_tune_end_to_end(ray_cluster, workspace, capsys):
+    argv = common(workspace, "e2e") + ["tune.num_samples=3", "tune.max_concurrent=2", "train.epochs=2"]
+    assert entry_point(tune_entry.search, argv) == 0
+    out = capsys.readouterr().out
+
+    client, (parent,) = runs(workspace, "search")
+    _, teachers = runs(workspace, "teacher")
+    _, children = runs(workspace, "trial")
+    assert len(teachers) == 1 and teachers[0].info.status == "FINISHED"
+    assert len(children) == 3 and parent.info.status == "FINISHED"
+    best_per_child = {}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        p = child.data.params
+        assert {"temperature", "alpha", "beta", "gamma", "logit_loss", "cuts", "lr", "epochs", "pair", "data"} <= set(p)
+        cuts = p["cuts"].split(",")
+        assert {f"w_{c}" for c in cuts} == {k for k in p if k.startswith("w_")}
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        assert [m.step for m in history] == list(range(1, len(history) + 1)) and 1 <= len(history) <= 2
+        assert {f"val_acc_stone_{c}" for c in cuts} <= set(child.data.metrics)
+        assert {"train_loss", "train_loss_task", "train_loss_distill", "throughput_img_s"} <= set(child.data.metrics)
+        best_per_child[child.data.tags["bkd.trial_id"]] = max(m.value for m in history)
+
+    best_trial = max(best_per_child, key=best_per_child.get)
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best_per_child[best_trial])
+    assert parent.data.params["best.trial_id"] == best_trial and parent.data.params["train.epochs"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.parquet", "config.json", "best_student"} <= artifacts
+
+    table = pq.read_table(workspace / "out" / "e2e" / "trials.parquet").to_pylist()
+    assert len(table) == 3
+    assert {"trial_id", "status", "temperature", "cuts", "best_val_acc", "val_acc", "wall_time_s", "mlflow_run_id"} <= set(table[0])
+    assert {r["trial_id"] for r in table} == set(best_per_child)
+    assert all(r["status"] == "FINISHED" for r in table)
+
+    first_row = re.search(r"^1\s+(\S+)\s+FINISHED", out, flags=re.M)
+    assert first_row and first_row.group(1) == best_trial
+    assert "mlflow ui --backend-store-uri" in out
+    assert (workspace / "out" / "e2e" / "student.pt").is_file()
+
+
+def test_train_two_workers_matches_one(ray_cluster, workspace, capsys):
+    accs = {}
+    for workers in (1, 2):
+        argv = common(workspace, f"train-{workers}w") + [f"resources.workers_per_trial={workers}", "resources.cpus_per_worker=0.9", "train.epochs=4",
+                                                          "fixed.lr=0.1", "fixed.cuts=[1,3]"]
+        assert entry_point(train_entry.run, argv) == 0
+        table = pq.read_table(workspace / "out" / f"train-{workers}w" / "trials.parquet").to_pylist()
+        assert len(table) == 1 and table[0]["cuts"] == "1,3"
+        accs[workers] = table[0]["val_acc"]
+    out = capsys.readouterr().out
+    assert "reusing teacher from MLflow run" in out  # same teacher config: trained once
+    _, teachers = runs(workspace, "teacher")
+    assert len(teachers) == 1
+    assert accs[1] > 60 and abs(accs[1] - accs[2]) < 8, accs
+
+
+def test_more_cpus_than_the_cluster_has_is_refused(ray_cluster, workspace, capsys):
+    argv = common(workspace, "too-big") + ["resources.workers_per_trial=2"]
+    assert entry_point(train_entry.run, argv) == 2
+    assert "configuration error in `resources.cpus_per_worker`" in capsys.readouterr().err
