@@ -112,6 +112,7 @@ def _absolute(path: str) -> str:
 
 
 def _tracking_uri(value: Optional[str]) -> str:
+    value = value or os.environ.get("MLFLOW_TRACKING_URI")
     if not value:
         return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
@@ -194,7 +195,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     if t["num_samples"] < 1:
         raise ConfigError("tune.num_samples", "must be at least 1.")
 
-    storage = _absolute(c["ray"].get("storage_path") or str(Path.cwd() / "results" / "ray"))
+    storage = _absolute(c["ray"].get("storage_path") or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
     output_dir = _absolute(c.get("output_dir") or "results")
     name = t.get("name") or default_experiment_name(c, storage, resume=bool(t.get("resume")))
     return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
