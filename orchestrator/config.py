@@ -56,7 +56,7 @@ def _override_error(text: str) -> ConfigError:
         return ConfigError(group, f"unknown {group} {option!r}; available: {', '.join(options)}. Pick one with {group}=NAME.")
     key = re.search(r"override '([^']+)'|Key '([^']+)'", text)
     name = next((g for g in key.groups() if g), "overrides") if key else "overrides"
-    first = text.strip().splitlines()[0]
+    first = " ".join(text.strip().split("\n\n")[0].splitlines())
     return ConfigError(name, f"{first} Check the spelling against `python -m orchestrator.tune --cfg` (the composed config).")
 
 
@@ -197,9 +197,24 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
 
     storage = _absolute(c["ray"].get("storage_path") or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
     output_dir = _absolute(c.get("output_dir") or "results")
-    name = t.get("name") or default_experiment_name(c, storage, resume=bool(t.get("resume")))
+    check_writable("ray.storage_path", storage)
+    check_writable("output_dir", output_dir)
+    name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, resume=bool(t.get("resume")))
     return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name)
+
+
+def check_writable(key: str, path: str) -> None:
+    """A local directory we can create and write to (URIs such as s3:// are checked by Ray itself)."""
+    if "://" in path:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / ".bkd-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot write to {path} ({exc.strerror or exc}); choose a writable directory with {key}=PATH.") from None
 
 
 def default_experiment_name(c: dict[str, Any], storage: str, resume: bool) -> str:

@@ -3,6 +3,7 @@ the driver, so only the driver needs to reach the tracking server), and the teac
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -22,6 +23,8 @@ SKIPPED_METRICS = {"epoch", "workers", "training_iteration", "timestamp", "time_
 
 def connect(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client and the experiment id (created if needed), with a clear error when unreachable."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)

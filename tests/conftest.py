@@ -1,9 +1,14 @@
 import gzip
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Ray 2.60 local clusters use token authentication; a driver joining a `ray start` cluster must say so
+# before ray is imported (the mode is read once per process).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"

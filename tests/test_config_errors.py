@@ -92,3 +92,23 @@ def test_command_line_exit_code_and_message():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "configuration error in `data.root`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_storage_and_output(capsys):
+    check(["ray.storage_path=/proc/bkd-results"], "ray.storage_path", "cannot write", capsys=capsys)
+    check(["output_dir=/proc/bkd-out"], "output_dir", "cannot write", capsys=capsys)
+
+
+def test_unreachable_or_unwritable_mlflow(tmp_path, capsys, monkeypatch):
+    from orchestrator.tune import search  # connects to MLflow before Ray starts
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    base = [f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out"]
+    assert entry_point(search, base + ["mlflow.tracking_uri=http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error in `mlflow.tracking_uri`" in err and "cannot use MLflow at http://127.0.0.1:9" in err
+    assert entry_point(search, base + ["mlflow.tracking_uri=sqlite:////proc/nope/mlflow.db"]) == 2
+    assert "configuration error in `mlflow.tracking_uri`" in capsys.readouterr().err
+    import ray
+    assert not ray.is_initialized()

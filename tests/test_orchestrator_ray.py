@@ -98,3 +98,10 @@ def test_more_cpus_than_the_cluster_has_is_refused(ray_cluster, workspace, capsy
     argv = common(workspace, "too-big") + ["resources.workers_per_trial=2"]
     assert entry_point(train_entry.run, argv) == 2
     assert "configuration error in `resources.cpus_per_worker`" in capsys.readouterr().err
+
+
+def test_more_gpus_than_the_cluster_has_is_refused(ray_cluster, workspace, capsys):
+    argv = common(workspace, "gpu") + ["resources.use_gpu=true", "resources.gpus_per_worker=0.5"]
+    assert entry_point(tune_entry.search, argv) == 2
+    err = capsys.readouterr().err
+    assert "configuration error in `resources.use_gpu`" in err and "the cluster has 0" in err

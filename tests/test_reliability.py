@@ -1,0 +1,177 @@
+"""Multi-node placement, a killed Train worker, a killed driver, a diverging trial: on a real
+two-node Ray cluster (`ray start --head` and `ray start --address=...` on this machine)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from ray.util.state import list_actors
+
+from bkd_core import models
+from orchestrator import train as train_entry
+from orchestrator import tune as tune_entry
+from orchestrator.cli import entry_point
+from orchestrator.tracking import connect
+
+from conftest import REPO, write_idx
+
+pytestmark = pytest.mark.ray
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    port = free_port()
+    ray_cmd = [str(BIN / "ray"), "start", "--disable-usage-stats", "--num-cpus=1"]
+    subprocess.run(ray_cmd + ["--head", f"--port={port}", f"--dashboard-port={free_port()}"], env=env, check=True,
+                   capture_output=True, timeout=180)
+    subprocess.run(ray_cmd + [f"--address=127.0.0.1:{port}"], env=env, check=True, capture_output=True, timeout=180)
+    ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+    deadline = time.time() + 60
+    while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    yield {"address": f"127.0.0.1:{port}", "env": env, "tmp": tmp_path_factory.mktemp("rel")}
+    ray.shutdown()
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def base(tmp, name, teacher=None):
+    args = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
+            f"tune.name={name}", "resources.cpus_per_worker=0.9", "teacher.epochs=1"]
+    return args + ([f"teacher.checkpoint={teacher}"] if teacher else [])
+
+
+def client_and_exp(tmp):
+    return connect(f"sqlite:///{tmp}/mlflow.db", "bkd")  # creates the experiment if no run made it yet
+
+
+def trial_runs(tmp, parent_id=None):
+    client, exp = client_and_exp(tmp)
+    runs = client.search_runs([exp], filter_string="tags.`bkd.role` = 'trial'")
+    return [r for r in runs if parent_id is None or r.data.tags["mlflow.parentRunId"] == parent_id]
+
+
+def random_teacher(tmp, name, classes=10, channels=1) -> Path:
+    path = tmp / f"{name}.pt"
+    torch.manual_seed(0)
+    torch.save(models.create("tiny_resnet", classes, channels).state_dict(), path)
+    return path
+
+
+def test_trial_spread_over_two_nodes(two_nodes):
+    tmp = two_nodes["tmp"]
+    argv = base(tmp, "spread") + ["resources.workers_per_trial=2", "resources.placement_strategy=STRICT_SPREAD",
+                                  "train.epochs=2", "fixed.cuts=[2,3]"]
+    assert entry_point(train_entry.run, argv) == 0
+    (row,) = pq.read_table(tmp / "out" / "spread" / "trials.parquet").to_pylist()
+    assert row["status"] == "FINISHED" and row["epochs"] == 2 and row["val_acc"] > 20
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
+    nodes = {a["node_id"] for a in workers}
+    assert len(nodes) == 2, "the two DDP workers of a STRICT_SPREAD trial must sit on two nodes"
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(two_nodes):
+    tmp = two_nodes["tmp"]
+    root = write_idx(tmp / "mnist-like", n_train=6000, n_test=500)
+    teacher = random_teacher(tmp, "mnist-teacher")
+    argv = base(tmp, "killworker", teacher) + ["data=mnist", f"data.root={root}", "train.epochs=4", "fixed.cuts=[3]"]
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("rc", entry_point(train_entry.run, argv)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and thread.is_alive():
+        runs = [r for r in trial_runs(tmp) if r.data.params.get("data") == "mnist"]
+        if runs and "val_acc" in runs[0].data.metrics:  # epoch 1 reported and checkpointed
+            alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+            if alive:
+                killed = alive[0]["pid"]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    thread.join(timeout=600)
+    assert killed is not None, "the worker was not found alive after its first epoch"
+    assert outcome.get("rc") == 0
+    client, _ = client_and_exp(tmp)
+    (run,) = [r for r in trial_runs(tmp) if r.data.params.get("data") == "mnist"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    assert sorted(steps) == [1, 2, 3, 4], f"epochs logged {steps}: a restart from epoch 0 would repeat epoch 1"
+    assert run.info.status == "FINISHED"
+
+
+def test_diverging_trial_fails_and_the_search_goes_on(two_nodes):
+    tmp = two_nodes["tmp"]
+    argv = base(tmp, "diverge") + ["search=kd", "+search.params.lr.choices=[0.05,1.0e+9]", "tune.num_samples=4",
+                               "tune.scheduler=none", "train.epochs=1", "tune.max_failures=0",
+                               "resources.max_worker_failures=0", "tune.seed=3"]
+    assert entry_point(tune_entry.search, argv) == 0
+    rows = pq.read_table(tmp / "out" / "diverge" / "trials.parquet").to_pylist()
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    assert len(rows) == 4 and failed and finished
+    assert all(r["lr"] > 1e8 for r in failed) and all(r["lr"] < 1 for r in finished)
+    client, _ = client_and_exp(tmp)
+    for row in failed:
+        run = client.get_run(row["mlflow_run_id"])
+        assert run.info.status == "FAILED" and "diverged" in run.data.tags["bkd.error"]
+
+
+def test_killed_driver_resumes(two_nodes):
+    tmp = two_nodes["tmp"]
+    root = write_idx(tmp / "mnist-small", n_train=3000, n_test=300)
+    teacher = random_teacher(tmp, "mnist-teacher-2")
+    args = base(tmp, "resume", teacher) + [f"ray.address={two_nodes['address']}", "data=mnist", f"data.root={root}",
+                                           "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=2"]
+    cmd = [sys.executable, "-m", "orchestrator.tune", *args]
+    env = {**two_nodes["env"], "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its experiment state every second
+    client, exp = client_and_exp(tmp)
+
+    def parents():
+        return client.search_runs([exp], filter_string="tags.`bkd.role` = 'search' and tags.`mlflow.runName` = 'resume'")
+
+    def children():
+        found = parents()
+        return trial_runs(tmp, found[0].info.run_id) if found else []
+
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, in_progress = time.time() + 400, None
+    while time.time() < deadline and in_progress is None:
+        runs = children()
+        if any(r.info.status == "FINISHED" for r in runs):
+            started = [r for r in runs if r.info.status == "RUNNING" and "val_acc" in r.data.metrics]
+            in_progress = started[0].data.tags["bkd.trial_id"] if started else None
+        time.sleep(0.3)
+    time.sleep(2.5)  # let Tune record the experiment state with this trial in it
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    before = {r.data.tags["bkd.trial_id"]: r for r in children()}
+    done_before = {t for t, r in before.items() if r.info.status == "FINISHED"}
+    assert in_progress and done_before and in_progress not in done_before
+
+    second = subprocess.run(cmd + ["tune.resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    (parent,) = parents()  # the same parent run, finished
+    assert parent.info.status == "FINISHED"
+    after = {r.data.tags["bkd.trial_id"]: r for r in children()}
+    assert not [r for r in after.values() if r.info.status == "RUNNING"]
+    for trial in done_before | {in_progress}:  # finished: not trained again; in progress: continued, not restarted
+        assert after[trial].info.status == "FINISHED"
+        history = client.get_metric_history(after[trial].info.run_id, "val_acc")
+        assert sorted(m.step for m in history) == [1, 2], (trial, [m.step for m in history])
+    rows = pq.read_table(tmp / "out" / "resume" / "trials.parquet").to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "FINISHED" and r["epochs"] == 2 for r in rows)
