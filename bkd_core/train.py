@@ -35,8 +35,8 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
     bf16: Optional[bool] = None  # None: on for CUDA
-    channels_last: Optional[bool] = None  # None: on for CUDA
-    compile: Optional[bool] = None  # None: on for CUDA
+    channels_last: Optional[bool] = None  # None: on (faster convolutions on CUDA and CPU alike)
+    compile: Optional[bool] = None  # None: on for CUDA (on CPU it pays off only for long runs)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,8 +48,9 @@ class TrainConfig:
     def resolved(self, device: torch.device) -> "TrainConfig":
         """A copy with the device-dependent defaults (bf16, channels_last, compile) filled in."""
         cuda = device.type == "cuda"
-        pick = lambda v: cuda if v is None else bool(v)  # noqa: E731
-        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16), "channels_last": pick(self.channels_last), "compile": pick(self.compile)})
+        pick = lambda v, default: default if v is None else bool(v)  # noqa: E731
+        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda), "channels_last": pick(self.channels_last, True),
+                              "compile": pick(self.compile, cuda)})
 
 
 class Supervised(nn.Module):

@@ -2,6 +2,7 @@
 the driver, so only the driver needs to reach the tracking server), and the teacher's own run."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -64,6 +65,22 @@ def trial_params(config: Mapping[str, Any], common: Mapping[str, Any]) -> dict[s
     return {**common, **{k: v for k, v in config.items() if not isinstance(v, Mapping)}}
 
 
+def tolerant(method):
+    """An MLflow outage must not stop the search: warn and go on (Tune keeps every result)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # mlflow raises many types when the server is down
+            print(f"[bkd] warning: MLflow logging failed in {method.__name__} ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the search goes on, results stay in Tune's storage.",
+                  flush=True)
+            self._client = None
+
+    return wrapper
+
+
 class MLflowTrialLogger(Callback):
     """One nested MLflow run per Tune trial: its parameters, per-epoch metrics (step = epoch) and a
     final status (FINISHED, FAILED with the error, or KILLED at a driver's resume)."""
@@ -84,6 +101,7 @@ class MLflowTrialLogger(Callback):
     def __getstate__(self) -> dict:  # Tune checkpoints callbacks; the client is rebuilt on demand
         return {**self.__dict__, "_client": None}
 
+    @tolerant
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         client = self.client
         run_id = self.run_ids.get(trial.trial_id)
@@ -95,15 +113,18 @@ class MLflowTrialLogger(Callback):
         else:  # a retried or resumed trial continues its own run
             client.update_run(run_id, status="RUNNING")
 
+    @tolerant
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is not None:
             step = int(result.get("epoch", result.get("training_iteration", 0)))
             log_metrics(self.client, run_id, result, step, int(result.get("timestamp", 0) * 1000))
 
+    @tolerant
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FINISHED")
 
+    @tolerant
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")
 
