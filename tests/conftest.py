@@ -1,6 +1,8 @@
 import gzip
 import os
+import socket
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
+BIN = Path(sys.executable).parent  # the environment's `ray` and `python`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_idx(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:

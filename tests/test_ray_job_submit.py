@@ -1,24 +1,15 @@
 """`ray job submit` of `python -m orchestrator.tune` to a local `ray start --head` cluster."""
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+from conftest import BIN, REPO, free_port
 
 pytestmark = pytest.mark.ray
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 two-node Ray cluster (`ray start --head` and `ray start --address=...` on this machine)."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,16 +20,9 @@ from orchestrator import tune as tune_entry
 from orchestrator.cli import entry_point
 from orchestrator.tracking import connect
 
-from conftest import REPO, write_idx
+from conftest import BIN, REPO, free_port, write_idx
 
 pytestmark = pytest.mark.ray
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
