@@ -35,7 +35,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
     bf16: Optional[bool] = None  # None: on for CUDA
-    channels_last: Optional[bool] = None  # None: on (faster convolutions on CUDA and CPU alike)
+    channels_last: Optional[bool] = None  # None: on for CUDA (on CPU it helps some models, slows others)
     compile: Optional[bool] = None  # None: on for CUDA (on CPU it pays off only for long runs)
     seed: int = 0
 
@@ -49,7 +49,7 @@ class TrainConfig:
         """A copy with the device-dependent defaults (bf16, channels_last, compile) filled in."""
         cuda = device.type == "cuda"
         pick = lambda v, default: default if v is None else bool(v)  # noqa: E731
-        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda), "channels_last": pick(self.channels_last, True),
+        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda), "channels_last": pick(self.channels_last, cuda),
                               "compile": pick(self.compile, cuda)})
 
 
