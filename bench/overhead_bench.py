@@ -9,7 +9,6 @@ scheduling, Train worker group start-up, checkpointing, MLflow logging) and the 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def main() -> None:
     (row,) = pq.read_table(tmp / "out" / "overhead" / "trials.parquet").to_pylist()
     trial = row["wall_time_s"]
     print(f"\nBlock-KD tiny_resnet -> tiny_cnn on digits, {args.epochs} epochs, 1 worker")
-    print(f"| run | seconds | overhead vs direct |\n|---|---|---|")
+    print("| run | seconds | overhead vs direct |\n|---|---|---|")
     print(f"| direct bkd_core.train.fit | {direct:.1f} | - |")
     print(f"| Tune trial (Tune's time_total_s) | {trial:.1f} | {100 * (trial / direct - 1):+.1f} % |")
     print(f"| whole orchestrator.train (teacher given; Ray start included) | {whole:.1f} | {100 * (whole / direct - 1):+.1f} % |")

@@ -211,7 +211,7 @@ def main() -> None:
     if not gpu:  # the default on CPU is eager; show what train.compile=true gives
         results += [bench_bkd(pair, dataset, device, False, steps, batch, compile=True),
                     bench_bkd(pair, dataset, device, True, steps, batch, compile=True)]
-    print(f"\n| step | img/s | peak memory (MB) |\n|---|---|---|")
+    print("\n| step | img/s | peak memory (MB) |\n|---|---|---|")
     for r in results:
         print(f"| {r.name} | {r.images_per_s:,.0f} | {r.peak_mem_mb:,.0f} |")
     ref_kd, ref_bkd, our_kd, our_bkd = (r.images_per_s for r in results[:4])

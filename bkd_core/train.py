@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocknet import BlockNet
 from .data import BatchLoader, DataSplits
 from .distiller import BlockKD, BlockKDOutput
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import Any
 
 import torch
 from mlflow.tracking import MlflowClient

@@ -6,9 +6,9 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -158,13 +158,3 @@ def end_leftover_runs(client: MlflowClient, experiment_id: str, parent_run_id: s
         client.set_terminated(run.info.run_id, status)
     return len(runs)
 
-
-def run_status(client: MlflowClient, run_id: str) -> str:
-    return client.get_run(run_id).info.status
-
-
-def statuses(client: MlflowClient, run_ids: Iterable[str]) -> dict[str, str]:
-    return {r: run_status(client, r) for r in run_ids}
-
-
-__all__ = ["connect", "MLflowTrialLogger", "RunStatus", "end_leftover_runs", "child_runs", "log_params", "log_metrics", "flatten"]

@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search_spaces.space import defaults, suggest
+from search_spaces.space import suggest
 
 from .cli import entry_point
 from .config import Job

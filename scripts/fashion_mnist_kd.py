@@ -52,7 +52,7 @@ def main() -> None:
         result[name] = train.fit(make(student), splits, student_cfg, on_epoch=train.print_progress)["val_acc"]
 
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    print(f"\n| model | params | test top-1 (%) |\n|---|---|---|")
+    print("\n| model | params | test top-1 (%) |\n|---|---|---|")
     print(f"| teacher {args.teacher} | {params(teacher):,} | {result['teacher']:.2f} |")
     for name in methods:
         print(f"| student {args.student}, {name} | {params(student):,} | {result[name]:.2f} |")

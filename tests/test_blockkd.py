@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bkd_core import BlockKD, BlockNet, LogitKD, kd_loss, models
+from bkd_core import BlockKD, LogitKD, kd_loss, models
 
 
 def pair(teacher="tiny_resnet", student="tiny_cnn", classes=10, channels=1):

@@ -1,6 +1,5 @@
 """cluster/: launcher YAML passes Ray's own validation; KubeRay manifests agree with the project; no open ports."""
 import re
-from pathlib import Path
 
 import pytest
 import ray

@@ -3,7 +3,6 @@ import functools
 import pickle
 
 import optuna
-import pytest
 
 from orchestrator.config import compose
 from search_spaces import defaults, partitions, suggest
