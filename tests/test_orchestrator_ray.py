@@ -37,7 +37,9 @@ def runs(ws, role):
 
 
 def test_tune_end_to_end(ray_cluster, workspace, capsys):
-    argv = common(workspace, "e2e") + ["tune.num_samples=3", "tune.max_concurrent=2", "train.epochs=2"]
+    # ASHA off here: a trial ASHA stops can leak its Train placement group on Ray 2.60 (seen once in
+    # six runs on 2 CPUs: the next trial then waits forever); see the session note.
+    argv = common(workspace, "e2e") + ["tune.num_samples=3", "tune.max_concurrent=2", "train.epochs=2", "tune.scheduler=none"]
     assert entry_point(tune_entry.search, argv) == 0
     out = capsys.readouterr().out
 
@@ -55,7 +57,7 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
         cuts = p["cuts"].split(",")
         assert {f"w_{c}" for c in cuts} == {k for k in p if k.startswith("w_")}
         history = client.get_metric_history(child.info.run_id, "val_acc")
-        assert [m.step for m in history] == list(range(1, len(history) + 1)) and 1 <= len(history) <= 2
+        assert [m.step for m in history] == [1, 2]
         assert {f"val_acc_stone_{c}" for c in cuts} <= set(child.data.metrics)
         assert {"train_loss", "train_loss_task", "train_loss_distill", "throughput_img_s"} <= set(child.data.metrics)
         best_per_child[child.data.tags["bkd.trial_id"]] = max(m.value for m in history)
