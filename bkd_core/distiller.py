@@ -210,8 +210,9 @@ class LogitKD(BlockKD):
     """
 
     def __init__(self, teacher: BlockNet, student: BlockNet, **kwargs) -> None:
-        for key in ("cuts", "stone_weights", "stone_temperature", "connector", "gamma"):
-            kwargs.pop(key, None)
+        stone_args = sorted({"cuts", "stone_weights", "stone_temperature", "connector", "gamma"} & set(kwargs))
+        if stone_args:
+            raise ValueError(f"LogitKD has no stepping stones; drop {stone_args} or use BlockKD.")
         super().__init__(teacher, student, **kwargs)
 
     def _partition(self, cuts: Optional[Sequence[int]]) -> list[int]:

@@ -63,7 +63,10 @@ def _clean(value: Any) -> Any:
 
 def ranked(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best first: highest best_val_acc; failed trials last."""
-    key = lambda r: (r["status"] != "FINISHED", -(r["best_val_acc"] if r["best_val_acc"] == r["best_val_acc"] else -1))  # noqa: E731
+    def key(row: dict[str, Any]) -> tuple[bool, float]:
+        acc = row["best_val_acc"]
+        return row["status"] != "FINISHED", -(acc if not math.isnan(acc) else -1.0)
+
     return sorted(rows, key=key)
 
 

@@ -123,10 +123,12 @@ def summarize(job: Job, client: MlflowClient, experiment_id: str, parent_id: str
     """Write trials.parquet and the best student; log them and the best trial to the parent run."""
     run_ids = child_runs(client, experiment_id, parent_id)
     epochs = int(job.cfg["train"]["epochs"])
-    rows, by_trial = [], {}
+    rows, by_trial, param_names = [], {}, []
     for result in results:
         trial_id = trial_id_of(result)
-        rows.append(trial_row(result, dict(result.config or {}), run_ids.get(trial_id), epochs))
+        params = dict(result.config or {})
+        param_names += [k for k in params if k not in param_names]
+        rows.append(trial_row(result, params, run_ids.get(trial_id), epochs))
         by_trial[trial_id] = result
     rows = ranked(rows)
     out = Path(job.output_dir) / job.experiment_name
@@ -141,16 +143,10 @@ def summarize(job: Job, client: MlflowClient, experiment_id: str, parent_id: str
         student = export_student(by_trial[best["trial_id"]], out)
         if student:
             client.log_artifact(parent_id, student, artifact_path="best_student")
-    param_names = [k for k in (rows[0] if rows else {}) if k in _param_keys(rows)]
     print("\n" + format_table(rows, param_names))
     print(f"\nresults: {out}/trials.parquet" + (f", best student: {out}/student.pt" if best else ""))
     print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open http://127.0.0.1:5000)")
     return rows
-
-
-def _param_keys(rows: list[dict[str, Any]]) -> set[str]:
-    fixed_columns = {"trial_id", "status", "stopped_early", "epochs", "best_val_acc", "wall_time_s", "mlflow_run_id", "error"}
-    return {k for r in rows for k in r if k not in fixed_columns and not k.startswith(("val_acc", "train_loss", "throughput"))}
 
 
 def export_student(result: Any, out: Path) -> Optional[str]:
