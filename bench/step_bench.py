@@ -19,8 +19,10 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,8 @@ def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: in
     loader = DataLoader(PerImageAugmented(dataset.images, dataset.labels), batch_size=64, shuffle=True,
                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
     student.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     done, start = 0, None
     while done < steps:
         for x, y in loader:
@@ -119,28 +123,47 @@ def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: in
     return Result(f"reference {'Block-KD' if stones else 'KD'} fp32 b64", counted / (time.perf_counter() - start), peak_memory_mb(device))
 
 
-def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, compile: bool | None = None) -> Result:
+def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf16: bool | None = None,
+              channels_last: bool | None = None, compile: bool | None = None, seconds: float | None = None,
+              barrier: Path | None = None) -> Result:
+    """bkd's step as the trainer runs it; None picks the device's default (all on for CUDA).
+
+    Measures ``steps`` steps, or ``seconds`` of steps; with ``barrier`` it waits there after the
+    warm-up so that packed processes measure the same window.
+    """
     teacher, student = (m.to(device) for m in pair())
     sample = dataset.images[:2].float().to(device)
     module = BlockKD(teacher, student, sample_input=sample) if stones else LogitKD(teacher, student)
-    cfg = train.TrainConfig(epochs=1, batch_size=batch, lr=0.05 * batch / 64, compile=compile).resolved(device)
+    cfg = train.TrainConfig(epochs=1, batch_size=batch, lr=0.05, lr_base_batch=64, bf16=bf16,
+                            channels_last=channels_last, compile=compile).resolved(device)
     module.to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
-    splits_aug = data.Augmentation(crop_padding=4, flip=True)
-    loader = data.BatchLoader(dataset, batch, train=True, augmentation=splits_aug, device=device, channels_last=bool(cfg.channels_last))
+    augmentation = data.Augmentation(crop_padding=4, flip=True)
+    loader = data.BatchLoader(dataset, batch, train=True, augmentation=augmentation, device=device,
+                              channels_last=bool(cfg.channels_last))
     opt = train.make_optimizer(module.trainable_parameters(), cfg, device)
     step = torch.compile(module) if cfg.compile else module
     module.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     done, start, counted, epoch = 0, None, 0, 0
     warmup = 8 if cfg.compile else 3
     steps += warmup
-    while done < steps:
+
+    def finished() -> bool:
+        if seconds is not None:
+            return start is not None and time.perf_counter() - start >= seconds
+        return done >= steps
+
+    while not finished():
         loader.set_epoch(epoch)
         epoch += 1
         for x, y in loader:
             if done == warmup:  # after compile and warm-up
                 sync(device)
+                if barrier is not None:
+                    wait_at_barrier(barrier)
                 start, counted = time.perf_counter(), 0
             with train.autocast(device, bool(cfg.bf16)):
                 out = step(x, y)
@@ -149,12 +172,18 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, compi
             opt.step()
             done += 1
             counted += x.shape[0]
-            if done >= steps:
+            if finished():
                 break
     sync(device)
     mode = "+".join(n for n, on in (("bf16", cfg.bf16), ("channels_last", cfg.channels_last), ("compile", cfg.compile)) if on)
-    mode = f"{mode or 'fp32'} b{batch}"
+    mode = f"{mode or 'fp32 eager'} b{batch}"
     return Result(f"bkd {'Block-KD' if stones else 'KD'} {mode}", counted / (time.perf_counter() - start), peak_memory_mb(device))
+
+
+def wait_at_barrier(folder: Path) -> None:
+    (folder / f"ready-{os.getpid()}").touch()
+    while not (folder / "go").exists():
+        time.sleep(0.01)
 
 
 def random_cifar(n: int, classes: int) -> data.ImageDataset:
@@ -164,11 +193,34 @@ def random_cifar(n: int, classes: int) -> data.ImageDataset:
 
 
 def packed(args, k: int) -> float:
-    """Aggregate img/s of k processes each running bkd's step at once (small trials sharing a device)."""
-    cmd = [sys.executable, __file__, "--device", args.device, "--teacher", args.small_teacher, "--student", args.small_student,
-           "--steps", str(args.steps), "--batch", "256", "--only-bkd", "--json"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
-    return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_s"] for p in procs)
+    """Aggregate img/s of k processes running bkd's step at once (small trials sharing a device).
+
+    Each process compiles and warms up, then all measure the same ``--seconds`` window.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = [sys.executable, __file__, "--device", args.device, "--teacher", args.small_teacher,
+               "--student", args.small_student, "--batch", str(args.small_batch), "--seconds", str(args.seconds),
+               "--only-bkd", "--barrier", folder]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        while len(list(Path(folder).glob("ready-*"))) < k:
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError("a packed benchmark process failed; run it alone to see why: " + " ".join(cmd))
+            time.sleep(0.05)
+        (Path(folder) / "go").touch()
+        rates = [json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_s"] for p in procs]
+    return sum(rates)
+
+
+def ladder(pair, dataset, device, steps: int, batch: int) -> list[tuple[bool, str, dict]]:
+    """The rows of bkd's step to measure: on CUDA from fp32 eager b64 up to the default, else eager + compiled."""
+    if device.type == "cuda":
+        rows = [("fp32 eager b64", dict(batch=64, bf16=False, channels_last=False, compile=False)),
+                (f"fp32 eager b{batch}", dict(batch=batch, bf16=False, channels_last=False, compile=False)),
+                (f"bf16 + channels_last b{batch}", dict(batch=batch, compile=False)),
+                (f"bf16 + channels_last + compile b{batch} (default)", dict(batch=batch))]
+    else:
+        rows = [(f"eager b{batch} (default)", dict(batch=batch)), (f"compile b{batch}", dict(batch=batch, compile=True))]
+    return [(stones, label, kwargs) for stones in (False, True) for label, kwargs in rows]
 
 
 def main() -> None:
@@ -176,20 +228,24 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--student", default=None)
-    parser.add_argument("--small-teacher", default="tiny_resnet")
-    parser.add_argument("--small-student", default="tiny_cnn")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per row")
+    parser.add_argument("--batch", type=int, default=None, help="bkd's batch (default 512 on CUDA, 64 on CPU)")
     parser.add_argument("--loader-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--pack", type=int, default=0, help="also measure this many packed processes")
-    parser.add_argument("--only-bkd", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--small-teacher", default="resnet56")
+    parser.add_argument("--small-student", default="resnet20")
+    parser.add_argument("--small-batch", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured window of each packed process")
+    parser.add_argument("--skip-ladder", action="store_true", help="only the packed measurement")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write every figure to this file")
+    parser.add_argument("--only-bkd", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--barrier", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     teacher_name = args.teacher or ("resnet32x4" if gpu else "tiny_resnet")
     student_name = args.student or ("resnet8x4" if gpu else "tiny_cnn")
-    steps = args.steps or (60 if gpu else 30)
+    steps = args.steps or (100 if gpu else 30)
     batch = args.batch or (512 if gpu else 64)  # large batches pay on GPUs; on CPU caches prefer small ones
     classes = 100
     dataset = random_cifar(20000 if gpu else 4096, classes)
@@ -197,34 +253,47 @@ def main() -> None:
     pair = lambda: (models.create(teacher_name, classes), models.create(student_name, classes))  # noqa: E731
 
     if args.only_bkd:
-        r = bench_bkd(pair, dataset, device, True, steps, batch)
+        r = bench_bkd(pair, dataset, device, True, steps, batch, seconds=args.seconds, barrier=args.barrier)
         print(json.dumps(r.__dict__))
         return
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; pair {teacher_name} -> {student_name}; 3 stones")
-    results = [
-        bench_reference(pair, dataset, device, False, steps, args.loader_workers),
-        bench_reference(pair, dataset, device, True, steps, args.loader_workers),
-        bench_bkd(pair, dataset, device, False, steps, batch),
-        bench_bkd(pair, dataset, device, True, steps, batch),
-    ]
-    if not gpu:  # the default on CPU is eager; show what train.compile=true gives
-        results += [bench_bkd(pair, dataset, device, False, steps, batch, compile=True),
-                    bench_bkd(pair, dataset, device, True, steps, batch, compile=True)]
-    print("\n| step | img/s | peak memory (MB) |\n|---|---|---|")
-    for r in results:
-        print(f"| {r.name} | {r.images_per_s:,.0f} | {r.peak_mem_mb:,.0f} |")
-    ref_kd, ref_bkd, our_kd, our_bkd = (r.images_per_s for r in results[:4])
-    print(f"\nbkd Block-KD / reference Block-KD: {our_bkd / ref_bkd:.2f}x (default settings)")
-    print(f"Block-KD cost vs KD (time per image): reference {ref_kd / ref_bkd:.2f}x, bkd {our_kd / our_bkd:.2f}x")
-    if not gpu:
-        c_kd, c_bkd = (r.images_per_s for r in results[4:])
-        print(f"with train.compile=true: bkd Block-KD / reference Block-KD {c_bkd / ref_bkd:.2f}x, Block-KD vs KD {c_kd / c_bkd:.2f}x")
+    print(f"device: {name}; torch {torch.__version__}; pair {teacher_name} -> {student_name}; 3 stones", flush=True)
+    report: dict = {"device": name, "torch": torch.__version__, "pair": f"{teacher_name} -> {student_name}", "rows": []}
+
+    def record(r: Result) -> Result:
+        report["rows"].append(r.__dict__)
+        print(f"| {r.name} | {r.images_per_s:,.0f} | {r.peak_mem_mb:,.0f} |", flush=True)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=1))
+        return r
+
+    if not args.skip_ladder:
+        print("\n| step | img/s | peak memory (MB) |\n|---|---|---|", flush=True)
+        ref = {stones: record(bench_reference(pair, dataset, device, stones, 2 * steps if gpu else steps, args.loader_workers))
+               for stones in (False, True)}
+        ours = {}
+        for stones, label, kw in ladder(pair, dataset, device, steps, batch):
+            r = bench_bkd(pair, dataset, device, stones, steps, **kw)
+            ours[(stones, label)] = record(Result(f"bkd {'Block-KD' if stones else 'KD'} {label}", r.images_per_s, r.peak_mem_mb))
+        default = next(label for _, label, _ in ladder(pair, dataset, device, steps, batch) if "default" in label)
+        kd, bkd = ours[(False, default)].images_per_s, ours[(True, default)].images_per_s
+        lines = [f"bkd Block-KD ({default}) / reference Block-KD: {bkd / ref[True].images_per_s:.2f}x",
+                 f"Block-KD cost vs KD (time per image): reference {ref[False].images_per_s / ref[True].images_per_s:.2f}x, "
+                 f"bkd {kd / bkd:.2f}x"]
+        for label in {label for _, label in ours}:
+            if label != default:
+                lines.append(f"  {label}: Block-KD vs KD {ours[(False, label)].images_per_s / ours[(True, label)].images_per_s:.2f}x")
+        print("\n" + "\n".join(lines), flush=True)
+        report["summary"] = lines
     if args.pack:
         one = packed(args, 1)
         many = packed(args, args.pack)
-        print(f"packed small trials ({args.small_teacher} -> {args.small_student}): 1 process {one:,.0f} img/s, "
-              f"{args.pack} processes {many:,.0f} img/s together ({many / one:.2f}x)")
+        line = (f"packed small trials ({args.small_teacher} -> {args.small_student}, b{args.small_batch}, default step): "
+                f"1 process {one:,.0f} img/s, {args.pack} processes {many:,.0f} img/s together ({many / one:.2f}x)")
+        print(line, flush=True)
+        report["packed"] = {"one": one, "many": many, "k": args.pack, "line": line}
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,12 @@ class BlockKD(nn.Module):
         yield from self.connectors.parameters()
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        """The frozen teacher's own forward, under ``inference_mode`` (no autograd bookkeeping).
+
+        The result is an inference tensor: the losses read it as a target; clone it before any
+        in-place change.
+        """
+        with torch.inference_mode():
             return self.teacher(x)
 
     def stone_forward(self, student_features: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:

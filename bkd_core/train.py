@@ -26,6 +26,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.05
+    lr_base_batch: Optional[int] = None  # lr is for this batch; scaled linearly to batch_size (Goyal et al., 2017)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
@@ -43,6 +44,15 @@ class TrainConfig:
             raise ValueError(f"train.schedule must be 'cosine' or 'step'; got {self.schedule!r}.")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0.")
+        if self.lr_base_batch is not None and self.lr_base_batch < 1:
+            raise ValueError(f"train.lr_base_batch must be >= 1 or null (no scaling); got {self.lr_base_batch}.")
+
+    @property
+    def effective_lr(self) -> float:
+        """``lr``, scaled by ``batch_size / lr_base_batch`` when a base batch is given."""
+        if self.lr_base_batch is None:
+            return self.lr
+        return self.lr * self.batch_size / self.lr_base_batch
 
     def resolved(self, device: torch.device) -> "TrainConfig":
         """A copy with the device-dependent defaults (bf16, channels_last, compile) filled in."""
@@ -83,7 +93,7 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, device: tor
     """SGD with momentum; the fused kernel on CUDA, foreach elsewhere."""
     fused = device.type == "cuda"
     return torch.optim.SGD(
-        list(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        list(params), lr=cfg.effective_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov, fused=fused or None, foreach=None if fused else True,
     )
 

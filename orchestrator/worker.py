@@ -32,7 +32,9 @@ def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> Trai
         epochs, lr, batch = tc["epochs"], tc["lr"], tc["batch_size"]
     else:
         epochs, lr, batch = t["epochs"], params["lr"], t["batch_size"]
-    return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), momentum=t["momentum"],
+    base = t.get("lr_base_batch")
+    return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr),
+                       lr_base_batch=None if base is None else int(base), momentum=t["momentum"],
                        weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
                        bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"], seed=int(t["seed"]))
 
