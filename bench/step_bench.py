@@ -8,7 +8,7 @@ same device, same teacher/student pair.
 Reference: fp32, eager, batch 64, a DataLoader that crops and flips each image in Python, teacher
 under no_grad, student + 3 stepping stones through the frozen teacher, KD losses, torch.optim.SGD.
 bkd: bkd_core.BlockKD / LogitKD with data held on the device and augmented there in batches, bf16
-autocast + channels_last + torch.compile on CUDA, fused SGD, larger batch with the lr scaled,
+autocast + channels_last + torch.compile + cudnn.benchmark on CUDA, fused SGD, larger batch with the lr scaled,
 no host sync inside the loop. Prints img/s, the ratio, the Block-KD / KD cost and peak memory.
 """
 from __future__ import annotations
@@ -90,7 +90,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: int) -> Result:
+def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: int, cudnn_benchmark: bool = False) -> Result:
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     teacher, student = (m.to(device) for m in pair())
     teacher.eval()
     kd = BlockKD(teacher, student, sample_input=dataset.images[:2].float().to(device))  # only to build connectors
@@ -120,11 +121,13 @@ def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: in
             if done >= steps:
                 break
     sync(device)
-    return Result(f"reference {'Block-KD' if stones else 'KD'} fp32 b64", counted / (time.perf_counter() - start), peak_memory_mb(device))
+    extra = " + cudnn.benchmark" if cudnn_benchmark else ""
+    return Result(f"reference {'Block-KD' if stones else 'KD'} fp32 b64{extra}", counted / (time.perf_counter() - start), peak_memory_mb(device))
 
 
 def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf16: bool | None = None,
-              channels_last: bool | None = None, compile: bool | None = None, seconds: float | None = None,
+              channels_last: bool | None = None, compile: bool | None = None, cudnn_benchmark: bool | None = None,
+              compile_mode: str = "default", seconds: float | None = None,
               barrier: Path | None = None) -> Result:
     """bkd's step as the trainer runs it; None picks the device's default (all on for CUDA).
 
@@ -135,7 +138,8 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
     sample = dataset.images[:2].float().to(device)
     module = BlockKD(teacher, student, sample_input=sample) if stones else LogitKD(teacher, student)
     cfg = train.TrainConfig(epochs=1, batch_size=batch, lr=0.05, lr_base_batch=64, bf16=bf16,
-                            channels_last=channels_last, compile=compile).resolved(device)
+                            channels_last=channels_last, compile=compile, cudnn_benchmark=cudnn_benchmark,
+                            compile_mode=compile_mode).resolved(device)
     module.to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
@@ -143,7 +147,7 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
     loader = data.BatchLoader(dataset, batch, train=True, augmentation=augmentation, device=device,
                               channels_last=bool(cfg.channels_last))
     opt = train.make_optimizer(module.trainable_parameters(), cfg, device)
-    step = torch.compile(module) if cfg.compile else module
+    step = train.step_module(module, cfg, device)
     module.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -165,6 +169,8 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
                 if barrier is not None:
                     wait_at_barrier(barrier)
                 start, counted = time.perf_counter(), 0
+            if train.uses_cuda_graphs(cfg):
+                torch.compiler.cudagraph_mark_step_begin()
             with train.autocast(device, bool(cfg.bf16)):
                 out = step(x, y)
             opt.zero_grad(set_to_none=True)
@@ -175,7 +181,8 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
             if finished():
                 break
     sync(device)
-    mode = "+".join(n for n, on in (("bf16", cfg.bf16), ("channels_last", cfg.channels_last), ("compile", cfg.compile)) if on)
+    compiled = "compile" if cfg.compile_mode == "default" else f"compile({cfg.compile_mode})"
+    mode = "+".join(n for n, on in (("bf16", cfg.bf16), ("channels_last", cfg.channels_last), (compiled, cfg.compile)) if on)
     mode = f"{mode or 'fp32 eager'} b{batch}"
     return Result(f"bkd {'Block-KD' if stones else 'KD'} {mode}", counted / (time.perf_counter() - start), peak_memory_mb(device))
 
@@ -200,6 +207,7 @@ def packed(args, k: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
         cmd = [sys.executable, __file__, "--device", args.device, "--teacher", args.small_teacher,
                "--student", args.small_student, "--batch", str(args.small_batch), "--seconds", str(args.seconds),
+               "--compile-mode", args.compile_mode,
                "--only-bkd", "--barrier", folder]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
         while len(list(Path(folder).glob("ready-*"))) < k:
@@ -214,10 +222,12 @@ def packed(args, k: int) -> float:
 def ladder(pair, dataset, device, steps: int, batch: int) -> list[tuple[bool, str, dict]]:
     """The rows of bkd's step to measure: on CUDA from fp32 eager b64 up to the default, else eager + compiled."""
     if device.type == "cuda":
-        rows = [("fp32 eager b64", dict(batch=64, bf16=False, channels_last=False, compile=False)),
-                (f"fp32 eager b{batch}", dict(batch=batch, bf16=False, channels_last=False, compile=False)),
-                (f"bf16 + channels_last b{batch}", dict(batch=batch, compile=False)),
-                (f"bf16 + channels_last + compile b{batch} (default)", dict(batch=batch))]
+        off = dict(bf16=False, channels_last=False, compile=False, cudnn_benchmark=False)
+        rows = [("fp32 eager b64", dict(off, batch=64)),
+                (f"fp32 eager b{batch}", dict(off, batch=batch)),
+                (f"bf16 + channels_last b{batch}", dict(batch=batch, compile=False, cudnn_benchmark=False)),
+                (f"bf16 + channels_last + compile b{batch}", dict(batch=batch, cudnn_benchmark=False)),
+                (f"bf16 + channels_last + compile + cudnn.benchmark b{batch} (default)", dict(batch=batch))]
     else:
         rows = [(f"eager b{batch} (default)", dict(batch=batch)), (f"compile b{batch}", dict(batch=batch, compile=True))]
     return [(stones, label, kwargs) for stones in (False, True) for label, kwargs in rows]
@@ -237,6 +247,10 @@ def main() -> None:
     parser.add_argument("--small-batch", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window of each packed process")
     parser.add_argument("--skip-ladder", action="store_true", help="only the packed measurement")
+    parser.add_argument("--batch-sweep", type=str, default=None,
+                        help="comma-separated batches: only the reference and bkd's default step at each batch")
+    parser.add_argument("--compile-mode", default="default", choices=train.COMPILE_MODES,
+                        help="torch.compile mode of bkd's step (reduce-overhead: CUDA graphs)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write every figure to this file")
     parser.add_argument("--only-bkd", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", type=Path, default=None, help=argparse.SUPPRESS)
@@ -253,7 +267,8 @@ def main() -> None:
     pair = lambda: (models.create(teacher_name, classes), models.create(student_name, classes))  # noqa: E731
 
     if args.only_bkd:
-        r = bench_bkd(pair, dataset, device, True, steps, batch, seconds=args.seconds, barrier=args.barrier)
+        r = bench_bkd(pair, dataset, device, True, steps, batch, seconds=args.seconds, barrier=args.barrier,
+                      compile_mode=args.compile_mode)
         print(json.dumps(r.__dict__))
         return
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
@@ -267,13 +282,22 @@ def main() -> None:
             args.json_out.write_text(json.dumps(report, indent=1))
         return r
 
-    if not args.skip_ladder:
+    if args.batch_sweep:
+        print("\n| step | img/s | peak memory (MB) |\n|---|---|---|", flush=True)
+        ref = record(bench_reference(pair, dataset, device, True, 2 * steps, args.loader_workers)).images_per_s
+        for b in (int(v) for v in args.batch_sweep.split(",")):
+            kd = record(bench_bkd(pair, dataset, device, False, steps, b, compile_mode=args.compile_mode)).images_per_s
+            r = record(bench_bkd(pair, dataset, device, True, steps, b, compile_mode=args.compile_mode))
+            print(f"  b{b}: Block-KD {r.images_per_s / ref:.2f}x reference, Block-KD vs KD {kd / r.images_per_s:.2f}x", flush=True)
+    elif not args.skip_ladder:
         print("\n| step | img/s | peak memory (MB) |\n|---|---|---|", flush=True)
         ref = {stones: record(bench_reference(pair, dataset, device, stones, 2 * steps if gpu else steps, args.loader_workers))
                for stones in (False, True)}
+        if gpu:  # many KD codebases set cudnn.benchmark; show that reference too
+            record(bench_reference(pair, dataset, device, True, 2 * steps, args.loader_workers, cudnn_benchmark=True))
         ours = {}
         for stones, label, kw in ladder(pair, dataset, device, steps, batch):
-            r = bench_bkd(pair, dataset, device, stones, steps, **kw)
+            r = bench_bkd(pair, dataset, device, stones, steps, compile_mode=args.compile_mode, **kw)
             ours[(stones, label)] = record(Result(f"bkd {'Block-KD' if stones else 'KD'} {label}", r.images_per_s, r.peak_mem_mb))
         default = next(label for _, label, _ in ladder(pair, dataset, device, steps, batch) if "default" in label)
         kd, bkd = ours[(False, default)].images_per_s, ours[(True, default)].images_per_s

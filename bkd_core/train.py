@@ -21,6 +21,9 @@ from .data import BatchLoader, DataSplits
 from .distiller import BlockKD, BlockKDOutput
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -37,6 +40,8 @@ class TrainConfig:
     bf16: Optional[bool] = None  # None: on for CUDA
     channels_last: Optional[bool] = None  # None: on for CUDA (on CPU it helps some models, slows others)
     compile: Optional[bool] = None  # None: on for CUDA (on CPU it pays off only for long runs)
+    cudnn_benchmark: Optional[bool] = None  # None: on for CUDA (cuDNN times its algorithms per shape once)
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,6 +49,8 @@ class TrainConfig:
             raise ValueError(f"train.schedule must be 'cosine' or 'step'; got {self.schedule!r}.")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0.")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}.")
         if self.lr_base_batch is not None and self.lr_base_batch < 1:
             raise ValueError(f"train.lr_base_batch must be >= 1 or null (no scaling); got {self.lr_base_batch}.")
 
@@ -59,7 +66,7 @@ class TrainConfig:
         cuda = device.type == "cuda"
         pick = lambda v, default: default if v is None else bool(v)  # noqa: E731
         return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda), "channels_last": pick(self.channels_last, cuda),
-                              "compile": pick(self.compile, cuda)})
+                              "compile": pick(self.compile, cuda), "cudnn_benchmark": pick(self.cudnn_benchmark, cuda)})
 
 
 class Supervised(nn.Module):
@@ -109,6 +116,22 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return cfg.lr_decay ** sum(epoch >= m * cfg.epochs for m in cfg.milestones)
 
 
+def step_module(module: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """Set ``cfg``'s backend switches and return what the loop calls: ``module``, compiled if asked.
+
+    Call it once per run (a trial): each call to ``torch.compile`` compiles again.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark)
+    if not cfg.compile:
+        return module
+    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
+def uses_cuda_graphs(cfg: TrainConfig) -> bool:
+    return bool(cfg.compile) and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
 
@@ -144,7 +167,10 @@ def train_epoch(
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     start = time.perf_counter()
+    graphs = uses_cuda_graphs(cfg)
     for x, y in loader:
+        if graphs:  # a replay overwrites the last step's outputs; the sums below copy them first
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, bool(cfg.bf16)):
             out = module(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -214,10 +240,10 @@ def fit(
     train_loader, test_loader = make_loaders(data, cfg, device)
     optimizer = make_optimizer(unwrap(module).trainable_parameters(), cfg, device)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
-    step_module = torch.compile(module) if cfg.compile else module
+    step = step_module(module, cfg, device)
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
-        metrics = {"epoch": epoch, **train_epoch(step_module, train_loader, optimizer, scheduler, cfg, epoch)}
+        metrics = {"epoch": epoch, **train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)}
         metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
         if on_epoch is not None:
             on_epoch(epoch, metrics)

@@ -15,7 +15,7 @@ import torch
 
 from bkd_core import BlockKD, LogitKD, models
 from bkd_core.train import (
-    Supervised, TrainConfig, evaluate, make_loaders, make_optimizer, make_scheduler, train_epoch,
+    Supervised, TrainConfig, evaluate, make_loaders, make_optimizer, make_scheduler, step_module, train_epoch,
 )
 from search_spaces.space import parse_cuts, stone_weights
 
@@ -36,7 +36,8 @@ def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> Trai
     return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr),
                        lr_base_batch=None if base is None else int(base), momentum=t["momentum"],
                        weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
-                       bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"], seed=int(t["seed"]))
+                       bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"],
+                       cudnn_benchmark=t.get("cudnn_benchmark"), compile_mode=t.get("compile_mode") or "default", seed=int(t["seed"]))
 
 
 def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
@@ -89,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start = int(state["epoch"]) + 1
 
     ddp = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
-    step = torch.compile(ddp) if cfg.compile else ddp
+    step = step_module(ddp, cfg, device)
     for epoch in range(start, cfg.epochs + 1):
         metrics = train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)
         metrics["throughput_img_s"] *= world
