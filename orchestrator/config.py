@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from bkd_core import data as bkd_data
 from bkd_core import models
 from bkd_core.losses import LOGIT_LOSSES
+from bkd_core.train import COMPILE_MODES
 from search_spaces.space import SearchSpaceError, partitions
 
 
@@ -183,6 +184,14 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
             load_state_checked(teacher, c["teacher"]["checkpoint"], what=f"teacher checkpoint (teacher.checkpoint={checkpoint})")
         except ValueError as exc:
             raise ConfigError("teacher.checkpoint", f"{exc}") from None
+
+    tr = c["train"]
+    base = tr.get("lr_base_batch")
+    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
+        raise ConfigError("train.lr_base_batch", f"must be the batch size the lr is given for (an integer >= 1), or null "
+                          f"for no scaling; got {base!r}.")
+    if tr.get("compile_mode", "default") not in COMPILE_MODES:
+        raise ConfigError("train.compile_mode", f"unknown mode {tr['compile_mode']!r}; valid: {', '.join(COMPILE_MODES)}.")
 
     res = c["resources"]
     if res["workers_per_trial"] < 1:

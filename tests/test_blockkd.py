@@ -145,3 +145,15 @@ def test_block_count_mismatch():
 def test_unknown_model_lists_names():
     with pytest.raises(ValueError, match="resnet8x4"):
         models.create("resnet9000", 10)
+
+
+def test_teacher_forward_runs_in_inference_mode_and_losses_still_train_the_student():
+    t, s = pair()
+    x, y = batch()
+    for loss in ("kd", "dkd", "kd_ls"):
+        kd = BlockKD(t, s, sample_input=x, logit_loss=loss, gamma=1.0)
+        out = kd(x, y)
+        assert out.teacher_logits.is_inference() and not out.student_logits.is_inference()
+        out.loss.backward()
+        assert all(p.grad is not None for p in kd.student.parameters())
+        s.zero_grad(set_to_none=True)

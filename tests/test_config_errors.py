@@ -63,6 +63,11 @@ def test_unknown_fixed_parameter(capsys):
     check(["fixed.temprature=3"], "fixed.temprature", "temperature", capsys=capsys)
 
 
+def test_bad_training_switches(capsys):
+    check(["train.lr_base_batch=0"], "train.lr_base_batch", "null for no scaling", capsys=capsys)
+    check(["train.compile_mode=fastest"], "train.compile_mode", "reduce-overhead", capsys=capsys)
+
+
 def test_block_count_mismatch(capsys):
     check(["pair=vgg13_vgg8", "pair.student=resnet20"], "pair", "4 blocks", capsys=capsys)
 

@@ -53,3 +53,26 @@ def test_load_state_checked(tmp_path):
         train.load_state_checked(models.create("tiny_resnet", 100, 1), good)
     with pytest.raises(ValueError, match="missing keys"):
         train.load_state_checked(models.create("resnet20", 10, 1), good)
+
+
+def test_lr_scales_linearly_with_batch():
+    cfg = train.TrainConfig(batch_size=512, lr=0.05, lr_base_batch=64)
+    assert cfg.effective_lr == pytest.approx(0.4)
+    assert train.TrainConfig(batch_size=512, lr=0.05).effective_lr == 0.05  # no base batch: lr as given
+    opt = train.make_optimizer(models.create("tiny_cnn", 10, 1).parameters(), cfg, torch.device("cpu"))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="lr_base_batch"):
+        train.TrainConfig(lr_base_batch=0)
+
+
+def test_compile_mode_and_cpu_defaults():
+    cpu = train.TrainConfig().resolved(torch.device("cpu"))
+    assert (cpu.bf16, cpu.channels_last, cpu.compile, cpu.cudnn_benchmark) == (False, False, False, False)
+    cuda = train.TrainConfig().resolved(torch.device("cuda"))
+    assert (cuda.bf16, cuda.channels_last, cuda.compile, cuda.cudnn_benchmark) == (True, True, True, True)
+    assert train.uses_cuda_graphs(train.TrainConfig(compile=True, compile_mode="reduce-overhead"))
+    assert not train.uses_cuda_graphs(train.TrainConfig(compile=False, compile_mode="reduce-overhead"))
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        train.TrainConfig(compile_mode="fast")
+    model = models.create("tiny_cnn", 10, 1)
+    assert train.step_module(model, cpu, torch.device("cpu")) is model  # eager: the module itself
