@@ -33,12 +33,25 @@ def init_ray(job: Job) -> None:
     ray.init(address=address, **kwargs)
 
 
+def trial_resources(job: Job) -> dict[str, float]:
+    """What a Tune trial holds: a single-worker trial trains in its own process and holds the
+    worker's CPUs/GPUs; a multi-worker trial only drives a Ray Train run, whose workers hold theirs."""
+    res = job.cfg["resources"]
+    if int(res["workers_per_trial"]) > 1:
+        return {"cpu": TRIAL_DRIVER_CPU}
+    need = {"cpu": float(res["cpus_per_worker"])}
+    if res["use_gpu"]:
+        need["gpu"] = float(res["gpus_per_worker"])
+    return need
+
+
 def check_cluster_resources(job: Job) -> None:
     """Refuse, before any trial, a trial that the cluster can never place (instead of waiting forever)."""
     res = job.cfg["resources"]
     total = ray.cluster_resources()
     need_gpu = float(res["gpus_per_worker"]) * res["workers_per_trial"] if res["use_gpu"] else 0.0
-    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"] + TRIAL_DRIVER_CPU
+    driver = TRIAL_DRIVER_CPU if res["workers_per_trial"] > 1 else 0.0
+    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"] + driver
     if need_gpu > total.get("GPU", 0.0):
         raise ConfigError("resources.use_gpu", f"a trial asks for {need_gpu:g} GPUs ({res['workers_per_trial']} workers x "
                           f"{res['gpus_per_worker']}) but the cluster has {total.get('GPU', 0.0):g}; lower "
@@ -46,7 +59,7 @@ def check_cluster_resources(job: Job) -> None:
                           "check the worker group's max_workers).")
     if need_cpu > total.get("CPU", 0.0):
         raise ConfigError("resources.cpus_per_worker", f"a trial asks for {need_cpu:g} CPUs ({res['workers_per_trial']} workers x "
-                          f"{res['cpus_per_worker']}, plus {TRIAL_DRIVER_CPU} for the trial's driver) but the cluster has "
+                          f"{res['cpus_per_worker']}, plus {driver:g} for the trial's driver) but the cluster has "
                           f"{total.get('CPU', 0.0):g}; lower resources.workers_per_trial or resources.cpus_per_worker "
                           "(fractions such as 0.9 are fine).")
 

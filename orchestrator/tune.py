@@ -27,19 +27,21 @@ from search_spaces.space import suggest
 from .cli import entry_point
 from .config import Job
 from .results import format_table, ranked, trial_id_of, trial_row, write_parquet
-from .runtime import TRIAL_DRIVER_CPU, check_cluster_resources, init_ray, make_trainer
+from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
 from .tracking import ROLE_TAG, MLflowTrialLogger, child_runs, connect, end_leftover_runs, flatten, log_params
-from .worker import MODEL_FILE
+from .worker import MODEL_FILE, tune_trial_loop
 
 PARENT_FILE = "bkd_parent_run.json"
 
 
 def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
-    """Tune function trainable: one trial = one Ray Train run (DDP over its workers).
-
-    The Train run's name is the Tune trial id, so a retried trial resumes from its last checkpoint.
-    """
+    """Tune function trainable. One worker: the trial trains in its own process. Several: one Ray
+    Train run (DDP over the workers), named after the Tune trial id so that a retried trial resumes
+    from its last checkpoint."""
+    if int(job.cfg["resources"]["workers_per_trial"]) == 1:
+        tune_trial_loop({"job": job.to_dict(), "params": dict(config), "mode": "distill", "teacher_state": teacher_state})
+        return
     trial_id = tune.get_context().get_trial_id()
     make_trainer(job, dict(config), "distill", name=f"{job.experiment_name}-train-{trial_id}",
                  teacher_state=teacher_state, report_to_tune=True).fit()
@@ -75,9 +77,10 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
 
 def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, fixed_params: Optional[dict]) -> tune.Tuner:
     t = job.cfg["tune"]
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), {"cpu": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), trial_resources(job))
     run_config = tune.RunConfig(name=job.experiment_name, storage_path=job.storage_path, callbacks=[callback],
-                                failure_config=tune.FailureConfig(max_failures=int(t["max_failures"])))
+                                failure_config=tune.FailureConfig(max_failures=int(t["max_failures"])),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     path = os.path.join(job.storage_path, job.experiment_name)
     if t.get("resume") and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -1,17 +1,21 @@
-"""The Ray Train worker loop: one trial's (or the teacher's) training on one DDP rank.
+"""The training loop of one trial (or the teacher), on one DDP rank of a Ray Train run or directly
+inside a single-worker Tune trial.
 
 Every rank trains its shard and evaluates the whole test split; rank 0 saves a checkpoint each epoch
-(model + connectors + optimizer + scheduler + epoch), so that a restarted worker group resumes there.
+(model + connectors + optimizer + scheduler + epoch), so that a restarted worker group or a retried
+trial resumes there.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import ray.train
 import ray.train.torch
 import torch
+from ray import tune
 
 from bkd_core import BlockKD, LogitKD, models
 from bkd_core.train import (
@@ -60,12 +64,43 @@ def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher
                    connector=job["cfg"]["train"]["connector"], sample_input=sample, **common)
 
 
+@dataclass
+class Session:
+    """Where the loop runs: its rank, device, and how it reads and reports checkpoints."""
+
+    rank: int
+    world: int
+    device: torch.device
+    get_checkpoint: Callable[[], Any]  # a ray.train or ray.tune Checkpoint, or None
+    checkpoint_from: Callable[[str], Any]  # Checkpoint.from_directory of the same kind
+    report: Callable[[dict[str, Any], Any], None]
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry: ``config`` holds ``job`` (Job.to_dict()), ``params``, ``mode`` and ``teacher_state``."""
-    job, params, mode = config["job"], config["params"], config["mode"]
+    """Ray Train entry (multi-worker DDP trials and the teacher): ``config`` holds ``job``
+    (Job.to_dict()), ``params``, ``mode`` and ``teacher_state``."""
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    session = Session(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray.train.get_checkpoint,
+                      ray.train.Checkpoint.from_directory, lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+                      lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
+    train_loop(config, session)
+
+
+def tune_trial_loop(config: dict[str, Any]) -> None:
+    """A single-worker trial trains inside its Tune trial process: no Train controller or worker
+    group to start (seconds per trial), and Tune retries it from its last checkpoint."""
+    use_gpu = bool(config["job"]["cfg"]["resources"]["use_gpu"]) and torch.cuda.is_available()
+    session = Session(0, 1, torch.device("cuda", 0) if use_gpu else torch.device("cpu"), tune.get_checkpoint,
+                      tune.Checkpoint.from_directory, lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint), lambda module: module)
+    train_loop(config, session)
+
+
+def train_loop(config: dict[str, Any], session: Session) -> None:
+    job, params, mode = config["job"], config["params"], config["mode"]
+    rank, world, device = session.rank, session.world, session.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(job["cfg"]["resources"]["cpus_per_worker"])))
     splits = load_dataset(job["cfg"]["data"])
     cfg = train_config(job, params, mode).resolved(device)
@@ -78,7 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
 
     start = 1
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=False)
@@ -89,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
 
-    ddp = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
+    ddp = session.wrap_model(module) if world > 1 else module
     step = step_module(ddp, cfg, device)
     for epoch in range(start, cfg.epochs + 1):
         metrics = train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)
@@ -103,5 +138,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save({"module": trainable, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch}, os.path.join(folder, STATE_FILE))
                 torch.save(module.student.state_dict(), os.path.join(folder, MODEL_FILE))
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved)
+                saved = session.checkpoint_from(folder)
+            session.report(metrics, saved)

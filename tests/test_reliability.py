@@ -1,4 +1,4 @@
-"""Multi-node placement, a killed Train worker, a killed driver, a diverging trial: on a real
+"""Multi-node placement, a killed trial process, a killed driver, a diverging trial: on a real
 two-node Ray cluster (`ray start --head` and `ray start --address=...` on this machine)."""
 import os
 import signal
@@ -78,7 +78,8 @@ def test_trial_spread_over_two_nodes(two_nodes):
     assert len(nodes) == 2, "the two DDP workers of a STRICT_SPREAD trial must sit on two nodes"
 
 
-def test_killed_worker_resumes_from_its_last_checkpoint(two_nodes):
+def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
+    """A one-worker trial trains in its Tune trial process (ImplicitFunc); kill -9 it after epoch 1."""
     tmp = two_nodes["tmp"]
     root = write_idx(tmp / "mnist-like", n_train=6000, n_test=500)
     teacher = random_teacher(tmp, "mnist-teacher")
@@ -91,13 +92,13 @@ def test_killed_worker_resumes_from_its_last_checkpoint(two_nodes):
     while killed is None and time.time() < deadline and thread.is_alive():
         runs = [r for r in trial_runs(tmp) if r.data.params.get("data") == "mnist"]
         if runs and "val_acc" in runs[0].data.metrics:  # epoch 1 reported and checkpointed
-            alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+            alive = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")], detail=True)
             if alive:
                 killed = alive[0]["pid"]
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.5)
     thread.join(timeout=600)
-    assert killed is not None, "the worker was not found alive after its first epoch"
+    assert killed is not None, "the trial process was not found alive after its first epoch"
     assert outcome.get("rc") == 0
     client, _ = client_and_exp(tmp)
     (run,) = [r for r in trial_runs(tmp) if r.data.params.get("data") == "mnist"]
