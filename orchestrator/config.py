@@ -190,6 +190,10 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
         raise ConfigError("train.lr_base_batch", f"must be the batch size the lr is given for (an integer >= 1), or null "
                           f"for no scaling; got {base!r}.")
+    for key in ("warmup_epochs", "distill_warmup_epochs"):
+        value = tr.get(key) or 0.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= tr["epochs"]:
+            raise ConfigError(f"train.{key}", f"must be a number of epochs in [0, train.epochs={tr['epochs']}]; got {value!r}.")
     if tr.get("compile_mode", "default") not in COMPILE_MODES:
         raise ConfigError("train.compile_mode", f"unknown mode {tr['compile_mode']!r}; valid: {', '.join(COMPILE_MODES)}.")
 

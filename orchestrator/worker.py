@@ -55,7 +55,8 @@ def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher
     student = models.create(job["cfg"]["pair"]["student"], n, c)
     loss_kwargs = {k: float(params[k]) for k in ("dkd_alpha", "dkd_beta") if k in params}
     common = dict(logit_loss=params.get("logit_loss", "kd"), temperature=float(params.get("temperature", 4.0)),
-                  alpha=float(params.get("alpha", 1.0)), beta=float(params.get("beta", 1.0)), **loss_kwargs)
+                  alpha=float(params.get("alpha", 1.0)), beta=float(params.get("beta", 1.0)),
+                  warmup_epochs=float(job["cfg"]["train"].get("distill_warmup_epochs") or 0.0), **loss_kwargs)
     cuts = parse_cuts(params.get("cuts", ""))
     if not cuts:
         return LogitKD(teacher, student, **common)

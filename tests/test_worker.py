@@ -1,0 +1,29 @@
+"""The trial's module and training settings as the orchestrator builds them from a config (no Ray run)."""
+import pytest
+import torch
+
+from bkd_core import BlockKD, LogitKD
+from orchestrator.config import compose, validate
+from orchestrator.worker import build_module, train_config
+from search_spaces.space import defaults
+
+
+def trial_parts(overrides):
+    job = validate(compose(overrides)).to_dict()
+    params = defaults(job["cfg"]["search"], job["num_blocks"], job["cfg"].get("fixed"))
+    teacher = build_module(job, params, "teacher", None, None).student
+    sample = torch.zeros(2, job["in_channels"], 8, 8)
+    return job, params, build_module(job, params, "distill", teacher.state_dict(), sample)
+
+
+def test_config_reaches_the_distiller_and_the_trainer():
+    job, params, module = trial_parts(["fixed.cuts=[1,3]", "train.distill_warmup_epochs=2", "train.batch_size=256",
+                                       "fixed.lr=0.1", "train.compile_mode=reduce-overhead"])
+    assert isinstance(module, BlockKD) and module.cuts == [1, 3] and module.warmup_epochs == 2.0
+    cfg = train_config(job, params, "distill")
+    assert cfg.effective_lr == pytest.approx(0.1 * 256 / 64) and cfg.compile_mode == "reduce-overhead"
+
+
+def test_logit_baseline_from_the_kd_space():
+    _, _, module = trial_parts(["search=kd"])
+    assert isinstance(module, LogitKD) and module.cuts == []
