@@ -1,10 +1,11 @@
-"""Tune + Train overhead: the same Block-KD training run directly (bkd_core.train.fit) and as one
-Ray Tune trial driving a Ray Train worker (python -m orchestrator.train), on this machine.
+"""Tune overhead: the same Block-KD training run directly (bkd_core.train.fit) and as one
+one-worker Ray Tune trial (python -m orchestrator.train), on this machine.
 
-    python bench/overhead_bench.py --epochs 100     # about a 1-minute run on 2 CPU cores
+    python bench/overhead_bench.py --epochs 100                        # about a 1-minute run on 2 CPU cores
+    python bench/overhead_bench.py --epochs 100 --checkpoint-every 1,10
 
-Prints the direct time, the trial's time as Tune measured it, the whole Tuner.fit time (trial
-scheduling, Train worker group start-up, checkpointing, MLflow logging) and the overheads.
+Prints the direct time, the trial's time as Tune measured it, the whole command's time (Ray start,
+trial scheduling, checkpoints, MLflow logging) and the overheads.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from orchestrator.config import compose, validate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--checkpoint-every", default="1", help="comma-separated train.checkpoint_every_epochs values to run")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bkd-overhead-"))
     splits = data.load("digits")
@@ -42,20 +44,25 @@ def main() -> None:
     train.fit(kd, splits, train.TrainConfig(epochs=args.epochs, batch_size=64, lr=0.05))
     direct = time.perf_counter() - start
 
-    overrides = [f"teacher.checkpoint={tmp / 'teacher.pt'}", f"train.epochs={args.epochs}", "tune.name=overhead",
-                 f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
-                 "fixed.cuts=[1,2,3]", "fixed.lr=0.05", "ray.address=local"]
-    job = validate(compose(overrides))
-    start = time.perf_counter()
-    train_entry.run(job)
-    whole = time.perf_counter() - start
-    (row,) = pq.read_table(tmp / "out" / "overhead" / "trials.parquet").to_pylist()
-    trial = row["wall_time_s"]
+    rows = []
+    for every in (int(v) for v in args.checkpoint_every.split(",")):
+        name = f"overhead-{every}"
+        overrides = [f"teacher.checkpoint={tmp / 'teacher.pt'}", f"train.epochs={args.epochs}", f"tune.name={name}",
+                     f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
+                     "fixed.cuts=[1,2,3]", "fixed.lr=0.05", "ray.address=local", f"train.checkpoint_every_epochs={every}"]
+        job = validate(compose(overrides))
+        start = time.perf_counter()
+        train_entry.run(job)
+        whole = time.perf_counter() - start
+        (row,) = pq.read_table(tmp / "out" / name / "trials.parquet").to_pylist()
+        rows.append((every, row["wall_time_s"], whole))
     print(f"\nBlock-KD tiny_resnet -> tiny_cnn on digits, {args.epochs} epochs, 1 worker")
     print("| run | seconds | overhead vs direct |\n|---|---|---|")
     print(f"| direct bkd_core.train.fit | {direct:.1f} | - |")
-    print(f"| Tune trial (Tune's time_total_s) | {trial:.1f} | {100 * (trial / direct - 1):+.1f} % |")
-    print(f"| whole orchestrator.train (teacher given; Ray start included) | {whole:.1f} | {100 * (whole / direct - 1):+.1f} % |")
+    for every, trial, whole in rows:
+        print(f"| Tune trial, checkpoint every {every} epochs (Tune's time_total_s) | {trial:.1f} | {100 * (trial / direct - 1):+.1f} % |")
+        print(f"| whole orchestrator.train, checkpoint every {every} (teacher given; Ray start included) | {whole:.1f} | "
+              f"{100 * (whole / direct - 1):+.1f} % |")
     ray.shutdown()
 
 

@@ -194,6 +194,9 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
         value = tr.get(key) or 0.0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= tr["epochs"]:
             raise ConfigError(f"train.{key}", f"must be a number of epochs in [0, train.epochs={tr['epochs']}]; got {value!r}.")
+    every = tr.get("checkpoint_every_epochs", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError("train.checkpoint_every_epochs", f"must be an integer >= 1 (1: every epoch); got {every!r}.")
     if tr.get("compile_mode", "default") not in COMPILE_MODES:
         raise ConfigError("train.compile_mode", f"unknown mode {tr['compile_mode']!r}; valid: {', '.join(COMPILE_MODES)}.")
 

@@ -125,6 +125,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
 
+    every = max(1, int(job["cfg"]["train"].get("checkpoint_every_epochs") or 1))
     ddp = session.wrap_model(module) if world > 1 else module
     step = step_module(ddp, cfg, device)
     for epoch in range(start, cfg.epochs + 1):
@@ -134,7 +135,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         metrics.update(epoch=epoch, workers=world)
         with tempfile.TemporaryDirectory() as folder:
             saved = None
-            if rank == 0:
+            if rank == 0 and (epoch % every == 0 or epoch == cfg.epochs):
                 trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
                 torch.save({"module": trainable, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch}, os.path.join(folder, STATE_FILE))
