@@ -4,6 +4,7 @@ import torch
 
 from bkd_core import BlockKD, LogitKD
 from orchestrator.config import compose, validate
+from orchestrator.runtime import TRIAL_DRIVER_CPU, trial_resources
 from orchestrator.worker import build_module, train_config
 from search_spaces.space import defaults
 
@@ -27,3 +28,10 @@ def test_config_reaches_the_distiller_and_the_trainer():
 def test_logit_baseline_from_the_kd_space():
     _, _, module = trial_parts(["search=kd"])
     assert isinstance(module, LogitKD) and module.cuts == []
+
+
+def test_trial_resources_follow_the_worker_count():
+    one_gpu_quarter = validate(compose(["resources.use_gpu=true", "resources.gpus_per_worker=0.25"]))
+    assert trial_resources(one_gpu_quarter) == {"cpu": 1.0, "gpu": 0.25}  # the trial process trains: it holds the GPU share
+    ddp = validate(compose(["resources.workers_per_trial=2"]))
+    assert trial_resources(ddp) == {"cpu": TRIAL_DRIVER_CPU}  # it only drives a Train run; the workers hold the rest
