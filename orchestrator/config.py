@@ -205,6 +205,10 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
         raise ConfigError("resources.workers_per_trial", "must be at least 1.")
     if res["use_gpu"] and not 0 < float(res["gpus_per_worker"]) <= 8:
         raise ConfigError("resources.gpus_per_worker", f"must be in (0, 8]; got {res['gpus_per_worker']} (fractions share a GPU).")
+    limit = res.get("max_worker_group_start_failures", -1)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
+        raise ConfigError("resources.max_worker_group_start_failures", f"must be an integer >= 0, or -1 to wait "
+                          f"forever; got {limit!r}.")
     t = c["tune"]
     if t["scheduler"] not in ("asha", "none", None):
         raise ConfigError("tune.scheduler", f"unknown scheduler {t['scheduler']!r}; use asha or none.")

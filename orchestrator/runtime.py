@@ -80,7 +80,11 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
         name=name,
         storage_path=job.storage_path,
         callbacks=[TuneReportCallback()] if report_to_tune else None,
-        failure_config=ray.train.FailureConfig(max_failures=int(job.cfg["resources"]["max_worker_failures"])),
+        failure_config=ray.train.FailureConfig(
+            max_failures=int(job.cfg["resources"]["max_worker_failures"]),
+            # each worker-group start that times out (60 s) counts; Train's default, -1, waits forever
+            controller_failure_limit=int(job.cfg["resources"].get("max_worker_group_start_failures", -1)),
+        ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
     return TorchTrainer(

@@ -66,6 +66,8 @@ def test_unknown_fixed_parameter(capsys):
 def test_bad_training_switches(capsys):
     check(["train.lr_base_batch=0"], "train.lr_base_batch", "null for no scaling", capsys=capsys)
     check(["train.compile_mode=fastest"], "train.compile_mode", "reduce-overhead", capsys=capsys)
+    check(["resources.max_worker_group_start_failures=-2"], "resources.max_worker_group_start_failures", "wait forever",
+          capsys=capsys)
     check(["train.checkpoint_every_epochs=0"], "train.checkpoint_every_epochs", "integer >= 1", capsys=capsys)
     check(["train.distill_warmup_epochs=-1"], "train.distill_warmup_epochs", "[0, train.epochs=4]", capsys=capsys)
 

@@ -4,7 +4,7 @@ import torch
 
 from bkd_core import BlockKD, LogitKD
 from orchestrator.config import compose, validate
-from orchestrator.runtime import TRIAL_DRIVER_CPU, trial_resources
+from orchestrator.runtime import TRIAL_DRIVER_CPU, make_trainer, trial_resources
 from orchestrator.worker import build_module, train_config
 from search_spaces.space import defaults
 
@@ -35,3 +35,9 @@ def test_trial_resources_follow_the_worker_count():
     assert trial_resources(one_gpu_quarter) == {"cpu": 1.0, "gpu": 0.25}  # the trial process trains: it holds the GPU share
     ddp = validate(compose(["resources.workers_per_trial=2"]))
     assert trial_resources(ddp) == {"cpu": TRIAL_DRIVER_CPU}  # it only drives a Train run; the workers hold the rest
+
+
+def test_train_runs_fail_instead_of_waiting_forever_for_their_workers():
+    job = validate(compose(["resources.workers_per_trial=2", "resources.max_worker_group_start_failures=3"]))
+    failure = make_trainer(job, {}, "distill", name="t").run_config.failure_config
+    assert failure.controller_failure_limit == 3 and failure.max_failures == 1
