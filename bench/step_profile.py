@@ -14,6 +14,7 @@ import time
 import torch
 
 from bkd_core import BlockKD, data, models, train
+from step_bench import random_cifar  # bench/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -24,9 +25,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("step_profile needs a CUDA GPU; on CPU use bench/step_bench.py.")
     dev = torch.device("cuda")
-    g = torch.Generator().manual_seed(0)
-    dataset = data.ImageDataset(torch.randint(0, 256, (8192, 3, 32, 32), dtype=torch.uint8, generator=g),
-                                torch.randint(0, 100, (8192,), generator=g), 100, (0.5,) * 3, (0.25,) * 3, "random")
+    dataset = random_cifar(8192, 100)
     teacher, student = models.create("resnet32x4", 100).to(dev), models.create("resnet8x4", 100).to(dev)
     module = BlockKD(teacher, student, sample_input=dataset.images[:2].float().to(dev))
     module.to(dev).to(memory_format=torch.channels_last)
@@ -40,13 +39,7 @@ def main() -> None:
     def run(n: int) -> None:
         for i in range(n):
             x, y = batches[i % len(batches)]
-            if train.uses_cuda_graphs(cfg):
-                torch.compiler.cudagraph_mark_step_begin()
-            with train.autocast(dev, True):
-                out = step(x, y)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
+            train.train_step(step, opt, x, y, cfg, dev)
 
     run(8)
     torch.cuda.synchronize()

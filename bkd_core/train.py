@@ -51,8 +51,10 @@ class TrainConfig:
             raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0.")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}.")
-        if self.lr_base_batch is not None and self.lr_base_batch < 1:
-            raise ValueError(f"train.lr_base_batch must be >= 1 or null (no scaling); got {self.lr_base_batch}.")
+        base = self.lr_base_batch
+        if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
+            raise ValueError(f"train.lr_base_batch must be the batch size the lr is given for (an integer >= 1), "
+                             f"or null for no scaling; got {base!r}.")
 
     @property
     def effective_lr(self) -> float:
@@ -62,7 +64,7 @@ class TrainConfig:
         return self.lr * self.batch_size / self.lr_base_batch
 
     def resolved(self, device: torch.device) -> "TrainConfig":
-        """A copy with the device-dependent defaults (bf16, channels_last, compile) filled in."""
+        """A copy with the device-dependent defaults (bf16, channels_last, compile, cudnn_benchmark) filled in."""
         cuda = device.type == "cuda"
         pick = lambda v, default: default if v is None else bool(v)  # noqa: E731
         return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda), "channels_last": pick(self.channels_last, cuda),
@@ -132,6 +134,23 @@ def uses_cuda_graphs(cfg: TrainConfig) -> bool:
     return bool(cfg.compile) and cfg.compile_mode in ("reduce-overhead", "max-autotune")
 
 
+def train_step(step: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               cfg: TrainConfig, device: torch.device) -> BlockKDOutput:
+    """One optimisation step of ``step`` (from ``step_module``) on a batch; no host sync.
+
+    Under CUDA graphs a replay overwrites the previous step's outputs: read or copy them before
+    the next call.
+    """
+    if uses_cuda_graphs(cfg):
+        torch.compiler.cudagraph_mark_step_begin()
+    with autocast(device, bool(cfg.bf16)):
+        out = step(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    return out
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
 
@@ -167,15 +186,8 @@ def train_epoch(
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     start = time.perf_counter()
-    graphs = uses_cuda_graphs(cfg)
     for x, y in loader:
-        if graphs:  # a replay overwrites the last step's outputs; the sums below copy them first
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device, bool(cfg.bf16)):
-            out = module(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        out = train_step(module, optimizer, x, y, cfg, device)
         if scheduler is not None:
             scheduler.step()
         for key, value in out.parts.items():

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from bkd_core import data as bkd_data
 from bkd_core import models
 from bkd_core.losses import LOGIT_LOSSES
-from bkd_core.train import COMPILE_MODES
+from bkd_core.train import TrainConfig
 from search_spaces.space import SearchSpaceError, partitions
 
 
@@ -186,10 +186,11 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
             raise ConfigError("teacher.checkpoint", f"{exc}") from None
 
     tr = c["train"]
-    base = tr.get("lr_base_batch")
-    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
-        raise ConfigError("train.lr_base_batch", f"must be the batch size the lr is given for (an integer >= 1), or null "
-                          f"for no scaling; got {base!r}.")
+    try:  # the trainer's own checks; the searched lr is the search space's
+        train_config({"cfg": c}, {"lr": 1.0}, "distill")
+    except ValueError as exc:
+        key = re.match(r"train\.\w+", str(exc))
+        raise ConfigError(key.group(0) if key else "train", str(exc)) from None
     for key in ("warmup_epochs", "distill_warmup_epochs"):
         value = tr.get(key) or 0.0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= tr["epochs"]:
@@ -197,8 +198,6 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     every = tr.get("checkpoint_every_epochs", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError("train.checkpoint_every_epochs", f"must be an integer >= 1 (1: every epoch); got {every!r}.")
-    if tr.get("compile_mode", "default") not in COMPILE_MODES:
-        raise ConfigError("train.compile_mode", f"unknown mode {tr['compile_mode']!r}; valid: {', '.join(COMPILE_MODES)}.")
 
     res = c["resources"]
     if res["workers_per_trial"] < 1:
@@ -222,6 +221,20 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, resume=bool(t.get("resume")))
     return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name)
+
+
+def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> TrainConfig:
+    """The trainer's settings of a trial (``mode="distill"``, lr from ``params``) or of the teacher."""
+    t = job["cfg"]["train"]
+    if mode == "teacher":
+        tc = job["cfg"]["teacher"]
+        epochs, lr, batch = tc["epochs"], tc["lr"], tc["batch_size"]
+    else:
+        epochs, lr, batch = t["epochs"], params["lr"], t["batch_size"]
+    return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), lr_base_batch=t["lr_base_batch"],
+                       momentum=t["momentum"], weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
+                       bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"],
+                       cudnn_benchmark=t["cudnn_benchmark"], compile_mode=t["compile_mode"], seed=int(t["seed"]))
 
 
 def check_writable(key: str, path: str) -> None:

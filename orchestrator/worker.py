@@ -19,29 +19,14 @@ from ray import tune
 
 from bkd_core import BlockKD, LogitKD, models
 from bkd_core.train import (
-    Supervised, TrainConfig, evaluate, make_loaders, make_optimizer, make_scheduler, step_module, train_epoch,
+    Supervised, evaluate, make_loaders, make_optimizer, make_scheduler, step_module, train_epoch,
 )
 from search_spaces.space import parse_cuts, stone_weights
 
-from .config import load_dataset
+from .config import load_dataset, train_config
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
-
-
-def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> TrainConfig:
-    t = job["cfg"]["train"]
-    if mode == "teacher":
-        tc = job["cfg"]["teacher"]
-        epochs, lr, batch = tc["epochs"], tc["lr"], tc["batch_size"]
-    else:
-        epochs, lr, batch = t["epochs"], params["lr"], t["batch_size"]
-    base = t.get("lr_base_batch")
-    return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr),
-                       lr_base_batch=None if base is None else int(base), momentum=t["momentum"],
-                       weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
-                       bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"],
-                       cudnn_benchmark=t.get("cudnn_benchmark"), compile_mode=t.get("compile_mode") or "default", seed=int(t["seed"]))
 
 
 def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
@@ -125,7 +110,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["epoch"]) + 1
 
-    every = max(1, int(job["cfg"]["train"].get("checkpoint_every_epochs") or 1))
+    every = int(job["cfg"]["train"]["checkpoint_every_epochs"])
     ddp = session.wrap_model(module) if world > 1 else module
     step = step_module(ddp, cfg, device)
     for epoch in range(start, cfg.epochs + 1):

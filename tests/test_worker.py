@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from bkd_core import BlockKD, LogitKD
-from orchestrator.config import compose, validate
+from orchestrator.config import compose, train_config, validate
 from orchestrator.runtime import TRIAL_DRIVER_CPU, make_trainer, trial_resources
-from orchestrator.worker import build_module, train_config
+from orchestrator.worker import build_module
 from search_spaces.space import defaults
 
 
