@@ -127,7 +127,7 @@ def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: in
 
 def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf16: bool | None = None,
               channels_last: bool | None = None, compile: bool | None = None, cudnn_benchmark: bool | None = None,
-              compile_mode: str = "default", seconds: float | None = None,
+              compile_mode: str = "default", stack_stones: bool = True, seconds: float | None = None,
               barrier: Path | None = None) -> Result:
     """bkd's step as the trainer runs it; None picks the device's default (all on for CUDA).
 
@@ -136,7 +136,7 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
     """
     teacher, student = (m.to(device) for m in pair())
     sample = dataset.images[:2].float().to(device)
-    module = BlockKD(teacher, student, sample_input=sample) if stones else LogitKD(teacher, student)
+    module = BlockKD(teacher, student, sample_input=sample, stack_stones=stack_stones) if stones else LogitKD(teacher, student)
     cfg = train.TrainConfig(epochs=1, batch_size=batch, lr=0.05, lr_base_batch=64, bf16=bf16,
                             channels_last=channels_last, compile=compile, cudnn_benchmark=cudnn_benchmark,
                             compile_mode=compile_mode).resolved(device)
@@ -177,7 +177,7 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
     sync(device)
     compiled = "compile" if cfg.compile_mode == "default" else f"compile({cfg.compile_mode})"
     mode = "+".join(n for n, on in (("bf16", cfg.bf16), ("channels_last", cfg.channels_last), (compiled, cfg.compile)) if on)
-    mode = f"{mode or 'fp32 eager'} b{batch}"
+    mode = f"{mode or 'fp32 eager'} b{batch}" + ("" if stack_stones or not stones else ", stones one by one")
     return Result(f"bkd {'Block-KD' if stones else 'KD'} {mode}", counted / (time.perf_counter() - start), peak_memory_mb(device))
 
 
@@ -293,9 +293,12 @@ def main() -> None:
             for label, kw in rows:
                 r = bench_bkd(pair, dataset, device, stones, steps, compile_mode=args.compile_mode, **kw)
                 ours[(stones, label)] = record(Result(f"bkd {'Block-KD' if stones else 'KD'} {label}", r.images_per_s, r.peak_mem_mb))
-        default = next(label for label, _ in rows if label.endswith("(default)"))
+        default, default_kw = next((label, kw) for label, kw in rows if label.endswith("(default)"))
+        one_by_one = record(bench_bkd(pair, dataset, device, True, steps, compile_mode=args.compile_mode,
+                                      stack_stones=False, **default_kw))
         kd, bkd = ours[(False, default)].images_per_s, ours[(True, default)].images_per_s
         lines = [f"bkd Block-KD ({default}) / reference Block-KD: {bkd / ref[True].images_per_s:.2f}x",
+                 f"stacked stones (default) / stones one by one: {bkd / one_by_one.images_per_s:.2f}x",
                  f"Block-KD cost vs KD (time per image): reference {ref[False].images_per_s / ref[True].images_per_s:.2f}x, "
                  f"bkd {kd / bkd:.2f}x"]
         for label in (label for label, _ in rows if label != default):

@@ -21,13 +21,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("batch", type=int, nargs="?", default=512)
     parser.add_argument("--compile-mode", default="default", choices=train.COMPILE_MODES)
+    parser.add_argument("--stones-one-by-one", action="store_true", help="BlockKD(stack_stones=False)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("step_profile needs a CUDA GPU; on CPU use bench/step_bench.py.")
     dev = torch.device("cuda")
     dataset = random_cifar(8192, 100)
     teacher, student = models.create("resnet32x4", 100).to(dev), models.create("resnet8x4", 100).to(dev)
-    module = BlockKD(teacher, student, sample_input=dataset.images[:2].float().to(dev))
+    module = BlockKD(teacher, student, sample_input=dataset.images[:2].float().to(dev), stack_stones=not args.stones_one_by_one)
     module.to(dev).to(memory_format=torch.channels_last)
     cfg = train.TrainConfig(batch_size=args.batch, lr_base_batch=64, compile_mode=args.compile_mode).resolved(dev)
     opt = train.make_optimizer(module.trainable_parameters(), cfg, dev)
@@ -53,7 +54,8 @@ def main() -> None:
         torch.cuda.synchronize()
     averages = prof.key_averages()
     gpu = sum(k.self_device_time_total for k in averages) / 5 / 1e3
-    print(f"b{args.batch} ({args.compile_mode}): issue {issue * 1e3:.1f} ms/step, wall {wall * 1e3:.1f} ms/step, "
+    stones = "stones one by one" if args.stones_one_by_one else "stacked stones"
+    print(f"b{args.batch} ({args.compile_mode}, {stones}): issue {issue * 1e3:.1f} ms/step, wall {wall * 1e3:.1f} ms/step, "
           f"GPU kernels {gpu:.1f} ms/step")
     print(averages.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
 

@@ -54,6 +54,11 @@ class BlockKD(nn.Module):
     stones N_i = T_head . T_n..T_{i+1} . C_i . S_i..S_1 for every cut i. The teacher is frozen and
     always in eval mode (its BN statistics never change); gradients reach the student's blocks and
     the connectors through the teacher's blocks.
+
+    ``stack_stones`` (default) runs the stones through each teacher block together, stacked along
+    the batch: the same logits and gradients with fewer, larger kernels. It needs teacher blocks
+    that compute each sample on its own in eval mode (convolutions, eval BN, pooling, linear
+    layers: every usual classifier); ``stack_stones=False`` runs the stones one by one.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class BlockKD(nn.Module):
         connector: str = "conv1x1",
         sample_input: Optional[torch.Tensor] = None,
         warmup_epochs: float = 0.0,
+        stack_stones: bool = True,
         **loss_kwargs: float,
     ) -> None:
         super().__init__()
@@ -93,6 +99,7 @@ class BlockKD(nn.Module):
         self.temperature = float(temperature)
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.warmup_epochs = float(warmup_epochs)
+        self.stack_stones = bool(stack_stones)
         self.epoch: Optional[float] = None  # set by the trainer for DKD's warm-up
         self.connector_kind = connector
         self.connectors = nn.ModuleDict()
@@ -161,10 +168,30 @@ class BlockKD(nn.Module):
 
     def stone_forward(self, student_features: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
         """Logits of every stepping stone N_i from the student's block outputs."""
-        return {
-            cut: self.teacher.forward_from(cut, self.connectors[str(cut)](student_features[cut - 1]))
-            for cut in self.cuts
-        }
+        if not self.cuts:
+            return {}
+        if not self.stack_stones:
+            return {cut: self.teacher.forward_from(cut, self.connect(cut, student_features)) for cut in self.cuts}
+        # Before teacher block j, the stones with cut < j are stacked along the batch: block j and the
+        # head run once for all of them (cut 1 runs blocks 2..n, cut 2 joins it at block 3, ...).
+        stacked: Optional[torch.Tensor] = None
+        for ran, block in enumerate(self.teacher.blocks):  # ``ran`` teacher blocks come before this one
+            if ran in self.cuts:
+                stacked = self._join(stacked, self.connect(ran, student_features))
+            if stacked is not None:
+                stacked = block(stacked)
+        if self.num_blocks in self.cuts:
+            stacked = self._join(stacked, self.connect(self.num_blocks, student_features))
+        logits = self.teacher.head(stacked).split(student_features[0].shape[0])
+        return dict(zip(self.cuts, logits))
+
+    def connect(self, cut: int, student_features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """C_i: the student's output at ``cut`` mapped into the teacher's feature space there."""
+        return self.connectors[str(cut)](student_features[cut - 1])
+
+    @staticmethod
+    def _join(stacked: Optional[torch.Tensor], entering: torch.Tensor) -> torch.Tensor:
+        return entering if stacked is None else torch.cat([stacked, entering])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> BlockKDOutput:
         if not self.connectors_built:

@@ -198,6 +198,9 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     every = tr.get("checkpoint_every_epochs", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError("train.checkpoint_every_epochs", f"must be an integer >= 1 (1: every epoch); got {every!r}.")
+    gap = tr.get("checkpoint_min_interval_s", 0)
+    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not gap >= 0:
+        raise ConfigError("train.checkpoint_min_interval_s", f"must be a number of seconds >= 0 (0: no minimum); got {gap!r}.")
 
     res = c["resources"]
     if res["workers_per_trial"] < 1:

@@ -1,14 +1,16 @@
 """The training loop of one trial (or the teacher), on one DDP rank of a Ray Train run or directly
 inside a single-worker Tune trial.
 
-Every rank trains its shard and evaluates the whole test split; rank 0 saves a checkpoint each epoch
-(model + connectors + optimizer + scheduler + epoch), so that a restarted worker group or a retried
-trial resumes there.
+Every rank trains its shard and evaluates the whole test split; rank 0 saves a checkpoint (model +
+connectors + optimizer + scheduler + epoch) every ``train.checkpoint_every_epochs`` epochs, at most one
+per ``train.checkpoint_min_interval_s`` and always after the last, so that a restarted worker group
+or a retried trial resumes there.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -111,6 +113,8 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         start = int(state["epoch"]) + 1
 
     every = int(job["cfg"]["train"]["checkpoint_every_epochs"])
+    min_interval = float(job["cfg"]["train"]["checkpoint_min_interval_s"])
+    last_saved = time.monotonic()
     ddp = session.wrap_model(module) if world > 1 else module
     step = step_module(ddp, cfg, device)
     for epoch in range(start, cfg.epochs + 1):
@@ -120,7 +124,9 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         metrics.update(epoch=epoch, workers=world)
         with tempfile.TemporaryDirectory() as folder:
             saved = None
-            if rank == 0 and (epoch % every == 0 or epoch == cfg.epochs):
+            due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval
+            if rank == 0 and (due or epoch == cfg.epochs):
+                last_saved = time.monotonic()
                 trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
                 torch.save({"module": trainable, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch}, os.path.join(folder, STATE_FILE))

@@ -157,3 +157,26 @@ def test_teacher_forward_runs_in_inference_mode_and_losses_still_train_the_stude
         out.loss.backward()
         assert all(p.grad is not None for p in kd.student.parameters())
         s.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("cuts", [[1, 2, 3], [1, 3], [2], [3]])
+def test_stacked_stones_give_the_logits_and_gradients_of_stones_run_one_by_one(cuts):
+    """``stack_stones`` runs the stones through each teacher block as one batch: N_i must not change."""
+    t, s = pair()
+    x, y = batch()
+    kd = BlockKD(t, s, cuts=cuts, gamma=1.0, sample_input=x)
+    kd.train()
+    results = {}
+    for stacked in (True, False):
+        kd.stack_stones = stacked
+        out = kd(x, y)
+        grads = torch.autograd.grad(out.loss, list(kd.trainable_parameters()))
+        results[stacked] = (out, grads)
+    (fast, fast_grads), (plain, plain_grads) = results[True], results[False]
+    assert list(fast.stone_logits) == list(plain.stone_logits) == cuts
+    for cut in cuts:
+        assert fast.stone_logits[cut].shape == (x.shape[0], 10)
+        torch.testing.assert_close(fast.stone_logits[cut], plain.stone_logits[cut])
+    torch.testing.assert_close(fast.loss, plain.loss)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b)

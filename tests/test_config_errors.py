@@ -69,6 +69,7 @@ def test_bad_training_switches(capsys):
     check(["resources.max_worker_group_start_failures=-2"], "resources.max_worker_group_start_failures", "wait forever",
           capsys=capsys)
     check(["train.checkpoint_every_epochs=0"], "train.checkpoint_every_epochs", "integer >= 1", capsys=capsys)
+    check(["train.checkpoint_min_interval_s=-1"], "train.checkpoint_min_interval_s", "seconds >= 0", capsys=capsys)
     check(["train.distill_warmup_epochs=-1"], "train.distill_warmup_epochs", "[0, train.epochs=4]", capsys=capsys)
 
 

@@ -95,14 +95,18 @@ def test_asha_stops_bad_trials_and_the_search_finishes(ray_cluster, workspace, c
 
 
 def test_train_two_workers_matches_one(ray_cluster, workspace, capsys):
-    accs = {}
-    for workers in (1, 2):
+    """Also checkpoint throttling: 0.5-s epochs save only the last epoch's checkpoint by default
+    (train.checkpoint_min_interval_s=30); with 0 every epoch saves one (the last two are kept)."""
+    accs, checkpoints = {}, {}
+    for workers, min_interval in ((1, 30), (2, 0)):
         argv = common(workspace, f"train-{workers}w") + [f"resources.workers_per_trial={workers}", "resources.cpus_per_worker=0.9", "train.epochs=4",
-                                                          "fixed.lr=0.1", "fixed.cuts=[1,3]"]
+                                                          "fixed.lr=0.1", "fixed.cuts=[1,3]", f"train.checkpoint_min_interval_s={min_interval}"]
         assert entry_point(train_entry.run, argv) == 0
         table = pq.read_table(workspace / "out" / f"train-{workers}w" / "trials.parquet").to_pylist()
         assert len(table) == 1 and table[0]["cuts"] == "1,3"
         accs[workers] = table[0]["val_acc"]
+        checkpoints[workers] = [p for p in (workspace / "ray").glob(f"train-{workers}w*/**/checkpoint_*") if p.is_dir()]
+    assert len(checkpoints[1]) == 1 and len(checkpoints[2]) == 2, checkpoints
     out = capsys.readouterr().out
     assert "reusing teacher from MLflow run" in out  # same teacher config: trained once
     _, teachers = runs(workspace, "teacher")

@@ -45,7 +45,8 @@ def two_nodes(tmp_path_factory):
 
 def base(tmp, name, teacher=None):
     args = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
-            f"tune.name={name}", "resources.cpus_per_worker=0.9", "teacher.epochs=1"]
+            f"tune.name={name}", "resources.cpus_per_worker=0.9", "teacher.epochs=1",
+            "train.checkpoint_min_interval_s=0"]  # a checkpoint each epoch: the tests kill after epoch 1
     return args + ([f"teacher.checkpoint={teacher}"] if teacher else [])
 
 
