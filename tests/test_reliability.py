@@ -108,6 +108,35 @@ def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
     assert run.info.status == "FINISHED"
 
 
+def test_killed_ddp_worker_restarts_the_worker_group_from_its_checkpoint(two_nodes):
+    """A two-worker trial (Ray Train, one worker per node): kill -9 one DDP worker after epoch 1."""
+    tmp = two_nodes["tmp"]
+    argv = base(tmp, "killddp") + ["resources.workers_per_trial=2", "train.epochs=4", "fixed.cuts=[1,2]"]
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("rc", entry_point(train_entry.run, argv)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and thread.is_alive():
+        runs = [r for r in trial_runs(tmp) if r.data.params.get("cuts") == "1,2"]
+        if runs and "val_acc" in runs[0].data.metrics:
+            alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+            if len(alive) == 2:
+                killed = alive[1]["pid"]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the trial did not finish within 10 minutes of the kill"
+    assert killed is not None, "the DDP workers were not found alive after the first epoch"
+    assert outcome.get("rc") == 0
+    (row,) = pq.read_table(tmp / "out" / "killddp" / "trials.parquet").to_pylist()
+    assert row["status"] == "FINISHED" and row["epochs"] == 4
+    client, _ = client_and_exp(tmp)
+    (run,) = [r for r in trial_runs(tmp) if r.info.run_id == row["mlflow_run_id"]]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    assert sorted(steps) == [1, 2, 3, 4], f"epochs logged {steps}: a restart from epoch 0 would repeat epoch 1"
+
+
 def test_diverging_trial_fails_and_the_search_goes_on(two_nodes):
     tmp = two_nodes["tmp"]
     argv = base(tmp, "diverge") + ["search=kd", "+search.params.lr.choices=[0.05,1.0e+9]", "tune.num_samples=4",
