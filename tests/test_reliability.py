@@ -79,62 +79,59 @@ def test_trial_spread_over_two_nodes(two_nodes):
     assert len(nodes) == 2, "the two DDP workers of a STRICT_SPREAD trial must sit on two nodes"
 
 
+def run_and_kill_after_epoch_1(tmp, argv, params: dict, actor_class: str, actors_alive: int) -> tuple[int, object]:
+    """Run ``orchestrator.train`` with ``argv``; once its trial (the MLflow run with these ``params``)
+    has logged epoch 1 (reported and checkpointed), kill -9 one ``actor_class`` actor.
+    Returns the exit code and the trial's MLflow run."""
+
+    def this_trial() -> list:
+        return [r for r in trial_runs(tmp) if params.items() <= r.data.params.items()]
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("rc", entry_point(train_entry.run, argv)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and thread.is_alive():
+        runs = this_trial()
+        if runs and "val_acc" in runs[0].data.metrics:
+            alive = list_actors(filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")], detail=True)
+            if len(alive) >= actors_alive:
+                killed = alive[-1]["pid"]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the trial did not finish within 10 minutes of the kill"
+    assert killed is not None, f"no {actor_class} was found alive after the first epoch"
+    (run,) = this_trial()
+    return outcome.get("rc"), run
+
+
+def logged_epochs(tmp, run) -> list[int]:
+    client, _ = client_and_exp(tmp)
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+
+
 def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
     """A one-worker trial trains in its Tune trial process (ImplicitFunc); kill -9 it after epoch 1."""
     tmp = two_nodes["tmp"]
     root = write_idx(tmp / "mnist-like", n_train=6000, n_test=500)
     teacher = random_teacher(tmp, "mnist-teacher")
     argv = base(tmp, "killworker", teacher) + ["data=mnist", f"data.root={root}", "train.epochs=4", "fixed.cuts=[3]"]
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("rc", entry_point(train_entry.run, argv)))
-    thread.start()
-    killed = None
-    deadline = time.time() + 300
-    while killed is None and time.time() < deadline and thread.is_alive():
-        runs = [r for r in trial_runs(tmp) if r.data.params.get("data") == "mnist"]
-        if runs and "val_acc" in runs[0].data.metrics:  # epoch 1 reported and checkpointed
-            alive = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")], detail=True)
-            if alive:
-                killed = alive[0]["pid"]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.5)
-    thread.join(timeout=600)
-    assert killed is not None, "the trial process was not found alive after its first epoch"
-    assert outcome.get("rc") == 0
-    client, _ = client_and_exp(tmp)
-    (run,) = [r for r in trial_runs(tmp) if r.data.params.get("data") == "mnist"]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
-    assert sorted(steps) == [1, 2, 3, 4], f"epochs logged {steps}: a restart from epoch 0 would repeat epoch 1"
-    assert run.info.status == "FINISHED"
+    rc, run = run_and_kill_after_epoch_1(tmp, argv, {"data": "mnist"}, "ImplicitFunc", actors_alive=1)
+    assert rc == 0 and run.info.status == "FINISHED"
+    assert logged_epochs(tmp, run) == [1, 2, 3, 4], "a restart from epoch 0 would log epoch 1 twice"
 
 
 def test_killed_ddp_worker_restarts_the_worker_group_from_its_checkpoint(two_nodes):
     """A two-worker trial (Ray Train, one worker per node): kill -9 one DDP worker after epoch 1."""
     tmp = two_nodes["tmp"]
     argv = base(tmp, "killddp") + ["resources.workers_per_trial=2", "train.epochs=4", "fixed.cuts=[1,2]"]
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("rc", entry_point(train_entry.run, argv)))
-    thread.start()
-    killed = None
-    deadline = time.time() + 300
-    while killed is None and time.time() < deadline and thread.is_alive():
-        runs = [r for r in trial_runs(tmp) if r.data.params.get("cuts") == "1,2"]
-        if runs and "val_acc" in runs[0].data.metrics:
-            alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
-            if len(alive) == 2:
-                killed = alive[1]["pid"]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.5)
-    thread.join(timeout=600)
-    assert not thread.is_alive(), "the trial did not finish within 10 minutes of the kill"
-    assert killed is not None, "the DDP workers were not found alive after the first epoch"
-    assert outcome.get("rc") == 0
+    rc, run = run_and_kill_after_epoch_1(tmp, argv, {"cuts": "1,2"}, "RayTrainWorker", actors_alive=2)
+    assert rc == 0 and run.info.status == "FINISHED"
     (row,) = pq.read_table(tmp / "out" / "killddp" / "trials.parquet").to_pylist()
     assert row["status"] == "FINISHED" and row["epochs"] == 4
-    client, _ = client_and_exp(tmp)
-    (run,) = [r for r in trial_runs(tmp) if r.info.run_id == row["mlflow_run_id"]]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
-    assert sorted(steps) == [1, 2, 3, 4], f"epochs logged {steps}: a restart from epoch 0 would repeat epoch 1"
+    assert logged_epochs(tmp, run) == [1, 2, 3, 4], "a restart from epoch 0 would log epoch 1 twice"
 
 
 def test_diverging_trial_fails_and_the_search_goes_on(two_nodes):
