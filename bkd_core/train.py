@@ -193,7 +193,7 @@ def train_epoch(
         for key, value in out.parts.items():
             sums[key] = sums[key] + value if key in sums else value.clone()
         seen += x.shape[0]
-    values = {k: v.item() / max(1, len(loader)) for k, v in sums.items()}  # one sync per epoch
+    values = mean_over_ranks(sums, len(loader))  # one sync per epoch
     elapsed = time.perf_counter() - start
     loss = values.pop("loss", float("nan"))
     if not math.isfinite(loss):
@@ -202,6 +202,20 @@ def train_epoch(
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     metrics["throughput_img_s"] = seen / elapsed if elapsed > 0 else 0.0
     return metrics
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """Per-step means of summed scalars, averaged over the ranks of a DDP run (all ranks agree, so a
+    diverged loss stops every rank at the same epoch)."""
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    stacked = torch.stack([sums[k].float() for k in keys])
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stacked)  # sum: gloo has no average
+        world = torch.distributed.get_world_size()
+    return dict(zip(keys, (stacked / (max(1, steps) * world)).tolist()))
 
 
 @torch.no_grad()

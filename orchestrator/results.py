@@ -10,6 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FINAL_METRICS = ("val_acc", "train_loss", "throughput_img_s")
+DIVERGED = "diverged"  # a trial's last result has diverged=1 when its training loss became NaN/inf
+
+
+def diverged_message(metrics: Mapping[str, Any]) -> str:
+    return (f"the training loss became NaN/inf in epoch {int(metrics.get('epoch', 0))}: the run diverged "
+            "(the trial ends; its val_acc is that of the diverged student); lower the learning rate.")
 
 
 TRIAL_ID = re.compile(r"_([0-9a-f]{5,}_\d{5})_")
@@ -27,16 +33,17 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, max_ep
     history = result.metrics_dataframe
     accs = [float(v) for v in history["val_acc"]] if history is not None and "val_acc" in history else []
     epochs = int(metrics.get("epoch", 0) or 0)
+    diverged = not result.error and bool(metrics.get(DIVERGED))
     row: dict[str, Any] = {
         "trial_id": trial_id_of(result),
-        "status": "FAILED" if result.error else "FINISHED",
-        "stopped_early": bool(not result.error and epochs < max_epochs),
+        "status": "FAILED" if result.error else "DIVERGED" if diverged else "FINISHED",
+        "stopped_early": bool(not result.error and not diverged and epochs < max_epochs),
         "epochs": epochs,
         **{k: v for k, v in params.items()},
         "best_val_acc": max(accs) if accs else float("nan"),
         "wall_time_s": float(metrics.get("time_total_s", float("nan")) or float("nan")),
         "mlflow_run_id": run_id,
-        "error": str(result.error).strip().splitlines()[-1][:500] if result.error else None,
+        "error": str(result.error).strip().splitlines()[-1][:500] if result.error else diverged_message(metrics) if diverged else None,
     }
     for key in FINAL_METRICS:
         row[key] = float(metrics[key]) if key in metrics else float("nan")

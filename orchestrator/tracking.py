@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .config import ConfigError
+from .results import DIVERGED, diverged_message
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "bkd.trial_id"
@@ -122,18 +123,22 @@ class MLflowTrialLogger(Callback):
 
     @tolerant
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "FINISHED")
+        last = trial.last_result or {}
+        if last.get(DIVERGED):
+            self._end(trial, "FAILED", diverged_message(last))
+        else:
+            self._end(trial, "FINISHED")
 
     @tolerant
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")
 
-    def _end(self, trial: Any, status: str) -> None:
+    def _end(self, trial: Any, status: str, error: Optional[str] = None) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
         if status == "FAILED":
-            self.client.set_tag(run_id, "bkd.error", trial_error(trial)[:5000])
+            self.client.set_tag(run_id, "bkd.error", (error or trial_error(trial))[:5000])
         self.client.set_terminated(run_id, status)
 
 

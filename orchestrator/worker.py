@@ -21,11 +21,12 @@ from ray import tune
 
 from bkd_core import BlockKD, LogitKD, models
 from bkd_core.train import (
-    Supervised, evaluate, make_loaders, make_optimizer, make_scheduler, step_module, train_epoch,
+    NonFiniteLossError, Supervised, evaluate, make_loaders, make_optimizer, make_scheduler, step_module, train_epoch,
 )
 from search_spaces.space import parse_cuts, stone_weights
 
 from .config import load_dataset, train_config
+from .results import DIVERGED
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
@@ -118,10 +119,20 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     ddp = session.wrap_model(module) if world > 1 else module
     step = step_module(ddp, cfg, device)
     for epoch in range(start, cfg.epochs + 1):
-        metrics = train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)
-        metrics["throughput_img_s"] *= world
+        try:
+            metrics = train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)
+            metrics["throughput_img_s"] *= world
+        except NonFiniteLossError:
+            if mode == "teacher":
+                raise
+            metrics = {DIVERGED: 1}
         metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
         metrics.update(epoch=epoch, workers=world)
+        if DIVERGED in metrics:
+            # The trial ends here, not as an error: no retry would converge, and the searcher
+            # learns from the diverged student's (chance-level) val_acc to avoid this region.
+            session.report(metrics, None)
+            return
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval

@@ -134,21 +134,34 @@ def test_killed_ddp_worker_restarts_the_worker_group_from_its_checkpoint(two_nod
     assert logged_epochs(tmp, run) == [1, 2, 3, 4], "a restart from epoch 0 would log epoch 1 twice"
 
 
-def test_diverging_trial_fails_and_the_search_goes_on(two_nodes):
+def test_diverging_trial_ends_with_its_chance_accuracy_and_the_search_goes_on(two_nodes):
+    """A NaN loss ends the trial at once (no retry: tune.max_failures=1 here) as DIVERGED, reporting
+    the diverged student's val_acc so that the searcher learns the region is bad."""
     tmp = two_nodes["tmp"]
     argv = base(tmp, "diverge") + ["search=kd", "+search.params.lr.choices=[0.05,1.0e+9]", "tune.num_samples=4",
-                               "tune.scheduler=none", "train.epochs=1", "tune.max_failures=0",
-                               "resources.max_worker_failures=0", "tune.seed=3"]
+                                   "tune.scheduler=none", "train.epochs=2", "tune.seed=3"]
     assert entry_point(tune_entry.search, argv) == 0
     rows = pq.read_table(tmp / "out" / "diverge" / "trials.parquet").to_pylist()
-    failed = [r for r in rows if r["status"] == "FAILED"]
+    diverged = [r for r in rows if r["status"] == "DIVERGED"]
     finished = [r for r in rows if r["status"] == "FINISHED"]
-    assert len(rows) == 4 and failed and finished
-    assert all(r["lr"] > 1e8 for r in failed) and all(r["lr"] < 1 for r in finished)
+    assert len(rows) == 4 and len(diverged) + len(finished) == 4 and diverged and finished
+    assert all(r["lr"] > 1e8 for r in diverged) and all(r["lr"] < 1 for r in finished)
+    assert all(r["epochs"] == 1 and r["val_acc"] < 30 and "diverged" in r["error"] for r in diverged), diverged
     client, _ = client_and_exp(tmp)
-    for row in failed:
+    for row in diverged:
         run = client.get_run(row["mlflow_run_id"])
         assert run.info.status == "FAILED" and "diverged" in run.data.tags["bkd.error"]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1], "retried or went on"
+
+
+def test_diverging_ddp_trial_stops_on_every_rank(two_nodes):
+    """Both ranks see the same (all-reduced) loss, so both stop at the same epoch: no rank waits forever."""
+    tmp = two_nodes["tmp"]
+    argv = base(tmp, "diverge-ddp") + ["resources.workers_per_trial=2", "train.epochs=3", "fixed.lr=1.0e+9",
+                                       "fixed.cuts=[3]"]
+    assert entry_point(train_entry.run, argv) == 0
+    (row,) = pq.read_table(tmp / "out" / "diverge-ddp" / "trials.parquet").to_pylist()
+    assert row["status"] == "DIVERGED" and row["epochs"] == 1, row
 
 
 def test_killed_driver_resumes(two_nodes):

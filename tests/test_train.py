@@ -76,3 +76,26 @@ def test_compile_mode_and_cpu_defaults():
         train.TrainConfig(compile_mode="fast")
     model = models.create("tiny_cnn", 10, 1)
     assert train.step_module(model, cpu, torch.device("cpu")) is model  # eager: the module itself
+
+
+def _mean_over_two_ranks(rank: int, store: str, sums: list, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        result = train.mean_over_ranks({"loss": torch.tensor(sums[rank]), "loss_task": torch.tensor(1.0)}, steps=2)
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("sums, loss", [((2.0, 4.0), 1.5), ((2.0, float("nan")), float("nan"))])
+def test_epoch_means_are_averaged_over_ddp_ranks(tmp_path, sums, loss):
+    """Every rank gets the same epoch loss (a NaN on one rank reaches all), so all stop together."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "means")
+    mp.spawn(_mean_over_two_ranks, args=(str(tmp_path / "store"), list(sums), out), nprocs=2)
+    results = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    for result in results:
+        assert result["loss_task"] == pytest.approx(0.5)
+        assert result["loss"] == pytest.approx(loss, nan_ok=True)
+    assert train.mean_over_ranks({"loss": torch.tensor(3.0)}, steps=3) == {"loss": pytest.approx(1.0)}
