@@ -15,7 +15,8 @@ Groups: data, pair, search. --cfg prints the composed config and exits. See READ
 
 
 def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None) -> int:
-    """Parse ``argv``, validate before Ray starts, and call ``run(job)``; returns the exit code."""
+    """Parse ``argv``, validate before Ray starts, and call ``run(job)``; returns the exit code
+    (``run``'s own when it returns an int)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(USAGE)
@@ -27,8 +28,8 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None) -> 
             print(OmegaConf.to_yaml(cfg))
             return 0
         job = validate(cfg)
-        run(job)
+        code = run(job)
     except ConfigError as exc:
         print(f"\nbkd: configuration error in `{exc.key}`:\n  {str(exc).split(': ', 1)[1]}\n", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0

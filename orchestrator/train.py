@@ -16,13 +16,18 @@ from .config import ConfigError, Job
 from .tune import search
 
 
-def run(job: Job):
+def run(job: Job) -> int:
+    """Train the one configuration; the exit code: 0 when its trial finished, 1 when it failed or diverged."""
     try:
         params = defaults(job.cfg["search"], job.num_blocks, job.cfg.get("fixed"))
     except SearchSpaceError as exc:
         raise ConfigError("fixed", str(exc)) from None
     print("[bkd] configuration: " + ", ".join(f"{k}={v}" for k, v in params.items()))
-    return search(job, fixed_params=params)
+    (row,) = search(job, fixed_params=params)
+    if row["status"] == "FINISHED":
+        return 0
+    print(f"[bkd] the trial ended {row['status']}: {row['error']}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:

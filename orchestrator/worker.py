@@ -101,18 +101,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     optimizer = make_optimizer(module.trainable_parameters(), cfg, device)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
 
-    start = 1
-    checkpoint = session.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=False)
-        result = module.load_state_dict(state["module"], strict=False)
-        if result.unexpected_keys or any(not k.startswith("teacher.") for k in result.missing_keys):
-            raise RuntimeError(f"checkpoint does not fit this trial's model: {result}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["epoch"]) + 1
-
+    start = resume(session, module, optimizer, scheduler, device)
     every = int(job["cfg"]["train"]["checkpoint_every_epochs"])
     min_interval = float(job["cfg"]["train"]["checkpoint_min_interval_s"])
     last_saved = time.monotonic()
@@ -138,9 +127,30 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval
             if rank == 0 and (due or epoch == cfg.epochs):
                 last_saved = time.monotonic()
-                trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
-                torch.save({"module": trainable, "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch}, os.path.join(folder, STATE_FILE))
-                torch.save(module.student.state_dict(), os.path.join(folder, MODEL_FILE))
+                save_state(folder, module, optimizer, scheduler, epoch)
                 saved = session.checkpoint_from(folder)
             session.report(metrics, saved)
+
+
+def resume(session: Session, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+           device: torch.device) -> int:
+    """Load the session's checkpoint (if any) into module, optimizer and scheduler; the first epoch to run."""
+    checkpoint = session.get_checkpoint()
+    if not checkpoint:
+        return 1
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=False)
+    result = module.load_state_dict(state["module"], strict=False)
+    if result.unexpected_keys or any(not k.startswith("teacher.") for k in result.missing_keys):
+        raise RuntimeError(f"checkpoint does not fit this trial's model: {result}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1
+
+
+def save_state(folder: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int) -> None:
+    """What ``resume`` reads (everything but the frozen teacher), and the student alone as MODEL_FILE."""
+    trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    torch.save({"module": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch}, os.path.join(folder, STATE_FILE))
+    torch.save(module.student.state_dict(), os.path.join(folder, MODEL_FILE))
