@@ -193,13 +193,16 @@ class BlockKD(nn.Module):
     def _join(stacked: Optional[torch.Tensor], entering: torch.Tensor) -> torch.Tensor:
         return entering if stacked is None else torch.cat([stacked, entering])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> BlockKDOutput:
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The student's logits and every stone's: what evaluation needs (no teacher forward, no loss)."""
         if not self.connectors_built:
             self.build_connectors(x)
-        teacher_logits = self.teacher_logits(x)  # first: on CPU, 10-15 % faster than last (bench/step_bench.py)
         feats = self.student.features(x)
-        student_logits = self.student.head(feats[-1])
-        stones = self.stone_forward(feats)
+        return self.student.head(feats[-1]), self.stone_forward(feats)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> BlockKDOutput:
+        teacher_logits = self.teacher_logits(x)  # first: on CPU, 10-15 % faster than last (bench/step_bench.py)
+        student_logits, stones = self.logits(x)
         loss, parts = self.loss(student_logits, stones, teacher_logits, y)
         return BlockKDOutput(loss, student_logits, teacher_logits, stones, parts)
 

@@ -81,6 +81,9 @@ class Supervised(nn.Module):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return self.student.parameters()
 
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        return self.student(x), {}
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> BlockKDOutput:
         logits = self.student(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -220,14 +223,18 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, floa
 
 @torch.no_grad()
 def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
-    """Top-1 accuracy in percent of the student (``val_acc``) and of each stepping stone."""
+    """Top-1 accuracy in percent of the student (``val_acc``) and of each stepping stone.
+
+    Runs only the student and the stones (``module.logits``): no teacher forward, no loss.
+    """
     module.eval()
+    inner = unwrap(module)
     correct: dict[str, torch.Tensor] = {}
     total = 0
     for x, y in loader:
         with autocast(loader.device, bf16):
-            out = module(x, y)
-        heads = {"val_acc": out.student_logits, **{f"val_acc_stone_{c}": l for c, l in out.stone_logits.items()}}
+            student_logits, stones = inner.logits(x)
+        heads = {"val_acc": student_logits, **{f"val_acc_stone_{c}": l for c, l in stones.items()}}
         for key, logits in heads.items():
             hits = (logits.argmax(dim=1) == y).sum()
             correct[key] = correct[key] + hits if key in correct else hits

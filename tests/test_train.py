@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bkd_core import BlockKD, models, train
-from bkd_core.data import load_digits
+from bkd_core.data import BatchLoader, load_digits
 
 
 def test_distillation_run_learns_and_keeps_teacher_frozen():
@@ -99,3 +99,18 @@ def test_epoch_means_are_averaged_over_ddp_ranks(tmp_path, sums, loss):
         assert result["loss_task"] == pytest.approx(0.5)
         assert result["loss"] == pytest.approx(loss, nan_ok=True)
     assert train.mean_over_ranks({"loss": torch.tensor(3.0)}, steps=3) == {"loss": pytest.approx(1.0)}
+
+
+def test_evaluate_runs_student_and_stones_but_not_the_teacher():
+    splits = load_digits()
+    kd = BlockKD(models.create("tiny_resnet", 10, 1), models.create("tiny_cnn", 10, 1), cuts=[1, 3],
+                 sample_input=splits.train.images[:2].float())
+    teacher_calls = []
+    kd.teacher.register_forward_hook(lambda *args: teacher_calls.append(1))
+    loader = BatchLoader(splits.test, 128, train=False, device=torch.device("cpu"))
+    accs = train.evaluate(kd, loader)
+    assert teacher_calls == [] and set(accs) == {"val_acc", "val_acc_stone_1", "val_acc_stone_3"}
+    with torch.no_grad():  # the same accuracy as the training forward's logits
+        hits = sum(int((kd(x, y).student_logits.argmax(1) == y).sum()) for x, y in loader)
+    assert len(teacher_calls) == len(loader)
+    assert accs["val_acc"] == pytest.approx(100.0 * hits / len(splits.test.labels))
