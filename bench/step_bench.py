@@ -214,7 +214,8 @@ def packed(args, k: int) -> float:
 
 
 def ladder(device: torch.device, batch: int) -> list[tuple[str, dict]]:
-    """The settings of bkd's step to measure (one labelled default): on CUDA from fp32 eager b64 up, else eager + compiled."""
+    """The settings of bkd's step to measure (one labelled default): on CUDA from fp32 eager b64 up; on CPU
+    contiguous, channels_last (the default) and compiled."""
     if device.type == "cuda":
         off = dict(bf16=False, channels_last=False, compile=False, cudnn_benchmark=False)
         return [("fp32 eager b64", dict(off, batch=64)),
@@ -222,7 +223,8 @@ def ladder(device: torch.device, batch: int) -> list[tuple[str, dict]]:
                 (f"bf16 + channels_last b{batch}", dict(batch=batch, compile=False, cudnn_benchmark=False)),
                 (f"bf16 + channels_last + compile b{batch}", dict(batch=batch, cudnn_benchmark=False)),
                 (f"bf16 + channels_last + compile + cudnn.benchmark b{batch} (default)", dict(batch=batch))]
-    return [(f"eager b{batch} (default)", dict(batch=batch)), (f"compile b{batch}", dict(batch=batch, compile=True))]
+    return [(f"eager b{batch}", dict(batch=batch, channels_last=False)), (f"channels_last b{batch} (default)", dict(batch=batch)),
+            (f"channels_last + compile b{batch}", dict(batch=batch, compile=True))]
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ def test_lr_scales_linearly_with_batch():
 
 def test_compile_mode_and_cpu_defaults():
     cpu = train.TrainConfig().resolved(torch.device("cpu"))
-    assert (cpu.bf16, cpu.channels_last, cpu.compile, cpu.cudnn_benchmark) == (False, False, False, False)
+    assert (cpu.bf16, cpu.channels_last, cpu.compile, cpu.cudnn_benchmark) == (False, True, False, False)
     cuda = train.TrainConfig().resolved(torch.device("cuda"))
     assert (cuda.bf16, cuda.channels_last, cuda.compile, cuda.cudnn_benchmark) == (True, True, True, True)
     assert train.uses_cuda_graphs(train.TrainConfig(compile=True, compile_mode="reduce-overhead"))
