@@ -27,6 +27,8 @@ part() {  # part NAME TIMEOUT_S SCRIPT ARGS...
 part profile_default 150 bench/step_profile.py 512
 part profile_cudagraphs 150 bench/step_profile.py 512 --compile-mode reduce-overhead
 part profile_stones_one_by_one 150 bench/step_profile.py 512 --stones-one-by-one
+# Do CUDA graphs train the same (losses, student BN statistics updated, teacher untouched)?
+part cuda_graphs_check 150 bench/cuda_graphs_check.py
 # 2. The ratios with CUDA graphs: reference vs bkd Block-KD and KD at 512 and 1024.
 part sweep_cudagraphs 300 bench/step_bench.py --device cuda --batch-sweep 512,1024 --compile-mode reduce-overhead \
   --json-out "$out/sweep_cudagraphs.json"
