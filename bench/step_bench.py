@@ -126,7 +126,7 @@ def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: in
 
 
 def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf16: bool | None = None,
-              channels_last: bool | None = None, compile: bool | None = None, cudnn_benchmark: bool | None = None,
+              channels_last: bool = True, compile: bool | None = None, cudnn_benchmark: bool | None = None,
               compile_mode: str = "default", stack_stones: bool = True, seconds: float | None = None,
               barrier: Path | None = None) -> Result:
     """bkd's step as the trainer runs it; None picks the device's default (all on for CUDA).

@@ -38,7 +38,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
     bf16: Optional[bool] = None  # None: on for CUDA
-    channels_last: Optional[bool] = None  # None: on (CUDA and CPU; off for models that .view() feature maps)
+    channels_last: bool = True  # CUDA and CPU; off for a model that .view()s its feature maps
     compile: Optional[bool] = None  # None: on for CUDA (on CPU it pays off only for long runs)
     cudnn_benchmark: Optional[bool] = None  # None: on for CUDA (cuDNN times its algorithms per shape once)
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
@@ -64,10 +64,10 @@ class TrainConfig:
         return self.lr * self.batch_size / self.lr_base_batch
 
     def resolved(self, device: torch.device) -> "TrainConfig":
-        """A copy with the defaults (bf16, channels_last, compile, cudnn_benchmark) filled in for ``device``."""
+        """A copy with the device-dependent defaults (bf16, compile, cudnn_benchmark) filled in."""
         cuda = device.type == "cuda"
         pick = lambda v, default: default if v is None else bool(v)  # noqa: E731
-        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda), "channels_last": pick(self.channels_last, True),
+        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda),
                               "compile": pick(self.compile, cuda), "cudnn_benchmark": pick(self.cudnn_benchmark, cuda)})
 
 

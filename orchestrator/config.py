@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -192,25 +192,20 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
         key = re.match(r"train\.\w+", str(exc))
         raise ConfigError(key.group(0) if key else "train", str(exc)) from None
     for key in ("warmup_epochs", "distill_warmup_epochs"):
-        value = tr.get(key) or 0.0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= tr["epochs"]:
-            raise ConfigError(f"train.{key}", f"must be a number of epochs in [0, train.epochs={tr['epochs']}]; got {value!r}.")
-    every = tr.get("checkpoint_every_epochs", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError("train.checkpoint_every_epochs", f"must be an integer >= 1 (1: every epoch); got {every!r}.")
-    gap = tr.get("checkpoint_min_interval_s", 0)
-    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not gap >= 0:
-        raise ConfigError("train.checkpoint_min_interval_s", f"must be a number of seconds >= 0 (0: no minimum); got {gap!r}.")
+        check_number(f"train.{key}", tr.get(key) or 0.0, lambda v: 0 <= v <= tr["epochs"],
+                     f"a number of epochs in [0, train.epochs={tr['epochs']}]")
+    check_number("train.checkpoint_every_epochs", tr["checkpoint_every_epochs"], lambda v: v >= 1,
+                 "an integer >= 1 (1: every epoch)", integer=True)
+    check_number("train.checkpoint_min_interval_s", tr["checkpoint_min_interval_s"], lambda v: v >= 0,
+                 "a number of seconds >= 0 (0: no minimum)")
 
     res = c["resources"]
     if res["workers_per_trial"] < 1:
         raise ConfigError("resources.workers_per_trial", "must be at least 1.")
     if res["use_gpu"] and not 0 < float(res["gpus_per_worker"]) <= 8:
         raise ConfigError("resources.gpus_per_worker", f"must be in (0, 8]; got {res['gpus_per_worker']} (fractions share a GPU).")
-    limit = res.get("max_worker_group_start_failures", -1)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
-        raise ConfigError("resources.max_worker_group_start_failures", f"must be an integer >= 0, or -1 to wait "
-                          f"forever; got {limit!r}.")
+    check_number("resources.max_worker_group_start_failures", res["max_worker_group_start_failures"], lambda v: v >= -1,
+                 "an integer >= 0, or -1 to wait forever", integer=True)
     t = c["tune"]
     if t["scheduler"] not in ("asha", "none", None):
         raise ConfigError("tune.scheduler", f"unknown scheduler {t['scheduler']!r}; use asha or none.")
@@ -224,6 +219,12 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, resume=bool(t.get("resume")))
     return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name)
+
+
+def check_number(key: str, value: Any, ok: Callable[[float], bool], wanted: str, integer: bool = False) -> None:
+    """Refuse ``value`` unless it is a number (an integer if ``integer``; never a bool) for which ``ok`` holds."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not ok(value):
+        raise ConfigError(key, f"must be {wanted}; got {value!r}.")
 
 
 def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> TrainConfig:

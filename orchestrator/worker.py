@@ -122,14 +122,14 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             # learns from the diverged student's (chance-level) val_acc to avoid this region.
             session.report(metrics, None)
             return
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval
-            if rank == 0 and (due or epoch == cfg.epochs):
-                last_saved = time.monotonic()
-                save_state(folder, module, optimizer, scheduler, epoch)
-                saved = session.checkpoint_from(folder)
-            session.report(metrics, saved)
+        due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval
+        if rank != 0 or not (due or epoch == cfg.epochs):
+            session.report(metrics, None)
+            continue
+        last_saved = time.monotonic()
+        with tempfile.TemporaryDirectory() as folder:  # the report copies it into the run's storage
+            save_state(folder, module, optimizer, scheduler, epoch)
+            session.report(metrics, session.checkpoint_from(folder))
 
 
 def resume(session: Session, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
