@@ -206,6 +206,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
         raise ConfigError("resources.gpus_per_worker", f"must be in (0, 8]; got {res['gpus_per_worker']} (fractions share a GPU).")
     check_number("resources.max_worker_group_start_failures", res["max_worker_group_start_failures"], lambda v: v >= -1,
                  "an integer >= 0, or -1 to wait forever", integer=True)
+    check_number("mlflow.retry_interval_s", c["mlflow"]["retry_interval_s"], lambda v: v > 0, "a number of seconds > 0")
+    check_number("mlflow.end_wait_s", c["mlflow"]["end_wait_s"], lambda v: v >= 0, "a number of seconds >= 0")
     t = c["tune"]
     if t["scheduler"] not in ("asha", "none", None):
         raise ConfigError("tune.scheduler", f"unknown scheduler {t['scheduler']!r}; use asha or none.")

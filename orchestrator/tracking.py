@@ -2,9 +2,10 @@
 the driver, so only the driver needs to reach the tracking server), and the teacher's own run."""
 from __future__ import annotations
 
-import functools
 import math
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -66,62 +67,150 @@ def trial_params(config: Mapping[str, Any], common: Mapping[str, Any]) -> dict[s
     return {**common, **{k: v for k, v in config.items() if not isinstance(v, Mapping)}}
 
 
-def tolerant(method):
-    """An MLflow outage must not stop the search: warn and go on (Tune keeps every result)."""
+@dataclass
+class Write:
+    """One MLflow write of a search, kept until the tracking server has taken it.
 
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as exc:  # mlflow raises many types when the server is down
-            print(f"[bkd] warning: MLflow logging failed in {method.__name__} ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the search goes on, results stay in Tune's storage.",
-                  flush=True)
-            self._client = None
+    ``trial_id`` names the trial whose run it writes to (that run's id is known once its ``start``
+    write is applied); parent-run writes carry ``run_id`` in ``args`` instead.
+    """
 
-    return wrapper
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+    trial_id: Optional[str] = None
 
 
-class MLflowTrialLogger(Callback):
-    """One nested MLflow run per Tune trial: its parameters, per-epoch metrics (step = epoch) and a
-    final status (FINISHED, FAILED with the error, or KILLED at a driver's resume)."""
+class MLflowWriter:
+    """Applies a search's MLflow writes in order. While the server is unreachable it keeps them and
+    tries again every ``retry_interval_s`` (the search goes on meanwhile), so an outage delays what
+    a search logs but loses none of it."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, common_params: Mapping[str, Any]) -> None:
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, retry_interval_s: float = 10.0) -> None:
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
-        self.common_params = dict(common_params)
-        self.run_ids: dict[str, str] = {}
+        self.retry_interval_s = float(retry_interval_s)
+        self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run id
+        self.pending: list[Write] = []
         self._client: Optional[MlflowClient] = None
+        self._down_since: Optional[float] = None
+        self._next_try = 0.0
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks; the client is rebuilt on demand
+        return {**self.__dict__, "_client": None, "_next_try": 0.0}
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-            self.run_ids.update(child_runs(self._client, self.experiment_id, self.parent_run_id))
+            client = MlflowClient(self.tracking_uri)
+            self.run_ids.update(child_runs(client, self.experiment_id, self.parent_run_id))
+            self._client = client
         return self._client
 
-    def __getstate__(self) -> dict:  # Tune checkpoints callbacks; the client is rebuilt on demand
-        return {**self.__dict__, "_client": None}
+    def submit(self, write: Write) -> None:
+        self.pending.append(write)
+        self.flush()
 
-    @tolerant
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        client = self.client
-        run_id = self.run_ids.get(trial.trial_id)
+    def flush(self, force: bool = False) -> bool:
+        """Apply the pending writes in order; True when none is left. Between retries during an
+        outage (and unless ``force``) it returns at once."""
+        if not self.pending:
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        try:
+            while self.pending:
+                self._apply(self.pending[0])
+                self.pending.pop(0)
+        except Exception as exc:  # mlflow raises many types when the server is down
+            if self._down_since is None:
+                self._down_since = time.time()
+                print(f"[bkd] warning: MLflow at {self.tracking_uri} is unreachable ({type(exc).__name__}: "
+                      f"{first_line(exc)}); its writes are queued and retried every {self.retry_interval_s:g} s. "
+                      "The search goes on.", flush=True)
+            self._client = None
+            self._next_try = time.monotonic() + self.retry_interval_s
+            return False
+        if self._down_since is not None:
+            print(f"[bkd] MLflow is reachable again after {time.time() - self._down_since:.0f} s; "
+                  "every queued write is logged.", flush=True)
+            self._down_since = None
+        return True
+
+    def drain(self, wait_s: float, where: str = "") -> bool:
+        """Flush, retrying for up to ``wait_s`` while MLflow is unreachable; warn about what is left."""
+        deadline = time.monotonic() + wait_s
+        while not self.flush(force=True) and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self.retry_interval_s, deadline - time.monotonic())))
+        if self.pending:
+            print(f"[bkd] warning: MLflow at {self.tracking_uri} stayed unreachable for {wait_s:g} s "
+                  f"(mlflow.end_wait_s): {len(self.pending)} writes were not logged there. {where}".rstrip(), flush=True)
+        return not self.pending
+
+    def _apply(self, write: Write) -> None:
+        client, args = self.client, write.args
+        if write.op == "start":  # a trial's run: created once; a retried or resumed trial continues it
+            run_id = self.run_ids.get(write.trial_id)
+            if run_id is None:
+                run = client.create_run(self.experiment_id, run_name=f"trial-{write.trial_id}",
+                                        tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: write.trial_id, ROLE_TAG: "trial"})
+                run_id = self.run_ids[write.trial_id] = run.info.run_id
+                args["created"] = True  # if logging the params fails, the retry logs them, not a second run
+            if args.get("created"):
+                log_params(client, run_id, args["params"])
+            else:
+                client.update_run(run_id, status="RUNNING")
+            return
+        run_id = args.get("run_id") or self.run_ids.get(write.trial_id or "")
         if run_id is None:
-            run = client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}",
-                                    tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, ROLE_TAG: "trial"})
-            run_id = self.run_ids[trial.trial_id] = run.info.run_id
-            log_params(client, run_id, trial_params(trial.config, self.common_params))
-        else:  # a retried or resumed trial continues its own run
-            client.update_run(run_id, status="RUNNING")
+            return  # a trial whose run was never created (its start was not seen): nothing to attach to
+        if write.op == "metrics":
+            log_metrics(client, run_id, args["metrics"], args["step"], args["timestamp_ms"])
+        elif write.op == "params":
+            log_params(client, run_id, args["params"])
+        elif write.op == "metric":
+            client.log_metric(run_id, args["key"], args["value"])
+        elif write.op == "artifact":
+            client.log_artifact(run_id, args["path"], artifact_path=args.get("artifact_path"))
+        elif write.op == "tag":
+            client.set_tag(run_id, args["key"], args["value"])
+        elif write.op == "end":
+            if args.get("error"):
+                client.set_tag(run_id, "bkd.error", args["error"][:5000])
+            client.set_terminated(run_id, args["status"])
+        else:
+            raise ValueError(f"unknown MLflow write {write.op!r}")
 
-    @tolerant
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else ""
+
+
+class MLflowTrialLogger(Callback):
+    """One nested MLflow run per Tune trial: its parameters, per-epoch metrics (step = epoch) and a
+    final status (FINISHED, FAILED with the error, or KILLED at a driver's resume). Writes go
+    through an ``MLflowWriter``: an MLflow outage delays them; the search never waits for it."""
+
+    def __init__(self, writer: MLflowWriter, common_params: Mapping[str, Any], end_wait_s: float = 120.0) -> None:
+        self.writer = writer
+        self.common_params = dict(common_params)
+        self.end_wait_s = float(end_wait_s)
+
+    def get_state(self) -> Optional[dict]:  # Tune saves it with the experiment: a resumed driver keeps the queue
+        return {"run_ids": dict(self.writer.run_ids), "pending": list(self.writer.pending)}
+
+    def set_state(self, state: dict) -> None:
+        self.writer.run_ids.update(state.get("run_ids", {}))
+        self.writer.pending = list(state.get("pending", []))
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        params = trial_params(trial.config, self.common_params)
+        self.writer.submit(Write("start", {"params": params}, trial.trial_id))
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id is not None:
-            step = int(result.get("epoch", result.get("training_iteration", 0)))
-            log_metrics(self.client, run_id, result, step, int(result.get("timestamp", 0) * 1000))
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        metrics = {k: v for k, v in result.items() if k not in SKIPPED_METRICS and isinstance(v, (int, float))}
+        self.writer.submit(Write("metrics", {"metrics": metrics, "step": step,
+                                             "timestamp_ms": int(result.get("timestamp", 0) * 1000)}, trial.trial_id))
 
-    @tolerant
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         if last.get(DIVERGED):
@@ -129,17 +218,14 @@ class MLflowTrialLogger(Callback):
         else:
             self._end(trial, "FINISHED")
 
-    @tolerant
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "FAILED")
+        self._end(trial, "FAILED", trial_error(trial))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.writer.drain(self.end_wait_s, "Every trial's results are in Tune's storage and trials.parquet.")
 
     def _end(self, trial: Any, status: str, error: Optional[str] = None) -> None:
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None:
-            return
-        if status == "FAILED":
-            self.client.set_tag(run_id, "bkd.error", (error or trial_error(trial))[:5000])
-        self.client.set_terminated(run_id, status)
+        self.writer.submit(Write("end", {"status": status, "error": error}, trial.trial_id))
 
 
 def trial_error(trial: Any) -> str:

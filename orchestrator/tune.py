@@ -29,7 +29,7 @@ from .config import Job
 from .results import format_table, ranked, trial_id_of, trial_row, write_parquet
 from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
-from .tracking import ROLE_TAG, MLflowTrialLogger, child_runs, connect, end_leftover_runs, flatten, log_params
+from .tracking import ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params
 from .worker import MODEL_FILE, tune_trial_loop
 
 PARENT_FILE = "bkd_parent_run.json"
@@ -107,24 +107,36 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
     check_cluster_resources(job)
     teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
     parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg["tune"].get("resume")))
-    callback = MLflowTrialLogger(job.tracking_uri, experiment_id, parent_id, common_params(job, teacher_source))
+    m = job.cfg["mlflow"]
+    callback = MLflowTrialLogger(MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"]),
+                                 common_params(job, teacher_source), m["end_wait_s"])
+    parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"])
     start = time.time()
     try:
         results = make_tuner(job, teacher_state, callback, fixed_params).fit()
-        rows = summarize(job, client, experiment_id, parent_id, results)
-        client.set_terminated(parent_id, "FINISHED")
+        rows = summarize(job, parent, results)
+        parent.submit(Write("end", {"run_id": parent_id, "status": "FINISHED"}))
+        parent.drain(float(m["end_wait_s"]), f"The search's results are in {Path(job.output_dir) / job.experiment_name}.")
     except BaseException as exc:
-        client.set_tag(parent_id, "bkd.error", f"{type(exc).__name__}: {exc}"[:5000])
-        end_leftover_runs(client, experiment_id, parent_id, "KILLED")
-        client.set_terminated(parent_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        parent.submit(Write("tag", {"run_id": parent_id, "key": "bkd.error", "value": f"{type(exc).__name__}: {exc}"[:5000]}))
+        parent.submit(Write("end", {"run_id": parent_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"}))
+        try:
+            end_leftover_runs(client, experiment_id, parent_id, "KILLED")
+        except Exception as mlflow_exc:  # MLflow down as well: report the search's own error
+            print(f"[bkd] warning: could not mark this search's runs KILLED in MLflow ({first_line(mlflow_exc)}).", flush=True)
+        parent.drain(0.0)  # one last try: a failed or interrupted search does not wait for MLflow
         raise
     print(f"\n[bkd] {len(rows)} trials in {time.time() - start:.0f} s; MLflow parent run {parent_id}")
     return rows
 
 
-def summarize(job: Job, client: MlflowClient, experiment_id: str, parent_id: str, results: Any) -> list[dict[str, Any]]:
-    """Write trials.parquet and the best student; log them and the best trial to the parent run."""
-    run_ids = child_runs(client, experiment_id, parent_id)
+def summarize(job: Job, parent: MLflowWriter, results: Any) -> list[dict[str, Any]]:
+    """Write trials.parquet and the best student, then log them and the best trial to the parent run."""
+    try:
+        run_ids = child_runs(parent.client, parent.experiment_id, parent.parent_run_id)
+    except Exception as exc:  # MLflow down past mlflow.end_wait_s: the table goes without run ids
+        print(f"[bkd] warning: MLflow unreachable ({first_line(exc)}); trials.parquet lacks the MLflow run ids.", flush=True)
+        run_ids = {}
     epochs = int(job.cfg["train"]["epochs"])
     rows, by_trial, param_names = [], {}, []
     for result in results:
@@ -137,18 +149,20 @@ def summarize(job: Job, client: MlflowClient, experiment_id: str, parent_id: str
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(rows, str(out / "trials.parquet"))
-    client.log_artifact(parent_id, str(out / "trials.parquet"))
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
-    if best is not None:
-        params = dict(by_trial[best["trial_id"]].config or {})
-        log_params(client, parent_id, {f"best.{k}": v for k, v in params.items()} | {"best.trial_id": best["trial_id"]})
-        client.log_metric(parent_id, "best_val_acc", float(best["best_val_acc"]))
-        student = export_student(by_trial[best["trial_id"]], out)
-        if student:
-            client.log_artifact(parent_id, student, artifact_path="best_student")
+    student = export_student(by_trial[best["trial_id"]], out) if best is not None else None
     print("\n" + format_table(rows, param_names))
     print(f"\nresults: {out}/trials.parquet" + (f", best student: {out}/student.pt" if best else ""))
     print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open http://127.0.0.1:5000)")
+    parent_id = parent.parent_run_id
+    parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "trials.parquet")}))
+    if best is not None:
+        params = dict(by_trial[best["trial_id"]].config or {})
+        best_params = {f"best.{k}": v for k, v in params.items()} | {"best.trial_id": best["trial_id"]}
+        parent.submit(Write("params", {"run_id": parent_id, "params": best_params}))
+        parent.submit(Write("metric", {"run_id": parent_id, "key": "best_val_acc", "value": float(best["best_val_acc"])}))
+        if student:
+            parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
     return rows
 
 

@@ -71,6 +71,8 @@ def test_bad_training_switches(capsys):
     check(["train.checkpoint_every_epochs=0"], "train.checkpoint_every_epochs", "integer >= 1", capsys=capsys)
     check(["train.checkpoint_min_interval_s=-1"], "train.checkpoint_min_interval_s", "seconds >= 0", capsys=capsys)
     check(["train.distill_warmup_epochs=-1"], "train.distill_warmup_epochs", "[0, train.epochs=4]", capsys=capsys)
+    check(["mlflow.retry_interval_s=0"], "mlflow.retry_interval_s", "seconds > 0", capsys=capsys)
+    check(["mlflow.end_wait_s=soon"], "mlflow.end_wait_s", "seconds >= 0", capsys=capsys)
 
 
 def test_block_count_mismatch(capsys):

@@ -6,12 +6,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
 from bkd_core import models
@@ -208,3 +210,86 @@ def test_killed_driver_resumes(two_nodes):
         assert sorted(m.step for m in history) == [1, 2], (trial, [m.step for m in history])
     rows = pq.read_table(tmp / "out" / "resume" / "trials.parquet").to_pylist()
     assert len(rows) == 3 and all(r["status"] == "FINISHED" and r["epochs"] == 2 for r in rows)
+
+
+def start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` (sqlite store, proxied artifacts) in its own process group; waits until it answers."""
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination",
+         str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return server
+        except OSError:
+            time.sleep(0.3)
+    stop_server(server)
+    raise AssertionError("mlflow server did not start within 90 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+def test_mlflow_outage_delays_what_a_search_logs_but_loses_none_of_it(two_nodes):
+    """Kill the MLflow server once the first epoch is logged, start it again once the driver has
+    noticed: every epoch of every trial, each trial's end and the parent's results reach MLflow."""
+    tmp = two_nodes["tmp"] / "outage"
+    tmp.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp, port)
+    teacher = random_teacher(tmp, "digits-teacher")
+    args = [f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out", "tune.name=outage",
+            f"ray.address={two_nodes['address']}", "resources.cpus_per_worker=0.9", f"teacher.checkpoint={teacher}",
+            "tune.num_samples=2", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=5",
+            "mlflow.retry_interval_s=1"]
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.tune", *args], cwd=REPO, env=two_nodes["env"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+    reader.start()
+    client = MlflowClient(uri)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and driver.poll() is None:
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            runs = client.search_runs(experiments, filter_string="tags.`bkd.role` = 'trial'") if experiments else []
+            if any("val_acc" in r.data.metrics for r in runs):
+                break
+            time.sleep(0.3)
+        stop_server(server)
+        while time.time() < deadline and not any("is unreachable" in line for line in lines):
+            time.sleep(0.3)
+        assert any("is unreachable" in line for line in lines), "the driver never met the outage:\n" + "".join(lines[-40:])
+        server = start_mlflow_server(tmp, port)
+        driver.wait(timeout=600)
+        reader.join(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        stop_server(server)
+    output = "".join(lines)
+    print("".join(line for line in lines if line.startswith("[bkd]")))  # shown with pytest -s
+    assert driver.returncode == 0, output[-4000:]
+    assert "reachable again" in output and "were not logged" not in output, output[-4000:]
+    server = start_mlflow_server(tmp, port)  # read what reached the store
+    try:
+        (exp,) = [e for e in client.search_experiments() if e.name == "bkd"]
+        (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'search'")
+        trials = client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'trial'")
+        assert parent.info.status == "FINISHED" and "best_val_acc" in parent.data.metrics
+        assert "trials.parquet" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+        assert len(trials) == 2
+        for run in trials:
+            assert run.info.status == "FINISHED" and run.data.params["temperature"]
+            steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_acc")}
+            assert steps == {1, 2, 3, 4, 5}, (run.info.run_id, sorted(steps))
+    finally:
+        stop_server(server)
