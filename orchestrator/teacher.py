@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
+from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -18,8 +18,8 @@ from bkd_core.train import load_state_checked
 from .cli import entry_point
 from .config import ConfigError, Job
 from .runtime import check_cluster_resources, init_ray, make_trainer
-from .tracking import ROLE_TAG, connect, flatten, log_metrics, log_params
-from .worker import MODEL_FILE
+from .tracking import ROLE_TAG, MLflowWriter, Write, connect, flatten, log_params
+from .worker import MODEL_FILE, read_history
 
 KEY_TAG = "bkd.teacher_key"
 ARTIFACT = "teacher/teacher.pt"
@@ -54,7 +54,9 @@ def find_trained(client: MlflowClient, experiment_id: str, key: str) -> str | No
 
 
 def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Train the teacher with Ray Train and log it as its own MLflow run; returns (state, run id)."""
+    """Train the teacher with Ray Train, save it as ``<output_dir>/<experiment>/teacher.pt`` and log it
+    as its own MLflow run; returns (state, run id). An MLflow outage after training delays the
+    logging (up to ``mlflow.end_wait_s``), never the search."""
     key = job.teacher_key()
     run = client.create_run(experiment_id, run_name=f"teacher-{job.teacher_model}-{job.cfg['data']['name']}",
                             tags={ROLE_TAG: "teacher", KEY_TAG: key})
@@ -62,24 +64,29 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     log_params(client, run_id, {"model": job.teacher_model, "data": job.cfg["data"]["name"],
                                 **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data.")})
     print(f"[bkd] training teacher {job.teacher_model} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
+    writer = MLflowWriter(job.tracking_uri, experiment_id, "", job.cfg["mlflow"]["retry_interval_s"])
     try:
         result = make_trainer(job, {}, "teacher", name=f"teacher-{key}-{run_id[:8]}").fit()
         if result.error:
             raise result.error
-        for _, row in result.metrics_dataframe.iterrows():
-            log_metrics(client, run_id, row.to_dict(), int(row["epoch"]), int(row.get("timestamp", 0) * 1000))
         with result.checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "teacher.pt")
-            torch.save(state, path)
-            client.log_artifact(run_id, path, artifact_path="teacher")
-        client.set_terminated(run_id, "FINISHED")
+            history = read_history(folder)
     except BaseException as exc:
-        client.set_tag(run_id, "bkd.error", str(exc)[:5000])
-        client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        writer.submit(Write("tag", {"run_id": run_id, "key": "bkd.error", "value": str(exc)[:5000]}))
+        writer.submit(Write("end", {"run_id": run_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"}))
+        writer.drain(0.0)
         raise
-    print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%", flush=True)
+    path = Path(job.output_dir) / job.experiment_name / "teacher.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%, saved to {path}", flush=True)
+    for row in history:
+        writer.submit(Write("metrics", {"run_id": run_id, "metrics": row, "step": int(row["epoch"]),
+                                        "timestamp_ms": int(row["timestamp"] * 1000)}))
+    writer.submit(Write("artifact", {"run_id": run_id, "path": str(path), "artifact_path": "teacher"}))
+    writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED"}))
+    writer.drain(float(job.cfg["mlflow"]["end_wait_s"]), f"The teacher is at {path} (teacher.checkpoint={path} reuses it).")
     return state, run_id
 
 

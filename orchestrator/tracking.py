@@ -101,7 +101,8 @@ class MLflowWriter:
     def client(self) -> MlflowClient:
         if self._client is None:
             client = MlflowClient(self.tracking_uri)
-            self.run_ids.update(child_runs(client, self.experiment_id, self.parent_run_id))
+            if self.parent_run_id:
+                self.run_ids.update(child_runs(client, self.experiment_id, self.parent_run_id))
             self._client = client
         return self._client
 

@@ -8,6 +8,8 @@ or a retried trial resumes there.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 import time
@@ -30,6 +32,7 @@ from .results import DIVERGED
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
+HISTORY_FILE = "history.json"  # every epoch's metrics so far (Train V2 results keep only checkpointed ones)
 
 
 def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
@@ -101,7 +104,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     optimizer = make_optimizer(module.trainable_parameters(), cfg, device)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
 
-    start = resume(session, module, optimizer, scheduler, device)
+    start, history = resume(session, module, optimizer, scheduler, device)
     every = int(job["cfg"]["train"]["checkpoint_every_epochs"])
     min_interval = float(job["cfg"]["train"]["checkpoint_min_interval_s"])
     last_saved = time.monotonic()
@@ -117,6 +120,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             metrics = {DIVERGED: 1}
         metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
         metrics.update(epoch=epoch, workers=world)
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)} | {"timestamp": time.time()})
         if DIVERGED in metrics:
             # The trial ends here, not as an error: no retry would converge, and the searcher
             # learns from the diverged student's (chance-level) val_acc to avoid this region.
@@ -128,28 +132,40 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             continue
         last_saved = time.monotonic()
         with tempfile.TemporaryDirectory() as folder:  # the report copies it into the run's storage
-            save_state(folder, module, optimizer, scheduler, epoch)
+            save_state(folder, module, optimizer, scheduler, epoch, history)
             session.report(metrics, session.checkpoint_from(folder))
 
 
 def resume(session: Session, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-           device: torch.device) -> int:
-    """Load the session's checkpoint (if any) into module, optimizer and scheduler; the first epoch to run."""
+           device: torch.device) -> tuple[int, list[dict[str, float]]]:
+    """Load the session's checkpoint (if any) into module, optimizer and scheduler; the first epoch
+    to run and the metrics of the epochs before it."""
     checkpoint = session.get_checkpoint()
     if not checkpoint:
-        return 1
+        return 1, []
     with checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=False)
+        history = read_history(folder)
     result = module.load_state_dict(state["module"], strict=False)
     if result.unexpected_keys or any(not k.startswith("teacher.") for k in result.missing_keys):
         raise RuntimeError(f"checkpoint does not fit this trial's model: {result}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"]) + 1
+    return int(state["epoch"]) + 1, history
 
 
-def save_state(folder: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int) -> None:
-    """What ``resume`` reads (everything but the frozen teacher), and the student alone as MODEL_FILE."""
+def read_history(folder: str) -> list[dict[str, float]]:
+    """The per-epoch metrics saved in a checkpoint folder ([] for one without them)."""
+    path = os.path.join(folder, HISTORY_FILE)
+    return json.loads(open(path).read()) if os.path.isfile(path) else []
+
+
+def save_state(folder: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+               history: list[dict[str, float]]) -> None:
+    """What ``resume`` reads (everything but the frozen teacher, and the metrics so far), and the
+    student alone as MODEL_FILE."""
+    with open(os.path.join(folder, HISTORY_FILE), "w") as fh:
+        json.dump(history, fh)
     trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
     torch.save({"module": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch}, os.path.join(folder, STATE_FILE))

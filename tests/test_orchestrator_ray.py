@@ -46,6 +46,9 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
     _, teachers = runs(workspace, "teacher")
     _, children = runs(workspace, "trial")
     assert len(teachers) == 1 and teachers[0].info.status == "FINISHED"
+    assert "teacher/teacher.pt" in {a.path for a in client.list_artifacts(teachers[0].info.run_id, "teacher")}
+    assert [m.step for m in client.get_metric_history(teachers[0].info.run_id, "val_acc")] == [1, 2]
+    assert (workspace / "out" / "e2e" / "teacher.pt").is_file(), "the trained teacher is kept beside the results"
     assert len(children) == 3 and parent.info.status == "FINISHED"
     best_per_child = {}
     for child in children:
