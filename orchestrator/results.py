@@ -42,6 +42,7 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, max_ep
         **{k: v for k, v in params.items()},
         "best_val_acc": max(accs) if accs else float("nan"),
         "wall_time_s": float(metrics.get("time_total_s", float("nan")) or float("nan")),
+        "started_at": float(history["timestamp"].min()) if history is not None and "timestamp" in history else float("nan"),
         "mlflow_run_id": run_id,
         "error": str(result.error).strip().splitlines()[-1][:500] if result.error else diverged_message(metrics) if diverged else None,
     }
@@ -51,6 +52,15 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, max_ep
         if key.startswith(("val_acc_stone_", "train_loss_")):
             row[key] = float(value)
     return row
+
+
+def val_acc_curve(result: Any) -> list[tuple[int, float]]:
+    """(epoch, val_acc) of every epoch a trial reported; a repeated epoch (a retried trial) keeps its last value."""
+    history = result.metrics_dataframe
+    if history is None or "val_acc" not in history or "epoch" not in history:
+        return []
+    points = {int(e): float(a) for e, a in zip(history["epoch"], history["val_acc"]) if e == e and a == a}
+    return sorted(points.items())
 
 
 def write_parquet(rows: list[dict[str, Any]], path: str) -> None:

@@ -26,7 +26,8 @@ from search_spaces.space import suggest
 
 from .cli import entry_point
 from .config import Job
-from .results import format_table, ranked, trial_id_of, trial_row, write_parquet
+from .plots import search_figure
+from .results import format_table, ranked, trial_id_of, trial_row, val_acc_curve, write_parquet
 from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
 from .tracking import ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params
@@ -149,13 +150,16 @@ def summarize(job: Job, parent: MLflowWriter, results: Any) -> list[dict[str, An
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(rows, str(out / "trials.parquet"))
+    figure = search_figure(rows, {t: val_acc_curve(r) for t, r in by_trial.items()}, job.experiment_name)
+    figure.savefig(out / "search.png", dpi=110)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
     student = export_student(by_trial[best["trial_id"]], out) if best is not None else None
     print("\n" + format_table(rows, param_names))
-    print(f"\nresults: {out}/trials.parquet" + (f", best student: {out}/student.pt" if best else ""))
+    print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {out}/student.pt" if best else ""))
     print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open http://127.0.0.1:5000)")
     parent_id = parent.parent_run_id
     parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "trials.parquet")}))
+    parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "search.png")}))
     if best is not None:
         params = dict(by_trial[best["trial_id"]].config or {})
         best_params = {f"best.{k}": v for k, v in params.items()} | {"best.trial_id": best["trial_id"]}

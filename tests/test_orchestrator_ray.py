@@ -68,11 +68,13 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best_per_child[best_trial])
     assert parent.data.params["best.trial_id"] == best_trial and parent.data.params["train.epochs"] == "2"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.parquet", "config.json", "best_student"} <= artifacts
+    assert {"trials.parquet", "config.json", "best_student", "search.png"} <= artifacts
+    assert (workspace / "out" / "e2e" / "search.png").read_bytes()[:4] == b"\x89PNG"
 
     table = pq.read_table(workspace / "out" / "e2e" / "trials.parquet").to_pylist()
     assert len(table) == 3
-    assert {"trial_id", "status", "temperature", "cuts", "best_val_acc", "val_acc", "wall_time_s", "mlflow_run_id"} <= set(table[0])
+    assert {"trial_id", "status", "temperature", "cuts", "best_val_acc", "val_acc", "wall_time_s", "started_at",
+            "mlflow_run_id"} <= set(table[0])
     assert {r["trial_id"] for r in table} == set(best_per_child)
     assert all(r["status"] == "FINISHED" for r in table)
 

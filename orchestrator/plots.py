@@ -1,0 +1,65 @@
+"""One figure that summarises a search: learning curves, the search's progress, accuracy by block partition."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
+from matplotlib.ticker import MaxNLocator
+
+
+def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequence[tuple[int, float]]], title: str) -> Figure:
+    """``rows``: trials best first (``trial_id``, ``status``, ``best_val_acc``, ``cuts``, ``started_at``);
+    ``curves``: trial id -> [(epoch, val_acc)].
+
+    Left: val_acc per epoch of every trial (the best in bold; short curves were stopped early).
+    Middle: each trial's best val_acc in the order trials started, with the best so far.
+    Right (Block-KD searches): best val_acc of every trial per block partition (``cuts``).
+    """
+    by_partition = "cuts" in (rows[0] if rows else {})
+    fig = Figure(figsize=(15 if by_partition else 10, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3 if by_partition else 2)
+    fig.suptitle(title)
+    best = rows[0]["trial_id"] if rows and rows[0]["status"] == "FINISHED" else None
+
+    ax = axes[0]
+    for trial_id, points in curves.items():
+        if points:
+            epochs, accs = zip(*sorted(points))
+            strong = trial_id == best
+            ax.plot(epochs, accs, marker="o", markersize=3, linewidth=2.5 if strong else 1, alpha=1 if strong else 0.5,
+                    label=f"best: {trial_id}" if strong else None)
+    ax.set(xlabel="epoch", ylabel="val_acc (%)", title="learning curves")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if best is not None:
+        ax.legend(loc="best")
+
+    ax = axes[1]
+    started = sorted((r for r in rows if _finite(r.get("best_val_acc"))),
+                     key=lambda r: r["started_at"] if _finite(r.get("started_at")) else 0.0)
+    accs = [float(r["best_val_acc"]) for r in started]
+    running = [max(accs[: i + 1]) for i in range(len(accs))]
+    order = list(range(1, len(accs) + 1))
+    ax.scatter(order, accs, s=18, label="trial")
+    ax.step(order, running, where="post", color="black", label="best so far")
+    ax.set(xlabel="trial (in start order)", ylabel="best val_acc (%)", title="search progress")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best")
+
+    if by_partition:
+        ax = axes[2]
+        groups: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            if _finite(r.get("best_val_acc")):
+                groups[str(r.get("cuts") or "none")].append(float(r["best_val_acc"]))
+        names = sorted(groups, key=lambda name: -max(groups[name]))
+        for i, name in enumerate(names):
+            ax.scatter([i] * len(groups[name]), groups[name], s=18)
+        ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 6 else 0)
+        ax.set(xlabel="block partition (cuts)", ylabel="best val_acc (%)", title="by partition")
+    return fig
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
