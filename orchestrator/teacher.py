@@ -64,7 +64,9 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     log_params(client, run_id, {"model": job.teacher_model, "data": job.cfg["data"]["name"],
                                 **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data.")})
     print(f"[bkd] training teacher {job.teacher_model} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
-    writer = MLflowWriter(job.tracking_uri, experiment_id, "", job.cfg["mlflow"]["retry_interval_s"])
+    out = Path(job.output_dir) / job.experiment_name
+    writer = MLflowWriter(job.tracking_uri, experiment_id, "", job.cfg["mlflow"]["retry_interval_s"],
+                          spool=out / "mlflow_pending_teacher.jsonl")
     try:
         result = make_trainer(job, {}, "teacher", name=f"teacher-{key}-{run_id[:8]}").fit()
         if result.error:
@@ -77,8 +79,8 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
         writer.submit(Write("end", {"run_id": run_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"}))
         writer.drain(0.0)
         raise
-    path = Path(job.output_dir) / job.experiment_name / "teacher.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = out / "teacher.pt"
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%, saved to {path}", flush=True)
     for row in history:

@@ -2,10 +2,11 @@
 the driver, so only the driver needs to reach the tracking server), and the teacher's own run."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -81,13 +82,16 @@ class Write:
 
 
 class MLflowWriter:
-    """Applies a search's MLflow writes in order. While the server is unreachable it keeps them and
-    tries again every ``retry_interval_s`` (the search goes on meanwhile), so an outage delays what
-    a search logs but loses none of it."""
+    """Applies a search's MLflow writes in order. While the server is unreachable it keeps them, tries
+    again every ``retry_interval_s`` (the search goes on meanwhile) and mirrors them to the JSON-lines
+    file ``spool``, so that neither an outage nor a driver that stops before it ends loses a write:
+    ``adopt`` takes a spool back (``tune.resume=true`` does)."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, retry_interval_s: float = 10.0) -> None:
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, retry_interval_s: float = 10.0,
+                 spool: Optional[Path] = None) -> None:
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self.retry_interval_s = float(retry_interval_s)
+        self.spool = spool
         self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run id
         self.pending: list[Write] = []
         self._client: Optional[MlflowClient] = None
@@ -129,7 +133,10 @@ class MLflowWriter:
                       "The search goes on.", flush=True)
             self._client = None
             self._next_try = time.monotonic() + self.retry_interval_s
+            self._write_spool()
             return False
+        if self.spool is not None and self.spool.exists():
+            self.spool.unlink()
         if self._down_since is not None:
             print(f"[bkd] MLflow is reachable again after {time.time() - self._down_since:.0f} s; "
                   "every queued write is logged.", flush=True)
@@ -142,9 +149,29 @@ class MLflowWriter:
         while not self.flush(force=True) and time.monotonic() < deadline:
             time.sleep(max(0.0, min(self.retry_interval_s, deadline - time.monotonic())))
         if self.pending:
+            kept = f"They are kept in {self.spool}: once MLflow is back, run the same command with tune.resume=true. " if self.spool else ""
             print(f"[bkd] warning: MLflow at {self.tracking_uri} stayed unreachable for {wait_s:g} s "
-                  f"(mlflow.end_wait_s): {len(self.pending)} writes were not logged there. {where}".rstrip(), flush=True)
+                  f"(mlflow.end_wait_s): {len(self.pending)} writes were not logged there. {kept}{where}".rstrip(), flush=True)
         return not self.pending
+
+    def _write_spool(self) -> None:
+        if self.spool is None:
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.spool.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(asdict(w), default=_plain) + "\n" for w in self.pending))
+        partial.replace(self.spool)
+
+    def adopt(self, spool: Path) -> int:
+        """Queue the writes another writer left in ``spool`` (an earlier run's outage) and delete it;
+        they go out with this writer's next flush (or into its own spool). Returns how many."""
+        if not spool.is_file():
+            return 0
+        writes = [Write(**json.loads(line)) for line in spool.read_text().splitlines() if line.strip()]
+        self.pending.extend(writes)
+        if spool != self.spool:
+            spool.unlink()
+        return len(writes)
 
     def _apply(self, write: Write) -> None:
         client, args = self.client, write.args
@@ -181,6 +208,11 @@ class MLflowWriter:
             raise ValueError(f"unknown MLflow write {write.op!r}")
 
 
+def _plain(value: Any) -> Any:
+    """JSON for the numpy scalars a result may hold."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else ""
 
@@ -194,13 +226,6 @@ class MLflowTrialLogger(Callback):
         self.writer = writer
         self.common_params = dict(common_params)
         self.end_wait_s = float(end_wait_s)
-
-    def get_state(self) -> Optional[dict]:  # Tune saves it with the experiment: a resumed driver keeps the queue
-        return {"run_ids": dict(self.writer.run_ids), "pending": list(self.writer.pending)}
-
-    def set_state(self, state: dict) -> None:
-        self.writer.run_ids.update(state.get("run_ids", {}))
-        self.writer.pending = list(state.get("pending", []))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         params = trial_params(trial.config, self.common_params)

@@ -62,7 +62,7 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
         run_id = json.loads(marker.read_text())["run_id"]
         ended = end_leftover_runs(client, experiment_id, run_id)
         client.update_run(run_id, status="RUNNING")
-        print(f"[bkd] resuming {job.experiment_name}: parent MLflow run {run_id} ({ended} runs of the killed attempt marked KILLED)")
+        print(f"[bkd] resuming {job.experiment_name}: parent MLflow run {run_id} ({ended} runs an earlier attempt left RUNNING marked KILLED)")
         return run_id
     run = client.create_run(experiment_id, run_name=job.experiment_name, tags={ROLE_TAG: "search"})
     log_params(client, run.info.run_id, flatten(job.cfg))
@@ -108,16 +108,21 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
     check_cluster_resources(job)
     teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
     parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg["tune"].get("resume")))
-    m = job.cfg["mlflow"]
-    callback = MLflowTrialLogger(MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"]),
+    m, out = job.cfg["mlflow"], Path(job.output_dir) / job.experiment_name
+    callback = MLflowTrialLogger(MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"],
+                                              spool=out / "mlflow_pending_trials.jsonl"),
                                  common_params(job, teacher_source), m["end_wait_s"])
-    parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"])
+    parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"], spool=out / "mlflow_pending_search.jsonl")
+    left = sum(parent.adopt(spool) for spool in sorted(out.glob("mlflow_pending_*.jsonl")))
+    if left:
+        print(f"[bkd] logging {left} MLflow writes that an earlier MLflow outage left in {out}", flush=True)
+        parent.flush(force=True)
     start = time.time()
     try:
         results = make_tuner(job, teacher_state, callback, fixed_params).fit()
         rows = summarize(job, parent, results)
         parent.submit(Write("end", {"run_id": parent_id, "status": "FINISHED"}))
-        parent.drain(float(m["end_wait_s"]), f"The search's results are in {Path(job.output_dir) / job.experiment_name}.")
+        parent.drain(float(m["end_wait_s"]), f"The search's results are in {out}.")
     except BaseException as exc:
         parent.submit(Write("tag", {"run_id": parent_id, "key": "bkd.error", "value": f"{type(exc).__name__}: {exc}"[:5000]}))
         parent.submit(Write("end", {"run_id": parent_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"}))

@@ -237,59 +237,110 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
-def test_mlflow_outage_delays_what_a_search_logs_but_loses_none_of_it(two_nodes):
-    """Kill the MLflow server once the first epoch is logged, start it again once the driver has
-    noticed: every epoch of every trial, each trial's end and the parent's results reach MLflow."""
-    tmp = two_nodes["tmp"] / "outage"
-    tmp.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(tmp, port)
-    teacher = random_teacher(tmp, "digits-teacher")
-    args = [f"mlflow.tracking_uri={uri}", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out", "tune.name=outage",
-            f"ray.address={two_nodes['address']}", "resources.cpus_per_worker=0.9", f"teacher.checkpoint={teacher}",
-            "tune.num_samples=2", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=5",
-            "mlflow.retry_interval_s=1"]
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.tune", *args], cwd=REPO, env=two_nodes["env"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
-    reader.start()
-    client = MlflowClient(uri)
-    try:
+class OutageSearch:
+    """A search (2 trials of 5 epochs, digits) as a driver subprocess logging to a real `mlflow server`
+    that the test stops and starts; the server's store survives restarts."""
+
+    def __init__(self, two_nodes: dict, name: str, extra: list[str]) -> None:
+        self.tmp = two_nodes["tmp"] / name
+        self.tmp.mkdir()
+        self.port = free_port()
+        self.client = MlflowClient(f"http://127.0.0.1:{self.port}")
+        self.env = two_nodes["env"]
+        self.args = [f"mlflow.tracking_uri=http://127.0.0.1:{self.port}", f"ray.storage_path={self.tmp}/ray",
+                     f"output_dir={self.tmp}/out", f"tune.name={name}", f"ray.address={two_nodes['address']}",
+                     "resources.cpus_per_worker=0.9", f"teacher.checkpoint={random_teacher(self.tmp, 'teacher')}",
+                     "tune.num_samples=2", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=5",
+                     "mlflow.retry_interval_s=1", *extra]
+        self.server = start_mlflow_server(self.tmp, self.port)
+        self.lines: list[str] = []
+
+    def start_driver(self, *more: str) -> None:
+        self.lines = []
+        self.driver = subprocess.Popen([sys.executable, "-m", "orchestrator.tune", *self.args, *more], cwd=REPO, env=self.env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.driver.stdout), daemon=True)
+        self.reader.start()
+
+    def stop_server_after_the_first_epoch(self) -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and driver.poll() is None:
-            experiments = [e.experiment_id for e in client.search_experiments()]
-            runs = client.search_runs(experiments, filter_string="tags.`bkd.role` = 'trial'") if experiments else []
+        while time.time() < deadline and self.driver.poll() is None:
+            experiments = [e.experiment_id for e in self.client.search_experiments()]
+            runs = self.client.search_runs(experiments, filter_string="tags.`bkd.role` = 'trial'") if experiments else []
             if any("val_acc" in r.data.metrics for r in runs):
                 break
             time.sleep(0.3)
-        stop_server(server)
-        while time.time() < deadline and not any("is unreachable" in line for line in lines):
+        stop_server(self.server)
+        while time.time() < deadline and not self.said("is unreachable"):
             time.sleep(0.3)
-        assert any("is unreachable" in line for line in lines), "the driver never met the outage:\n" + "".join(lines[-40:])
-        server = start_mlflow_server(tmp, port)
-        driver.wait(timeout=600)
-        reader.join(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-        stop_server(server)
-    output = "".join(lines)
-    print("".join(line for line in lines if line.startswith("[bkd]")))  # shown with pytest -s
-    assert driver.returncode == 0, output[-4000:]
-    assert "reachable again" in output and "were not logged" not in output, output[-4000:]
-    server = start_mlflow_server(tmp, port)  # read what reached the store
-    try:
-        (exp,) = [e for e in client.search_experiments() if e.name == "bkd"]
-        (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'search'")
-        trials = client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'trial'")
+        assert self.said("is unreachable"), "the driver never met the outage:\n" + self.output[-4000:]
+
+    def wait_driver(self) -> str:
+        self.driver.wait(timeout=600)
+        self.reader.join(timeout=30)
+        print("".join(line for line in self.lines if line.startswith("[bkd]")))  # shown with pytest -s
+        assert self.driver.returncode == 0, self.output[-4000:]
+        return self.output
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def close(self) -> None:
+        if getattr(self, "driver", None) is not None and self.driver.poll() is None:
+            self.driver.kill()
+        stop_server(self.server)
+
+    def assert_everything_logged(self) -> None:
+        """Every epoch of both trials, their ends, and the parent's results are in the store."""
+        (exp,) = [e for e in self.client.search_experiments() if e.name == "bkd"]
+        (parent,) = self.client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'search'")
+        trials = self.client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'trial'")
         assert parent.info.status == "FINISHED" and "best_val_acc" in parent.data.metrics
-        assert "trials.parquet" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+        assert {"trials.parquet", "search.png"} <= {a.path for a in self.client.list_artifacts(parent.info.run_id)}
         assert len(trials) == 2
         for run in trials:
             assert run.info.status == "FINISHED" and run.data.params["temperature"]
-            steps = {m.step for m in client.get_metric_history(run.info.run_id, "val_acc")}
+            steps = {m.step for m in self.client.get_metric_history(run.info.run_id, "val_acc")}
             assert steps == {1, 2, 3, 4, 5}, (run.info.run_id, sorted(steps))
+
+
+def test_mlflow_outage_delays_what_a_search_logs_but_loses_none_of_it(two_nodes):
+    """Stop the MLflow server once the first epoch is logged, start it again once the driver has
+    noticed: the queued writes go out when it is back, during the search."""
+    search = OutageSearch(two_nodes, "outage", [])
+    try:
+        search.start_driver()
+        search.stop_server_after_the_first_epoch()
+        search.server = start_mlflow_server(search.tmp, search.port)
+        output = search.wait_driver()
+        assert "reachable again" in output and "were not logged" not in output, output[-4000:]
+        search.assert_everything_logged()
     finally:
-        stop_server(server)
+        search.close()
+
+
+def test_mlflow_down_past_the_end_of_a_search_keeps_its_writes_for_resume(two_nodes):
+    """MLflow stays down until the search has ended (mlflow.end_wait_s=1): the search still succeeds,
+    its unlogged writes wait in files beside trials.parquet, and `tune.resume=true` logs them."""
+    search = OutageSearch(two_nodes, "outage-end", ["mlflow.end_wait_s=1"])
+    out = search.tmp / "out" / "outage-end"
+    try:
+        search.start_driver()
+        search.stop_server_after_the_first_epoch()
+        output = search.wait_driver()
+        assert "were not logged" in output and "tune.resume=true" in output, output[-4000:]
+        assert (out / "trials.parquet").is_file() and (out / "student.pt").is_file()
+        spools = sorted(p.name for p in out.glob("mlflow_pending_*.jsonl"))
+        assert spools == ["mlflow_pending_search.jsonl", "mlflow_pending_trials.jsonl"], spools
+        search.server = start_mlflow_server(search.tmp, search.port)
+        search.start_driver("tune.resume=true")
+        output = search.wait_driver()
+        assert "that an earlier MLflow outage left" in output, output[-4000:]
+        assert not list(out.glob("mlflow_pending_*")), "the replayed writes' files are removed"
+        search.assert_everything_logged()
+    finally:
+        search.close()
