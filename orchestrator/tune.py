@@ -113,10 +113,14 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
                                               spool=out / "mlflow_pending_trials.jsonl"),
                                  common_params(job, teacher_source), m["end_wait_s"])
     parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"], spool=out / "mlflow_pending_search.jsonl")
-    left = sum(parent.adopt(spool) for spool in sorted(out.glob("mlflow_pending_*.jsonl")))
-    if left:
+    spools = sorted(out.glob("mlflow_pending_*.jsonl"))
+    if spools and job.cfg["tune"].get("resume"):
+        left = sum(parent.adopt(spool) for spool in spools)
         print(f"[bkd] logging {left} MLflow writes that an earlier MLflow outage left in {out}", flush=True)
         parent.flush(force=True)
+    elif spools:
+        print(f"[bkd] warning: {out} holds MLflow writes an earlier run of {job.experiment_name} could not log "
+              f"({', '.join(p.name for p in spools)}); tune.resume=true logs them.", flush=True)
     start = time.time()
     try:
         results = make_tuner(job, teacher_state, callback, fixed_params).fit()
