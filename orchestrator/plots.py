@@ -3,23 +3,26 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 from matplotlib.ticker import MaxNLocator
 
 
-def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequence[tuple[int, float]]], title: str) -> Figure:
+def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
+                  importances: Optional[Mapping[str, float]] = None) -> Figure:
     """``rows``: trials best first (``trial_id``, ``status``, ``best_val_acc``, ``cuts``, ``started_at``);
     ``curves``: trial id -> [(epoch, val_acc)].
 
     Left: val_acc per epoch of every trial (the best in bold; short curves were stopped early).
     Middle: each trial's best val_acc in the order trials started, with the best so far.
-    Right (Block-KD searches): best val_acc of every trial per block partition (``cuts``).
+    Then (Block-KD searches): best val_acc of every trial per block partition (``cuts``).
+    Last (when given): each parameter's share of ``importances`` (fANOVA).
     """
     by_partition = "cuts" in (rows[0] if rows else {})
-    fig = Figure(figsize=(15 if by_partition else 10, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3 if by_partition else 2)
+    panels = 2 + by_partition + bool(importances)
+    fig = Figure(figsize=(5 * panels, 4.2), layout="constrained")
+    axes = fig.subplots(1, panels)
     fig.suptitle(title)
     best = rows[0]["trial_id"] if rows and rows[0]["status"] == "FINISHED" else None
 
@@ -32,7 +35,7 @@ def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequen
                     label=f"best: {trial_id}" if strong else None)
     ax.set(xlabel="epoch", ylabel="val_acc (%)", title="learning curves")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if best is not None:
+    if best is not None and curves.get(best):
         ax.legend(loc="best")
 
     ax = axes[1]
@@ -58,6 +61,11 @@ def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequen
             ax.scatter([i] * len(groups[name]), groups[name], s=18)
         ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 6 else 0)
         ax.set(xlabel="block partition (cuts)", ylabel="best val_acc (%)", title="by partition")
+    if importances:
+        ax = axes[-1]
+        names = list(importances)[::-1]  # largest on top
+        ax.barh(names, [100 * importances[n] for n in names])
+        ax.set(xlabel="share of val_acc variance (%)", title="parameter importance (fANOVA)")
     return fig
 
 

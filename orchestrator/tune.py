@@ -26,6 +26,7 @@ from search_spaces.space import suggest
 
 from .cli import entry_point
 from .config import Job
+from .importance import format_importances, param_importances
 from .plots import search_figure
 from .results import format_table, ranked, trial_id_of, trial_row, val_acc_curve, write_parquet
 from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
@@ -159,11 +160,14 @@ def summarize(job: Job, parent: MLflowWriter, results: Any) -> list[dict[str, An
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(rows, str(out / "trials.parquet"))
-    figure = search_figure(rows, {t: val_acc_curve(r) for t, r in by_trial.items()}, job.experiment_name)
+    importances = param_importances(rows, job.cfg["search"], job.num_blocks, job.cfg.get("fixed"), int(job.cfg["tune"]["seed"]))
+    figure = search_figure(rows, {t: val_acc_curve(r) for t, r in by_trial.items()}, job.experiment_name, importances)
     figure.savefig(out / "search.png", dpi=110)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
     student = export_student(by_trial[best["trial_id"]], out) if best is not None else None
     print("\n" + format_table(rows, param_names))
+    if importances:
+        print("\n" + format_importances(importances, len(rows)))
     print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {out}/student.pt" if best else ""))
     print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open http://127.0.0.1:5000)")
     parent_id = parent.parent_run_id
@@ -174,6 +178,8 @@ def summarize(job: Job, parent: MLflowWriter, results: Any) -> list[dict[str, An
         best_params = {f"best.{k}": v for k, v in params.items()} | {"best.trial_id": best["trial_id"]}
         parent.submit(Write("params", {"run_id": parent_id, "params": best_params}))
         parent.submit(Write("metric", {"run_id": parent_id, "key": "best_val_acc", "value": float(best["best_val_acc"])}))
+    for name, share in importances.items():
+        parent.submit(Write("metric", {"run_id": parent_id, "key": f"importance.{name}", "value": share}))
         if student:
             parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
     return rows

@@ -66,6 +66,9 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
 
     best_trial = max(best_per_child, key=best_per_child.get)
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best_per_child[best_trial])
+    importances = {k: v for k, v in parent.data.metrics.items() if k.startswith("importance.")}
+    assert importances and sum(importances.values()) == pytest.approx(1.0), parent.data.metrics
+    assert "parameter importance for best_val_acc" in out
     assert parent.data.params["best.trial_id"] == best_trial and parent.data.params["train.epochs"] == "2"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.parquet", "config.json", "best_student", "search.png"} <= artifacts
