@@ -31,7 +31,7 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, max_ep
     """One row: parameters, final and best metrics, status, epochs, wall time."""
     metrics = dict(result.metrics or {})
     history = result.metrics_dataframe
-    accs = [float(v) for v in history["val_acc"]] if history is not None and "val_acc" in history else []
+    accs = [acc for _, acc in val_acc_curve(result)]
     epochs = int(metrics.get("epoch", 0) or 0)
     diverged = not result.error and bool(metrics.get(DIVERGED))
     row: dict[str, Any] = {

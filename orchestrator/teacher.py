@@ -65,7 +65,7 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
                                 **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data.")})
     print(f"[bkd] training teacher {job.teacher_model} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
     out = Path(job.output_dir) / job.experiment_name
-    writer = MLflowWriter(job.tracking_uri, experiment_id, "", job.cfg["mlflow"]["retry_interval_s"],
+    writer = MLflowWriter(job.tracking_uri, experiment_id, None, job.cfg["mlflow"]["retry_interval_s"],
                           spool=out / "mlflow_pending_teacher.jsonl")
     try:
         result = make_trainer(job, {}, "teacher", name=f"teacher-{key}-{run_id[:8]}").fit()
@@ -75,12 +75,12 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
             state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
             history = read_history(folder)
     except BaseException as exc:
-        writer.submit(Write("tag", {"run_id": run_id, "key": "bkd.error", "value": str(exc)[:5000]}))
-        writer.submit(Write("end", {"run_id": run_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"}))
+        writer.submit(Write("end", {"run_id": run_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                                    "error": str(exc)}))
         writer.drain(0.0)
         raise
-    path = out / "teacher.pt"
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "teacher.pt"
     torch.save(state, path)
     print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%, saved to {path}", flush=True)
     for row in history:

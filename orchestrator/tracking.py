@@ -87,8 +87,9 @@ class MLflowWriter:
     file ``spool``, so that neither an outage nor a driver that stops before it ends loses a write:
     ``adopt`` takes a spool back (``tune.resume=true`` does)."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, retry_interval_s: float = 10.0,
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: Optional[str], retry_interval_s: float = 10.0,
                  spool: Optional[Path] = None) -> None:
+        """``parent_run_id``: the search whose trial runs ``start`` writes create (None: writes name their runs)."""
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self.retry_interval_s = float(retry_interval_s)
         self.spool = spool
@@ -97,6 +98,7 @@ class MLflowWriter:
         self._client: Optional[MlflowClient] = None
         self._down_since: Optional[float] = None
         self._next_try = 0.0
+        self._spooled = False  # ``spool`` holds writes this writer has not applied yet
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks; the client is rebuilt on demand
         return {**self.__dict__, "_client": None, "_next_try": 0.0}
@@ -135,8 +137,9 @@ class MLflowWriter:
             self._next_try = time.monotonic() + self.retry_interval_s
             self._write_spool()
             return False
-        if self.spool is not None and self.spool.exists():
-            self.spool.unlink()
+        if self._spooled:
+            self.spool.unlink(missing_ok=True)
+            self._spooled = False
         if self._down_since is not None:
             print(f"[bkd] MLflow is reachable again after {time.time() - self._down_since:.0f} s; "
                   "every queued write is logged.", flush=True)
@@ -161,6 +164,7 @@ class MLflowWriter:
         partial = self.spool.with_suffix(".partial")
         partial.write_text("".join(json.dumps(asdict(w), default=_plain) + "\n" for w in self.pending))
         partial.replace(self.spool)
+        self._spooled = True
 
     def adopt(self, spool: Path) -> int:
         """Queue the writes another writer left in ``spool`` (an earlier run's outage) and delete it;
@@ -169,7 +173,9 @@ class MLflowWriter:
             return 0
         writes = [Write(**json.loads(line)) for line in spool.read_text().splitlines() if line.strip()]
         self.pending.extend(writes)
-        if spool != self.spool:
+        if spool == self.spool:
+            self._spooled = True
+        else:
             spool.unlink()
         return len(writes)
 
@@ -194,12 +200,8 @@ class MLflowWriter:
             log_metrics(client, run_id, args["metrics"], args["step"], args["timestamp_ms"])
         elif write.op == "params":
             log_params(client, run_id, args["params"])
-        elif write.op == "metric":
-            client.log_metric(run_id, args["key"], args["value"])
         elif write.op == "artifact":
             client.log_artifact(run_id, args["path"], artifact_path=args.get("artifact_path"))
-        elif write.op == "tag":
-            client.set_tag(run_id, args["key"], args["value"])
         elif write.op == "end":
             if args.get("error"):
                 client.set_tag(run_id, "bkd.error", args["error"][:5000])

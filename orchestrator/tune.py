@@ -129,8 +129,8 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
         parent.submit(Write("end", {"run_id": parent_id, "status": "FINISHED"}))
         parent.drain(float(m["end_wait_s"]), f"The search's results are in {out}.")
     except BaseException as exc:
-        parent.submit(Write("tag", {"run_id": parent_id, "key": "bkd.error", "value": f"{type(exc).__name__}: {exc}"[:5000]}))
-        parent.submit(Write("end", {"run_id": parent_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"}))
+        parent.submit(Write("end", {"run_id": parent_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                                    "error": f"{type(exc).__name__}: {exc}"}))
         try:
             end_leftover_runs(client, experiment_id, parent_id, "KILLED")
         except Exception as mlflow_exc:  # MLflow down as well: report the search's own error
@@ -177,11 +177,12 @@ def summarize(job: Job, parent: MLflowWriter, results: Any) -> list[dict[str, An
         params = dict(by_trial[best["trial_id"]].config or {})
         best_params = {f"best.{k}": v for k, v in params.items()} | {"best.trial_id": best["trial_id"]}
         parent.submit(Write("params", {"run_id": parent_id, "params": best_params}))
-        parent.submit(Write("metric", {"run_id": parent_id, "key": "best_val_acc", "value": float(best["best_val_acc"])}))
-    for name, share in importances.items():
-        parent.submit(Write("metric", {"run_id": parent_id, "key": f"importance.{name}", "value": share}))
         if student:
             parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
+    summary = {f"importance.{name}": share for name, share in importances.items()}
+    if best is not None:
+        summary["best_val_acc"] = float(best["best_val_acc"])
+    parent.submit(Write("metrics", {"run_id": parent_id, "metrics": summary, "step": 0, "timestamp_ms": int(time.time() * 1000)}))
     return rows
 
 
