@@ -299,7 +299,9 @@ def load_state_checked(model: nn.Module, source: Union[str, Path, dict], what: s
         try:
             source = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for corrupt files
-            raise ValueError(f"{what} {path} is not a readable torch state_dict ({type(exc).__name__}: {exc}).") from exc
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"{what} {path} is not a readable torch state_dict ({type(exc).__name__}: {first}); give a "
+                             "file saved with torch.save(model.state_dict(), PATH).") from exc
     if not isinstance(source, dict):
         raise ValueError(f"{what} holds a {type(source).__name__}, not a state_dict (save model.state_dict()).")
     source = source.get("state_dict", source)

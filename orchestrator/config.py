@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -23,13 +23,9 @@ from bkd_core.losses import LOGIT_LOSSES
 from bkd_core.train import TrainConfig
 from search_spaces.space import SearchSpaceError, partitions
 
+from .checks import ConfigError, check_fixed, check_number, check_values, did_you_mean
 
-class ConfigError(ValueError):
-    """A bad configuration value: ``key`` names it, the message says what is wrong and how to fix it."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
+__all__ = ["ConfigError", "Job", "check_number", "compose", "validate"]
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -57,6 +53,10 @@ def _override_error(text: str) -> ConfigError:
         return ConfigError(group, f"unknown {group} {option!r}; available: {', '.join(options)}. Pick one with {group}=NAME.")
     key = re.search(r"override '([^']+)'|Key '([^']+)'", text)
     name = next((g for g in key.groups() if g), "overrides") if key else "overrides"
+    if "Could not override" in text and name != "overrides":
+        hint = did_you_mean(name, OmegaConf.to_container(compose([]), resolve=False))
+        return ConfigError(name, f"no such key{hint or '.'} Check the spelling against `python -m orchestrator.tune --cfg` "
+                           f"(the composed config); a key the config does not have is added with +{name}=VALUE.")
     first = " ".join(text.strip().split("\n\n")[0].splitlines())
     return ConfigError(name, f"{first} Check the spelling against `python -m orchestrator.tune --cfg` (the composed config).")
 
@@ -135,6 +135,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
         hint = "data.root=PATH (the directory holding the dataset files)" if key == "data.root" else f"{key}=VALUE"
         raise ConfigError(key, f"is required for this configuration; pass {hint} on the command line.")
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    check_values(c)  # every number, switch and choice, before anything uses them
 
     for role in ("teacher", "student"):
         name = c["pair"][role]
@@ -171,10 +172,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     bad = [x for x in choices if x not in LOGIT_LOSSES]
     if bad:
         raise ConfigError("search.params.logit_loss", f"unknown logit loss {bad}; valid: {', '.join(LOGIT_LOSSES)}.")
-    for key in c.get("fixed") or {}:
-        if key not in (search.get("params") or {}) and key != "cuts" and not key.startswith("w_"):
-            raise ConfigError(f"fixed.{key}", f"is not a parameter of search space {search.get('name')!r}; valid: "
-                              f"{', '.join(list(search.get('params') or {}) + ['cuts', 'w_<cut>'])}.")
+    check_fixed(c.get("fixed") or {}, search, student.num_blocks)
 
     checkpoint = c["teacher"].get("checkpoint")
     if checkpoint and need_teacher_checkpoint_check and "://" not in str(checkpoint) and not str(checkpoint).startswith("runs:"):
@@ -194,39 +192,30 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     for key in ("warmup_epochs", "distill_warmup_epochs"):
         check_number(f"train.{key}", tr.get(key) or 0.0, lambda v: 0 <= v <= tr["epochs"],
                      f"a number of epochs in [0, train.epochs={tr['epochs']}]")
-    check_number("train.checkpoint_every_epochs", tr["checkpoint_every_epochs"], lambda v: v >= 1,
-                 "an integer >= 1 (1: every epoch)", integer=True)
-    check_number("train.checkpoint_min_interval_s", tr["checkpoint_min_interval_s"], lambda v: v >= 0,
-                 "a number of seconds >= 0 (0: no minimum)")
-
-    res = c["resources"]
-    if res["workers_per_trial"] < 1:
-        raise ConfigError("resources.workers_per_trial", "must be at least 1.")
-    if res["use_gpu"] and not 0 < float(res["gpus_per_worker"]) <= 8:
-        raise ConfigError("resources.gpus_per_worker", f"must be in (0, 8]; got {res['gpus_per_worker']} (fractions share a GPU).")
-    check_number("resources.max_worker_group_start_failures", res["max_worker_group_start_failures"], lambda v: v >= -1,
-                 "an integer >= 0, or -1 to wait forever", integer=True)
-    check_number("mlflow.retry_interval_s", c["mlflow"]["retry_interval_s"], lambda v: v > 0, "a number of seconds > 0")
-    check_number("mlflow.end_wait_s", c["mlflow"]["end_wait_s"], lambda v: v >= 0, "a number of seconds >= 0")
-    t = c["tune"]
-    if t["scheduler"] not in ("asha", "none", None):
-        raise ConfigError("tune.scheduler", f"unknown scheduler {t['scheduler']!r}; use asha or none.")
-    if t["num_samples"] < 1:
-        raise ConfigError("tune.num_samples", "must be at least 1.")
+    check_batch_fits(c, len(splits.train))
 
     storage = _absolute(c["ray"].get("storage_path") or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
     output_dir = _absolute(c.get("output_dir") or "results")
     check_writable("ray.storage_path", storage)
     check_writable("output_dir", output_dir)
+    t = c["tune"]
     name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, resume=bool(t.get("resume")))
     return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name)
 
 
-def check_number(key: str, value: Any, ok: Callable[[float], bool], wanted: str, integer: bool = False) -> None:
-    """Refuse ``value`` unless it is a number (an integer if ``integer``; never a bool) for which ``ok`` holds."""
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not ok(value):
-        raise ConfigError(key, f"must be {wanted}; got {value!r}.")
+def check_batch_fits(c: dict[str, Any], train_images: int) -> None:
+    """Each worker's share of a batch must fit in its share of the training set (full batches only)."""
+    workers = int(c["resources"]["workers_per_trial"])
+    per_worker = train_images // workers
+    for key, batch in (("train.batch_size", c["train"]["batch_size"]), ("teacher.batch_size", c["teacher"]["batch_size"])):
+        if key == "teacher.batch_size" and c["teacher"].get("checkpoint"):
+            continue
+        if max(1, batch // workers) > per_worker:
+            raise ConfigError(key, f"{batch} (global, {max(1, batch // workers)} per worker x {workers} workers) is more than "
+                              f"the {per_worker} training images each worker has ({train_images} in all"
+                              f"{', data.train_size' if c['data'].get('train_size') else ''}); lower {key} to at most "
+                              f"{per_worker * workers}, or train on more images.")
 
 
 def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> TrainConfig:

@@ -25,6 +25,10 @@ import itertools
 from typing import Any, Mapping, Optional, Sequence
 
 
+# Parameters that only Block-KD has (logit baselines refuse them); so do the stone weights w_<cut>.
+BLOCKKD_ONLY = ("cuts", "gamma", "stone_temperature")
+
+
 class SearchSpaceError(ValueError):
     """A search space that cannot produce a valid trial (names the key and the fix)."""
 
