@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError, Job, apply_env_defaults, compose, validate
+from .interrupts import STOP
 
 USAGE = """usage: python -m orchestrator.{tune,train,teacher} [KEY=VALUE | GROUP=OPTION ...] [--cfg] [--help]
 
@@ -28,8 +29,24 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None) -> 
             print(OmegaConf.to_yaml(cfg))
             return 0
         job = validate(cfg)
-        code = run(job)
+        with STOP.installed():
+            try:
+                code = run(job)
+            except KeyboardInterrupt:
+                print(f"\n[bkd] {STOP.name or 'SIGINT'}: {job.experiment_name} was interrupted; finished trials are kept. "
+                      f"To continue it:\n  {resume_command(run, argv, job.experiment_name)}", file=sys.stderr, flush=True)
+                return STOP.exit_code
     except ConfigError as exc:
         print(f"\nbkd: configuration error in `{exc.key}`:\n  {str(exc).split(': ', 1)[1]}\n", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0
+
+
+def resume_command(run: Callable[..., Any], argv: list[str], name: str) -> str:
+    """The command that continues an interrupted one: the same overrides plus tune.resume=true tune.name=NAME."""
+    kept = [a for a in argv if not a.startswith(("tune.resume=", "tune.name="))]
+    module = run.__module__
+    if module == "__main__":  # python -m orchestrator.X: the module's real name is on its spec
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec else "orchestrator.tune"
+    return " ".join(["python -m", module, *kept, "tune.resume=true", f"tune.name={name}"])

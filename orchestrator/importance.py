@@ -13,7 +13,7 @@ from search_spaces.space import suggest
 def param_importances(rows: Sequence[Mapping[str, Any]], space: Mapping[str, Any], num_blocks: int,
                       fixed: Optional[Mapping[str, Any]] = None, seed: int = 0) -> dict[str, float]:
     """Importance (shares summing to 1, largest first) of each searched parameter, the block
-    partition ``cuts`` included, for ``best_val_acc``. Trials that reported an accuracy count
+    partition ``cuts`` included, for ``val_acc``. Trials that reported an accuracy count
     (diverged ones too: the searcher learnt from them); {} with fewer than two or nothing varied.
 
     Each trial's distributions come from replaying the define-by-run space on its parameters.
@@ -25,7 +25,7 @@ def param_importances(rows: Sequence[Mapping[str, Any]], space: Mapping[str, Any
     finally:
         optuna.logging.set_verbosity(verbosity)
     for row in rows:
-        value = row.get("best_val_acc")
+        value = row.get("val_acc")
         if row.get("status") == "FAILED" or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
         replay = FixedTrial({k: v for k, v in row.items() if v is not None})
@@ -43,6 +43,6 @@ def param_importances(rows: Sequence[Mapping[str, Any]], space: Mapping[str, Any
 
 def format_importances(importances: Mapping[str, float], trials: int) -> str:
     rough = "; few trials: a rough guide" if trials < 10 else ""
-    lines = [f"parameter importance for best_val_acc (fANOVA, Optuna; {trials} trials{rough}):"]
+    lines = [f"parameter importance for val_acc (fANOVA, Optuna; {trials} trials{rough}):"]
     lines += [f"  {name:<20} {share:6.1%}  {'#' * round(40 * share)}" for name, share in importances.items()]
     return "\n".join(lines)

@@ -11,12 +11,12 @@ from matplotlib.ticker import MaxNLocator
 
 def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
                   importances: Optional[Mapping[str, float]] = None) -> Figure:
-    """``rows``: trials best first (``trial_id``, ``status``, ``best_val_acc``, ``cuts``, ``started_at``);
+    """``rows``: trials best first (``trial_id``, ``status``, ``val_acc`` (final epoch), ``cuts``, ``started_at``);
     ``curves``: trial id -> [(epoch, val_acc)].
 
     Left: val_acc per epoch of every trial (the best in bold; short curves were stopped early).
-    Middle: each trial's best val_acc in the order trials started, with the best so far.
-    Then (Block-KD searches): best val_acc of every trial per block partition (``cuts``).
+    Middle: each trial's final val_acc in the order trials started, with the best so far.
+    Then (Block-KD searches): final val_acc of every trial per block partition (``cuts``).
     Last (when given): each parameter's share of ``importances`` (fANOVA).
     """
     by_partition = "cuts" in (rows[0] if rows else {})
@@ -39,14 +39,14 @@ def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequen
         ax.legend(loc="best")
 
     ax = axes[1]
-    started = sorted((r for r in rows if _finite(r.get("best_val_acc"))),
+    started = sorted((r for r in rows if _finite(r.get("val_acc"))),
                      key=lambda r: r["started_at"] if _finite(r.get("started_at")) else 0.0)
-    accs = [float(r["best_val_acc"]) for r in started]
+    accs = [float(r["val_acc"]) for r in started]
     running = [max(accs[: i + 1]) for i in range(len(accs))]
     order = list(range(1, len(accs) + 1))
     ax.scatter(order, accs, s=18, label="trial")
     ax.step(order, running, where="post", color="black", label="best so far")
-    ax.set(xlabel="trial (in start order)", ylabel="best val_acc (%)", title="search progress")
+    ax.set(xlabel="trial (in start order)", ylabel="final val_acc (%)", title="search progress")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="best")
 
@@ -54,13 +54,13 @@ def search_figure(rows: Sequence[Mapping[str, Any]], curves: Mapping[str, Sequen
         ax = axes[2]
         groups: dict[str, list[float]] = defaultdict(list)
         for r in rows:
-            if _finite(r.get("best_val_acc")):
-                groups[str(r.get("cuts") or "none")].append(float(r["best_val_acc"]))
+            if _finite(r.get("val_acc")):
+                groups[str(r.get("cuts") or "none")].append(float(r["val_acc"]))
         names = sorted(groups, key=lambda name: -max(groups[name]))
         for i, name in enumerate(names):
             ax.scatter([i] * len(groups[name]), groups[name], s=18)
         ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 6 else 0)
-        ax.set(xlabel="block partition (cuts)", ylabel="best val_acc (%)", title="by partition")
+        ax.set(xlabel="block partition (cuts)", ylabel="final val_acc (%)", title="by partition")
     if importances:
         ax = axes[-1]
         names = list(importances)[::-1]  # largest on top

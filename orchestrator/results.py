@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,24 +27,53 @@ def trial_id_of(result: Any) -> str:
     return found.group(1) if found else (result.metrics or {}).get("trial_id", "?")
 
 
-def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, max_epochs: int) -> dict[str, Any]:
-    """One row: parameters, final and best metrics, status, epochs, wall time."""
-    metrics = dict(result.metrics or {})
+# How a trial ended, as trials.parquet and the printed table say it.
+STATUSES = {
+    "FINISHED": "trained every epoch",
+    "STOPPED_EARLY": "stopped early by the scheduler (ASHA)",
+    "DIVERGED": "its loss became NaN/inf",
+    "OUT_OF_TIME": "stopped by tune.time_budget_s",
+    "INTERRUPTED": "interrupted (SIGINT/SIGTERM); tune.resume=true continues it",
+    "FAILED": "raised an error (after tune.max_failures retries)",
+}
+
+
+def trial_status(tune_status: str, record: Any, has_results: bool, interrupted: bool, has_budget: bool) -> Optional[str]:
+    """A trial's status from Tune's state and its record (``orchestrator.records``); None for a trial
+    that never reported anything (not a row)."""
+    if record is not None:
+        return record.status
+    if tune_status == "ERROR":
+        return "FAILED"
+    if not has_results:
+        return None
+    if interrupted:
+        return "INTERRUPTED"
+    if tune_status == "TERMINATED":
+        return "OUT_OF_TIME" if has_budget else "STOPPED_EARLY"
+    return "INTERRUPTED"  # RUNNING, PENDING or PAUSED after Tune returned
+
+
+def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status: str, record: Any = None) -> dict[str, Any]:
+    """One row: parameters, final and best metrics, status, epochs, wall time. A recorded trial's own
+    record is its truth (a resumed driver may hold only part of its history)."""
+    metrics = dict(record.metrics if record is not None else result.metrics or {})
+    curve = val_acc_curve(result, record)
     history = result.metrics_dataframe
-    accs = [acc for _, acc in val_acc_curve(result)]
-    epochs = int(metrics.get("epoch", 0) or 0)
-    diverged = not result.error and bool(metrics.get(DIVERGED))
+    started = [h["timestamp"] for h in record.history if "timestamp" in h] if record is not None else []
+    if not started and history is not None and "timestamp" in history:
+        started = [float(history["timestamp"].min())]
+    error = str(result.error).strip().splitlines()[-1][:500] if result.error else diverged_message(metrics) if status == "DIVERGED" else None
     row: dict[str, Any] = {
         "trial_id": trial_id_of(result),
-        "status": "FAILED" if result.error else "DIVERGED" if diverged else "FINISHED",
-        "stopped_early": bool(not result.error and not diverged and epochs < max_epochs),
-        "epochs": epochs,
+        "status": status,
+        "epochs": int(metrics.get("epoch", 0) or 0),
         **{k: v for k, v in params.items()},
-        "best_val_acc": max(accs) if accs else float("nan"),
+        "best_val_acc": max(acc for _, acc in curve) if curve else float("nan"),
         "wall_time_s": float(metrics.get("time_total_s", float("nan")) or float("nan")),
-        "started_at": float(history["timestamp"].min()) if history is not None and "timestamp" in history else float("nan"),
+        "started_at": min(started) if started else float("nan"),
         "mlflow_run_id": run_id,
-        "error": str(result.error).strip().splitlines()[-1][:500] if result.error else diverged_message(metrics) if diverged else None,
+        "error": error,
     }
     for key in FINAL_METRICS:
         row[key] = float(metrics[key]) if key in metrics else float("nan")
@@ -54,12 +83,16 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, max_ep
     return row
 
 
-def val_acc_curve(result: Any) -> list[tuple[int, float]]:
+def val_acc_curve(result: Any, record: Any = None) -> list[tuple[int, float]]:
     """(epoch, val_acc) of every epoch a trial reported; a repeated epoch (a retried trial) keeps its last value."""
-    history = result.metrics_dataframe
-    if history is None or "val_acc" not in history or "epoch" not in history:
-        return []
-    points = {int(e): float(a) for e, a in zip(history["epoch"], history["val_acc"]) if e == e and a == a}
+    if record is not None and record.history:
+        pairs = [(h.get("epoch"), h.get("val_acc")) for h in record.history]
+    else:
+        history = result.metrics_dataframe
+        if history is None or "val_acc" not in history or "epoch" not in history:
+            return []
+        pairs = list(zip(history["epoch"], history["val_acc"]))
+    points = {int(e): float(a) for e, a in pairs if e is not None and a is not None and e == e and a == a}
     return sorted(points.items())
 
 
@@ -79,26 +112,28 @@ def _clean(value: Any) -> Any:
 
 
 def ranked(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best first: highest best_val_acc; failed trials last."""
+    """Best first: trials that trained every epoch, by their final val_acc (the accuracy of the
+    weights they end with, which student.pt holds); the others after them, by the same."""
     def key(row: dict[str, Any]) -> tuple[bool, float]:
-        acc = row["best_val_acc"]
+        acc = row["val_acc"]
         return row["status"] != "FINISHED", -(acc if not math.isnan(acc) else -1.0)
 
     return sorted(rows, key=key)
 
 
 def format_table(rows: list[dict[str, Any]], param_names: list[str]) -> str:
-    """A plain-text table of the trials, best first."""
-    head = ["rank", "trial_id", "status", "epochs", "best_val_acc", "val_acc"] + param_names
+    """A plain-text table of the trials, best first, and what each status means."""
+    head = ["rank", "trial_id", "status", "epochs", "val_acc", "best_val_acc"] + param_names
     lines = [head]
     for i, r in enumerate(ranked(rows), 1):
-        cells = [str(i), str(r["trial_id"]), r["status"] + ("*" if r["stopped_early"] else ""), str(r["epochs"]),
-                 _fmt(r["best_val_acc"]), _fmt(r["val_acc"])] + [_fmt(r.get(p)) for p in param_names]
-        lines.append(cells)
+        cells = [str(i), str(r["trial_id"]), r["status"], str(r["epochs"]), _fmt(r["val_acc"]), _fmt(r["best_val_acc"])]
+        lines.append(cells + [_fmt(r.get(p)) for p in param_names])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text) + "\n(* stopped early by the scheduler)"
+    seen = [s for s in STATUSES if any(r["status"] == s for r in rows)]
+    legend = "; ".join(f"{s}: {STATUSES[s]}" for s in seen)
+    return "\n".join(text) + "\n(val_acc: final epoch, the weights kept; best_val_acc: best epoch)" + (f"\n({legend})" if legend else "")
 
 
 def _fmt(value: Any) -> str:

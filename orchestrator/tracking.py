@@ -15,11 +15,13 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .config import ConfigError
+from .records import RECORDED, STOPPED_EARLY, TrialRecords
 from .results import DIVERGED, diverged_message
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "bkd.trial_id"
 ROLE_TAG = "bkd.role"
+END_TAG = "bkd.end_reason"  # why a run ended KILLED (interrupted, out of time, its driver died)
 # Tune's own bookkeeping, not worth a metric each.
 SKIPPED_METRICS = {"epoch", "workers", "training_iteration", "timestamp", "time_this_iter_s", "time_since_restore",
                    "iterations_since_restore", "pid", "done", "time_total_s"}
@@ -94,6 +96,7 @@ class MLflowWriter:
         self.retry_interval_s = float(retry_interval_s)
         self.spool = spool
         self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run id
+        self.logged_epoch: dict[str, int] = {}  # trial id -> the last epoch its run has (repeats are not logged twice)
         self.pending: list[Write] = []
         self._client: Optional[MlflowClient] = None
         self._down_since: Optional[float] = None
@@ -125,9 +128,16 @@ class MLflowWriter:
             return False
         try:
             while self.pending:
-                self._apply(self.pending[0])
+                try:
+                    self._apply(self.pending[0])
+                except Exception as exc:
+                    if is_outage(exc):
+                        raise
+                    write = self.pending[0]  # refused, not unreachable: retrying would not help
+                    print(f"[bkd] warning: MLflow refused a write ({write.op} {write.trial_id or write.args.get('run_id')}): "
+                          f"{type(exc).__name__}: {first_line(exc)}. It is left out; the search goes on.", flush=True)
                 self.pending.pop(0)
-        except Exception as exc:  # mlflow raises many types when the server is down
+        except Exception as exc:  # the server is unreachable
             if self._down_since is None:
                 self._down_since = time.time()
                 print(f"[bkd] warning: MLflow at {self.tracking_uri} is unreachable ({type(exc).__name__}: "
@@ -190,16 +200,25 @@ class MLflowWriter:
                 args["created"] = True  # if logging the params fails, the retry logs them, not a second run
             if args.get("created"):
                 log_params(client, run_id, args["params"])
-            else:
-                client.update_run(run_id, status="RUNNING")
+            else:  # a retried or resumed trial: its epochs already logged are not logged again
+                reopen(client, run_id)
+                steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+                self.logged_epoch[write.trial_id] = max([self.logged_epoch.get(write.trial_id, 0), *steps])
             return
         run_id = args.get("run_id") or self.run_ids.get(write.trial_id or "")
         if run_id is None:
             return  # a trial whose run was never created (its start was not seen): nothing to attach to
         if write.op == "metrics":
+            if write.trial_id and args["step"] <= self.logged_epoch.get(write.trial_id, 0):
+                return  # an epoch repeated after a restart from an older checkpoint: MLflow keeps the first
             log_metrics(client, run_id, args["metrics"], args["step"], args["timestamp_ms"])
+            if write.trial_id:
+                self.logged_epoch[write.trial_id] = args["step"]
         elif write.op == "params":
             log_params(client, run_id, args["params"])
+        elif write.op == "tags":
+            for key, value in args["tags"].items():
+                client.set_tag(run_id, key, str(value)[:5000])
         elif write.op == "artifact":
             client.log_artifact(run_id, args["path"], artifact_path=args.get("artifact_path"))
         elif write.op == "end":
@@ -208,6 +227,27 @@ class MLflowWriter:
             client.set_terminated(run_id, args["status"])
         else:
             raise ValueError(f"unknown MLflow write {write.op!r}")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when MLflow could not be reached (connection refused or reset, timeout, 502-504, a locked
+    sqlite file); False when it answered and refused (e.g. changing a logged param)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+            return True
+        if "database is locked" in str(seen) or "unable to open database" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        if text.startswith("API request to") and ("failed with exception" in text or "timeout exception" in text):
+            return True
+        return exc.get_http_status_code() in (502, 503, 504)
+    return False
 
 
 def _plain(value: Any) -> Any:
@@ -224,9 +264,11 @@ class MLflowTrialLogger(Callback):
     final status (FINISHED, FAILED with the error, or KILLED at a driver's resume). Writes go
     through an ``MLflowWriter``: an MLflow outage delays them; the search never waits for it."""
 
-    def __init__(self, writer: MLflowWriter, common_params: Mapping[str, Any], end_wait_s: float = 120.0) -> None:
+    def __init__(self, writer: MLflowWriter, common_params: Mapping[str, Any], records: TrialRecords,
+                 end_wait_s: float = 120.0) -> None:
         self.writer = writer
         self.common_params = dict(common_params)
+        self.records = records
         self.end_wait_s = float(end_wait_s)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -234,6 +276,8 @@ class MLflowTrialLogger(Callback):
         self.writer.submit(Write("start", {"params": params}, trial.trial_id))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get(RECORDED):
+            return  # a resumed trial replaying its record: logged when it first ran
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         metrics = {k: v for k, v in result.items() if k not in SKIPPED_METRICS and isinstance(v, (int, float))}
         self.writer.submit(Write("metrics", {"metrics": metrics, "step": step,
@@ -241,6 +285,8 @@ class MLflowTrialLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
+        if self.records.read(trial.trial_id) is None:  # it did not finish: the scheduler stopped it
+            self.records.write(trial.trial_id, STOPPED_EARLY, last, [])
         if last.get(DIVERGED):
             self._end(trial, "FAILED", diverged_message(last))
         else:
@@ -270,10 +316,19 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
-def end_leftover_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str = "KILLED") -> int:
-    """Mark children left RUNNING by a killed driver as ``status``; returns how many."""
+def reopen(client: MlflowClient, run_id: str) -> None:
+    """A run that goes on (a resumed search or trial): RUNNING again, without an earlier end's reason."""
+    if END_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, END_TAG)
+    client.update_run(run_id, status="RUNNING")
+
+
+def end_leftover_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str = "KILLED",
+                      reason: str = "its driver stopped before the trial ended") -> int:
+    """Mark children left RUNNING as ``status``, tagged with ``reason``; returns how many."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'")
     for run in runs:
+        client.set_tag(run.info.run_id, END_TAG, reason)
         client.set_terminated(run.info.run_id, status)
     return len(runs)
 

@@ -23,10 +23,11 @@ def run(job: Job) -> int:
     except SearchSpaceError as exc:
         raise ConfigError("fixed", str(exc)) from None
     print("[bkd] configuration: " + ", ".join(f"{k}={v}" for k, v in params.items()))
-    (row,) = search(job, fixed_params=params)
-    if row["status"] == "FINISHED":
+    rows = search(job, fixed_params=params)
+    if rows and rows[0]["status"] == "FINISHED":
         return 0
-    print(f"[bkd] the trial ended {row['status']}: {row['error']}", file=sys.stderr)
+    reason = f"ended {rows[0]['status']}: {rows[0]['error']}" if rows else "never started"
+    print(f"[bkd] the trial {reason}", file=sys.stderr)
     return 1
 
 

@@ -27,12 +27,16 @@ from search_spaces.space import suggest
 from .cli import entry_point
 from .config import Job
 from .importance import format_importances, param_importances
+from .interrupts import STOP
 from .plots import search_figure
-from .results import format_table, ranked, trial_id_of, trial_row, val_acc_curve, write_parquet
+from .records import DIVERGED as DIVERGED_STATUS, FINISHED, RECORDED, TrialRecords
+from .results import DIVERGED, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
 from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
-from .tracking import ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params
-from .worker import MODEL_FILE, tune_trial_loop
+from .tracking import (
+    END_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params, reopen,
+)
+from .worker import MODEL_FILE, read_history, tune_trial_loop
 
 PARENT_FILE = "bkd_parent_run.json"
 
@@ -40,13 +44,27 @@ PARENT_FILE = "bkd_parent_run.json"
 def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
     """Tune function trainable. One worker: the trial trains in its own process. Several: one Ray
     Train run (DDP over the workers), named after the Tune trial id so that a retried trial resumes
-    from its last checkpoint."""
-    if int(job.cfg["resources"]["workers_per_trial"]) == 1:
-        tune_trial_loop({"job": job.to_dict(), "params": dict(config), "mode": "distill", "teacher_state": teacher_state})
-        return
+    from its last checkpoint. A trial that already ended (its record exists: a resumed search whose
+    snapshot predates the end) reports its recorded result and returns."""
+    records = TrialRecords(job.storage_path, job.experiment_name)
     trial_id = tune.get_context().get_trial_id()
-    make_trainer(job, dict(config), "distill", name=f"{job.experiment_name}-train-{trial_id}",
-                 teacher_state=teacher_state, report_to_tune=True).fit()
+    record = records.read(trial_id)
+    if record is not None:
+        tune.report({**record.metrics, RECORDED: 1})
+        return
+    if int(job.cfg["resources"]["workers_per_trial"]) == 1:
+        tune_trial_loop({"job": job.to_dict(), "params": dict(config), "mode": "distill", "teacher_state": teacher_state}, records)
+        return
+    result = make_trainer(job, dict(config), "distill", name=f"{job.experiment_name}-train-{trial_id}",
+                          teacher_state=teacher_state, report_to_tune=True).fit()
+    metrics = dict(result.metrics or {})
+    history, student = [], None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            history = read_history(folder)
+            if not metrics.get(DIVERGED):
+                student = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+    records.write(trial_id, DIVERGED_STATUS if metrics.get(DIVERGED) else FINISHED, metrics, history, student)
 
 
 def common_params(job: Job, teacher_source: str) -> dict[str, Any]:
@@ -62,7 +80,7 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
     if resume and marker.is_file():
         run_id = json.loads(marker.read_text())["run_id"]
         ended = end_leftover_runs(client, experiment_id, run_id)
-        client.update_run(run_id, status="RUNNING")
+        reopen(client, run_id)
         print(f"[bkd] resuming {job.experiment_name}: parent MLflow run {run_id} ({ended} runs an earlier attempt left RUNNING marked KILLED)")
         return run_id
     run = client.create_run(experiment_id, run_name=job.experiment_name, tags={ROLE_TAG: "search"})
@@ -112,7 +130,8 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
     m, out = job.cfg["mlflow"], Path(job.output_dir) / job.experiment_name
     callback = MLflowTrialLogger(MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"],
                                               spool=out / "mlflow_pending_trials.jsonl"),
-                                 common_params(job, teacher_source), m["end_wait_s"])
+                                 common_params(job, teacher_source), TrialRecords(job.storage_path, job.experiment_name),
+                                 m["end_wait_s"])
     parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"], spool=out / "mlflow_pending_search.jsonl")
     spools = sorted(out.glob("mlflow_pending_*.jsonl"))
     if spools and job.cfg["tune"].get("resume"):
@@ -124,81 +143,120 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
               f"({', '.join(p.name for p in spools)}); tune.resume=true logs them.", flush=True)
     start = time.time()
     try:
-        results = make_tuner(job, teacher_state, callback, fixed_params).fit()
-        rows = summarize(job, parent, results)
+        with STOP.graceful():
+            results = make_tuner(job, teacher_state, callback, fixed_params).fit()
+        rows = summarize(job, parent, results, interrupted=STOP.received is not None)
+        if STOP.received is not None:
+            raise KeyboardInterrupt  # rows and trials.parquet say which trials were interrupted
+        if any(r["status"] == "OUT_OF_TIME" for r in rows):
+            end_runs_left(client, experiment_id, parent_id, "stopped by tune.time_budget_s")
         parent.submit(Write("end", {"run_id": parent_id, "status": "FINISHED"}))
         parent.drain(float(m["end_wait_s"]), f"The search's results are in {out}.")
     except BaseException as exc:
-        parent.submit(Write("end", {"run_id": parent_id, "status": "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
-                                    "error": f"{type(exc).__name__}: {exc}"}))
-        try:
-            end_leftover_runs(client, experiment_id, parent_id, "KILLED")
-        except Exception as mlflow_exc:  # MLflow down as well: report the search's own error
-            print(f"[bkd] warning: could not mark this search's runs KILLED in MLflow ({first_line(mlflow_exc)}).", flush=True)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = f"interrupted ({STOP.name or 'SIGINT'})" if interrupted else f"the search failed: {type(exc).__name__}"
+        parent.submit(Write("end", {"run_id": parent_id, "status": "KILLED" if interrupted else "FAILED",
+                                    "error": None if interrupted else f"{type(exc).__name__}: {exc}"}))
+        parent.submit(Write("tags", {"run_id": parent_id, "tags": {END_TAG: reason}}))
+        end_runs_left(client, experiment_id, parent_id, reason)
         parent.drain(0.0)  # one last try: a failed or interrupted search does not wait for MLflow
         raise
     print(f"\n[bkd] {len(rows)} trials in {time.time() - start:.0f} s; MLflow parent run {parent_id}")
     return rows
 
 
-def summarize(job: Job, parent: MLflowWriter, results: Any) -> list[dict[str, Any]]:
-    """Write trials.parquet and the best student, then log them and the best trial to the parent run."""
+def end_runs_left(client: MlflowClient, experiment_id: str, parent_id: str, reason: str) -> None:
+    """Trial runs still RUNNING (interrupted or out of time) end KILLED, tagged with why."""
+    try:
+        end_leftover_runs(client, experiment_id, parent_id, "KILLED", reason)
+    except Exception as mlflow_exc:  # MLflow down as well: tune.resume=true ends them later
+        print(f"[bkd] warning: could not mark this search's running trials KILLED in MLflow ({first_line(mlflow_exc)}).", flush=True)
+
+
+def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool = False) -> list[dict[str, Any]]:
+    """Write trials.parquet and the best student, then log them and the best trial to the parent run.
+    Trials that never reported anything are not rows; an interrupted search logs no summary (its
+    resume does)."""
     try:
         run_ids = child_runs(parent.client, parent.experiment_id, parent.parent_run_id)
     except Exception as exc:  # MLflow down past mlflow.end_wait_s: the table goes without run ids
         print(f"[bkd] warning: MLflow unreachable ({first_line(exc)}); trials.parquet lacks the MLflow run ids.", flush=True)
         run_ids = {}
-    epochs = int(job.cfg["train"]["epochs"])
-    rows, by_trial, param_names = [], {}, []
-    for result in results:
-        trial_id = trial_id_of(result)
+    records = TrialRecords(job.storage_path, job.experiment_name)
+    has_budget = job.cfg["tune"].get("time_budget_s") is not None
+    rows, curves, param_names = [], {}, []
+    # ResultGrid's results follow its trials in order; Tune's trial states live on the trials
+    for trial, result in zip(results._experiment_analysis.trials, results):
+        record = records.read(trial.trial_id)
+        status = trial_status(trial.status, record, bool(result.metrics and "epoch" in result.metrics), interrupted, has_budget)
+        if status is None:
+            continue  # never started
         params = dict(result.config or {})
         param_names += [k for k in params if k not in param_names]
-        rows.append(trial_row(result, params, run_ids.get(trial_id), epochs))
-        by_trial[trial_id] = result
+        rows.append(trial_row(result, params, run_ids.get(trial.trial_id), status, record))
+        curves[trial.trial_id] = val_acc_curve(result, record)
     rows = ranked(rows)
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(rows, str(out / "trials.parquet"))
+    print("\n" + format_table(rows, param_names))
+    if interrupted:
+        print(f"\nresults so far: {out}/trials.parquet", flush=True)
+        return rows
     importances = param_importances(rows, job.cfg["search"], job.num_blocks, job.cfg.get("fixed"), int(job.cfg["tune"]["seed"]))
-    figure = search_figure(rows, {t: val_acc_curve(r) for t, r in by_trial.items()}, job.experiment_name, importances)
+    figure = search_figure(rows, curves, job.experiment_name, importances)
     figure.savefig(out / "search.png", dpi=110)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
-    student = export_student(by_trial[best["trial_id"]], out) if best is not None else None
-    print("\n" + format_table(rows, param_names))
+    student = export_student(records, best["trial_id"], out) if best is not None else None
     if importances:
         print("\n" + format_importances(importances, len(rows)))
-    print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {out}/student.pt" if best else ""))
+    print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {student}" if student else ""))
     print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open http://127.0.0.1:5000)")
     parent_id = parent.parent_run_id
     parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "trials.parquet")}))
     parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "search.png")}))
-    if best is not None:
-        params = dict(by_trial[best["trial_id"]].config or {})
-        best_params = {f"best.{k}": v for k, v in params.items()} | {"best.trial_id": best["trial_id"]}
-        parent.submit(Write("params", {"run_id": parent_id, "params": best_params}))
+    summary = {f"importance.{name}": share for name, share in importances.items()}
+    if best is not None:  # tags and metrics, not params: a resumed search may find another best
+        best_config = {f"best.{k}": v for k, v in best.items() if k in param_names} | {"best.trial_id": best["trial_id"]}
+        parent.submit(Write("tags", {"run_id": parent_id, "tags": best_config}))
         if student:
             parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
-    summary = {f"importance.{name}": share for name, share in importances.items()}
-    if best is not None:
-        summary["best_val_acc"] = float(best["best_val_acc"])
+        summary["best_val_acc"] = float(best["val_acc"])
+    summary["trials_finished"] = sum(r["status"] == "FINISHED" for r in rows)
     parent.submit(Write("metrics", {"run_id": parent_id, "metrics": summary, "step": 0, "timestamp_ms": int(time.time() * 1000)}))
     return rows
 
 
-def export_student(result: Any, out: Path) -> Optional[str]:
-    """Copy the best trial's final student weights (its last checkpoint) to ``out/student.pt``."""
-    path = (result.metrics or {}).get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None)
-    source = Path(str(path)) / MODEL_FILE if path else None
-    if source is None or not source.is_file():
+def export_student(records: TrialRecords, trial_id: str, out: Path) -> Optional[str]:
+    """The best trial's final student weights (its record) as ``out/student.pt``."""
+    state = records.student(trial_id)
+    if state is None:
         return None
     target = out / "student.pt"
-    torch.save(torch.load(source, map_location="cpu", weights_only=True), target)
+    torch.save(state, target)
     return str(target)
 
 
+def first_failure(rows: list[dict[str, Any]]) -> str:
+    """Why no trial finished, in one line: the first trial error, else the statuses."""
+    errors = [r["error"] for r in sorted(rows, key=lambda r: r.get("started_at") or 0) if r.get("error")]
+    if errors:
+        return f"the first trial error: {errors[0]}"
+    counts = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
+    return "trial statuses: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial started")
+
+
+def run(job: Job) -> int:
+    """``python -m orchestrator.tune``: 0 when at least one trial finished, else 1 (with the reason)."""
+    rows = search(job)
+    if any(r["status"] == "FINISHED" for r in rows):
+        return 0
+    print(f"[bkd] no trial finished all its epochs; {first_failure(rows)}", file=sys.stderr, flush=True)
+    return 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    return entry_point(search, argv)
+    return entry_point(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ray.train
 import ray.train.torch
@@ -28,6 +28,7 @@ from bkd_core.train import (
 from search_spaces.space import parse_cuts, stone_weights
 
 from .config import load_dataset, train_config
+from .records import DIVERGED as DIVERGED_STATUS, FINISHED, TrialRecords
 from .results import DIVERGED
 
 STATE_FILE = "state.pt"
@@ -67,6 +68,8 @@ class Session:
     checkpoint_from: Callable[[str], Any]  # Checkpoint.from_directory of the same kind
     report: Callable[[dict[str, Any], Any], None]
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module]
+    # records how the trial ended (status, metrics, history, final student weights) before its last report
+    finish: Optional[Callable[[str, dict[str, Any], list, Optional[dict]], None]] = None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -79,12 +82,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_loop(config, session)
 
 
-def tune_trial_loop(config: dict[str, Any]) -> None:
+def tune_trial_loop(config: dict[str, Any], records: Optional[TrialRecords] = None) -> None:
     """A single-worker trial trains inside its Tune trial process: no Train controller or worker
-    group to start (seconds per trial), and Tune retries it from its last checkpoint."""
+    group to start (seconds per trial), and Tune retries it from its last checkpoint. With ``records``,
+    the trial records its end (``orchestrator.records``) before its last report."""
     use_gpu = bool(config["job"]["cfg"]["resources"]["use_gpu"]) and torch.cuda.is_available()
+    trial_id = tune.get_context().get_trial_id()
+    finish = (lambda status, metrics, history, student: records.write(trial_id, status, metrics, history, student)) if records else None
     session = Session(0, 1, torch.device("cuda", 0) if use_gpu else torch.device("cpu"), tune.get_checkpoint,
-                      tune.Checkpoint.from_directory, lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint), lambda module: module)
+                      tune.Checkpoint.from_directory, lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint),
+                      lambda module: module, finish)
     train_loop(config, session)
 
 
@@ -124,8 +131,12 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         if DIVERGED in metrics:
             # The trial ends here, not as an error: no retry would converge, and the searcher
             # learns from the diverged student's (chance-level) val_acc to avoid this region.
+            if session.finish and rank == 0:
+                session.finish(DIVERGED_STATUS, metrics, history, None)
             session.report(metrics, None)
             return
+        if epoch == cfg.epochs and session.finish and rank == 0:
+            session.finish(FINISHED, metrics, history, module.student.state_dict())
         due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval
         if rank != 0 or not (due or epoch == cfg.epochs):
             session.report(metrics, None)

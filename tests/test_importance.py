@@ -23,13 +23,13 @@ def rows_where_the_partition_decides(n: int) -> list[dict]:
         trial = study.ask()
         constants = suggest(trial, SPACE, 3) or {}
         acc = 50.0 + 30.0 * ("1" in trial.params["cuts"].split(",")) + noise.random()
-        rows.append({**trial.params, **constants, "status": "FINISHED", "best_val_acc": acc})
+        rows.append({**trial.params, **constants, "status": "FINISHED", "val_acc": acc})
     return rows
 
 
 def test_the_parameter_that_decides_comes_first():
     rows = rows_where_the_partition_decides(24)
-    rows.append({"status": "FAILED", "best_val_acc": math.nan, "lr": 0.1})  # skipped
+    rows.append({"status": "FAILED", "val_acc": math.nan, "lr": 0.1})  # skipped
     importances = param_importances(rows, SPACE, 3)
     assert next(iter(importances)) == "cuts", importances
     assert sum(importances.values()) == pytest.approx(1.0)
@@ -44,7 +44,7 @@ def test_too_few_trials_give_no_importances():
 
 
 def test_importances_panel():
-    rows = sorted(rows_where_the_partition_decides(8), key=lambda r: -r["best_val_acc"])
+    rows = sorted(rows_where_the_partition_decides(8), key=lambda r: -r["val_acc"])
     for i, row in enumerate(rows):
         row.update(trial_id=f"t{i}", started_at=float(i))
     fig = search_figure(rows, {}, "exp", {"cuts": 0.7, "lr": 0.3})

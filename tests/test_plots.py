@@ -6,10 +6,10 @@ from orchestrator.plots import search_figure
 
 def rows_and_curves():
     rows = [  # best first, as summarize passes them
-        {"trial_id": "b", "status": "FINISHED", "best_val_acc": 90.0, "cuts": "1,3", "started_at": 20.0},
-        {"trial_id": "a", "status": "FINISHED", "best_val_acc": 70.0, "cuts": "3", "started_at": 10.0},
-        {"trial_id": "c", "status": "FINISHED", "best_val_acc": 80.0, "cuts": "1,3", "started_at": 30.0},
-        {"trial_id": "d", "status": "FAILED", "best_val_acc": math.nan, "cuts": "2", "started_at": math.nan},
+        {"trial_id": "b", "status": "FINISHED", "val_acc": 90.0, "cuts": "1,3", "started_at": 20.0},
+        {"trial_id": "a", "status": "FINISHED", "val_acc": 70.0, "cuts": "3", "started_at": 10.0},
+        {"trial_id": "c", "status": "FINISHED", "val_acc": 80.0, "cuts": "1,3", "started_at": 30.0},
+        {"trial_id": "d", "status": "FAILED", "val_acc": math.nan, "cuts": "2", "started_at": math.nan},
     ]
     curves = {"b": [(1, 60.0), (2, 90.0)], "a": [(1, 70.0)], "c": [(2, 80.0), (1, 50.0)], "d": []}
     return rows, curves
@@ -32,6 +32,6 @@ def test_search_figure_panels(tmp_path):
 
 
 def test_search_figure_without_partitions():
-    rows = [{"trial_id": "a", "status": "FINISHED", "best_val_acc": 70.0, "started_at": 1.0}]
+    rows = [{"trial_id": "a", "status": "FINISHED", "val_acc": 70.0, "started_at": 1.0}]
     fig = search_figure(rows, {"a": [(1, 70.0)]}, "kd search")
     assert len(fig.axes) == 2

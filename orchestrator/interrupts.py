@@ -1,0 +1,72 @@
+"""SIGINT (Ctrl-C) and SIGTERM in a driver: stop within seconds, keep what can be resumed, exit 130 / 143.
+
+While Tune runs, the first signal asks Tune to stop the way its own Ctrl-C handling does (SIGUSR1: it
+saves the experiment state one last time and stops the trials); the search then records the trials it
+interrupted and raises ``KeyboardInterrupt``. Outside Tune (starting Ray, training the teacher), or on a
+second signal, ``KeyboardInterrupt`` is raised at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Iterator, Optional
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """The process's stop signals; one instance, ``STOP``, as signals belong to the process."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._graceful = False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by it (130 SIGINT, 143 SIGTERM)."""
+        return 128 + int(self.received or signal.SIGINT)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopSignals"]:
+        """Handle SIGINT/SIGTERM for the duration (main thread only; elsewhere Python's defaults stay)."""
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards to Tune's stop (SIGUSR1) instead
+        previous = {s: signal.getsignal(s) for s in HANDLED}
+        for s in HANDLED:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def graceful(self) -> Iterator[None]:
+        """Within this block (``Tuner.fit``), the first signal stops Tune instead of raising."""
+        self._graceful = True
+        try:
+            yield
+        finally:
+            self._graceful = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if first and self._graceful and hasattr(signal, "SIGUSR1"):
+            print(f"\n[bkd] {signal.Signals(signum).name} received: stopping the trials and saving the search "
+                  "(a second one stops at once)", flush=True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        raise KeyboardInterrupt
+
+
+STOP = StopSignals()
