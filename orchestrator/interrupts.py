@@ -22,6 +22,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._graceful = False
+        self._active = False
 
     @property
     def name(self) -> str:
@@ -41,13 +42,20 @@ class StopSignals:
             return
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards to Tune's stop (SIGUSR1) instead
         previous = {s: signal.getsignal(s) for s in HANDLED}
-        for s in HANDLED:
-            signal.signal(s, self._handle)
+        self._active = True
+        self.claim()
         try:
             yield self
         finally:
+            self._active = False
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def claim(self) -> None:
+        """(Re)install the handlers: ``ray.init`` installs its own for SIGTERM (print and abort)."""
+        if self._active and threading.current_thread() is threading.main_thread():
+            for s in HANDLED:
+                signal.signal(s, self._handle)
 
     @contextlib.contextmanager
     def graceful(self) -> Iterator[None]:

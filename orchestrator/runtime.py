@@ -10,6 +10,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from .config import ConfigError, Job
+from .interrupts import STOP
 from .worker import train_loop_per_worker
 
 
@@ -31,6 +32,7 @@ def init_ray(job: Job) -> None:
     if job.cfg["ray"].get("num_cpus") and address in (None, "local"):
         kwargs["num_cpus"] = int(job.cfg["ray"]["num_cpus"])
     ray.init(address=address, **kwargs)
+    STOP.claim()  # ray.init replaced our SIGTERM handler with its own
 
 
 def trial_resources(job: Job) -> dict[str, float]:

@@ -287,7 +287,8 @@ class MLflowTrialLogger(Callback):
         last = trial.last_result or {}
         if self.records.read(trial.trial_id) is None:  # it did not finish: the scheduler stopped it
             self.records.write(trial.trial_id, STOPPED_EARLY, last, [])
-        if last.get(DIVERGED):
+            self._end(trial, "FINISHED", reason=f"stopped early by the scheduler after epoch {last.get('epoch', '?')}")
+        elif last.get(DIVERGED):
             self._end(trial, "FAILED", diverged_message(last))
         else:
             self._end(trial, "FINISHED")
@@ -298,7 +299,9 @@ class MLflowTrialLogger(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.writer.drain(self.end_wait_s, "Every trial's results are in Tune's storage and trials.parquet.")
 
-    def _end(self, trial: Any, status: str, error: Optional[str] = None) -> None:
+    def _end(self, trial: Any, status: str, error: Optional[str] = None, reason: Optional[str] = None) -> None:
+        if reason:
+            self.writer.submit(Write("tags", {"tags": {END_TAG: reason}}, trial.trial_id))
         self.writer.submit(Write("end", {"status": status, "error": error}, trial.trial_id))
 
 

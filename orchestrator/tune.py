@@ -148,8 +148,9 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
         rows = summarize(job, parent, results, interrupted=STOP.received is not None)
         if STOP.received is not None:
             raise KeyboardInterrupt  # rows and trials.parquet say which trials were interrupted
-        if any(r["status"] == "OUT_OF_TIME" for r in rows):
-            end_runs_left(client, experiment_id, parent_id, "stopped by tune.time_budget_s")
+        budget = job.cfg["tune"].get("time_budget_s")
+        end_runs_left(client, experiment_id, parent_id, "stopped by tune.time_budget_s" if budget and
+                      time.time() - start >= float(budget) else "the search ended before the trial reported an epoch")
         parent.submit(Write("end", {"run_id": parent_id, "status": "FINISHED"}))
         parent.drain(float(m["end_wait_s"]), f"The search's results are in {out}.")
     except BaseException as exc:

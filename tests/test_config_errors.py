@@ -22,6 +22,7 @@ def check(argv, key, *fragments, capsys):
     for fragment in fragments:
         assert fragment in err, err
     assert "Traceback" not in err
+    return err
 
 
 def test_unknown_pair_group(capsys):
@@ -123,3 +124,50 @@ def test_unreachable_or_unwritable_mlflow(tmp_path, capsys, monkeypatch):
     assert "configuration error in `mlflow.tracking_uri`" in capsys.readouterr().err
     import ray
     assert not ray.is_initialized()
+
+
+BAD_VALUES = [  # (override, the key named, a fragment of the fix)
+    (["tune.num_samples=abc"], "tune.num_samples", "integer >= 1"),
+    (["resources.workers_per_trial=abc"], "resources.workers_per_trial", "integer >= 1"),
+    (["train.epochs=abc"], "train.epochs", "got 'abc'"),
+    (["data.train_size=abc"], "data.train_size", "or null for all"),
+    (["data.train_size=-5"], "data.train_size", "got -5"),
+    (["tune.max_concurrent=0"], "tune.max_concurrent", "integer >= 1"),
+    (["tune.time_budget_s=-3"], "tune.time_budget_s", "seconds > 0"),
+    (["tune.grace_period=0"], "tune.grace_period", "integer >= 1"),
+    (["tune.reduction_factor=1"], "tune.reduction_factor", "number > 1"),
+    (["tune.seed=x"], "tune.seed", "an integer"),
+    (["tune.max_failures=-2"], "tune.max_failures", "-1 for no limit"),
+    (["teacher.epochs=0"], "teacher.epochs", "integer >= 1"),
+    (["teacher.lr=abc"], "teacher.lr", "> 0"),
+    (["resources.cpus_per_worker=0"], "resources.cpus_per_worker", "> 0"),
+    (["ray.num_cpus=two"], "ray.num_cpus", "or null for all"),
+    (["train.connector=linear"], "train.connector", "conv1x1, auto"),
+    (["tune.resume=maybe"], "tune.resume", "true or false"),
+    (["fixed.lr=-1"], "fixed.lr", "[0.01, 0.3]"),
+    (["fixed.logit_loss=foo"], "fixed.logit_loss", "kd, dkd, kd_ls"),
+    (["fixed.temperature=abc"], "fixed.temperature", "got 'abc'"),
+    (["fixed.cuts=[9]"], "fixed.cuts", "cuts in 1..3"),
+    (["fixed.cuts=[1]", "fixed.w_3=0.5"], "fixed.w_3", "not in fixed.cuts"),
+    (["search=kd", "fixed.cuts=[2]"], "fixed.cuts", "logit-only baseline"),
+    (["search=dkd", "fixed.gamma=1"], "fixed.gamma", "use search=blockkd"),
+    (["train.batch_size=5000"], "train.batch_size", "at most 1348"),
+    (["data.train_size=10"], "train.batch_size", "10 training images"),
+    (["tune.nmu_samples=3"], "tune.nmu_samples", "did you mean `tune.num_samples`?"),
+    (["fixed.temprature=3"], "fixed.temprature", "did you mean `temperature`?"),
+]
+
+
+def test_every_bad_value_is_named_before_ray_starts(capsys):
+    import ray
+
+    for argv, key, fragment in BAD_VALUES:
+        check(argv, key, fragment, capsys=capsys)
+    assert not ray.is_initialized()
+
+
+def test_a_text_file_as_teacher_checkpoint_is_one_line(tmp_path, capsys):
+    text = tmp_path / "teacher.pt"
+    text.write_text("these are not weights\n")
+    err = check([f"teacher.checkpoint={text}"], "teacher.checkpoint", "not a readable torch state_dict", "torch.save", capsys=capsys)
+    assert "weights_only" not in err and len(err.strip().splitlines()) == 2, err

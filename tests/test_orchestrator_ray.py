@@ -6,6 +6,11 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+import torch
+
+from bkd_core import models
+from bkd_core.data import BatchLoader, load
+from bkd_core.train import Supervised, evaluate
 from orchestrator import train as train_entry
 from orchestrator import tune as tune_entry
 from orchestrator.cli import entry_point
@@ -36,10 +41,19 @@ def runs(ws, role):
     return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`bkd.role` = '{role}'")
 
 
+def student_accuracy(path) -> float:
+    """Test accuracy (%) of a saved digits student (the default pair's tiny_cnn)."""
+    splits = load("digits")
+    model = models.create("tiny_cnn", splits.num_classes, splits.in_channels)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    loader = BatchLoader(splits.test, 256, train=False)
+    return evaluate(Supervised(model), loader)["val_acc"]
+
+
 def test_tune_end_to_end(ray_cluster, workspace, capsys):
     # ASHA off here so that every trial runs its epochs; test_asha_stops_bad_trials covers ASHA.
     argv = common(workspace, "e2e") + ["tune.num_samples=3", "tune.max_concurrent=2", "train.epochs=2", "tune.scheduler=none"]
-    assert entry_point(tune_entry.search, argv) == 0
+    assert entry_point(tune_entry.run, argv) == 0
     out = capsys.readouterr().out
 
     client, (parent,) = runs(workspace, "search")
@@ -50,7 +64,7 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
     assert [m.step for m in client.get_metric_history(teachers[0].info.run_id, "val_acc")] == [1, 2]
     assert (workspace / "out" / "e2e" / "teacher.pt").is_file(), "the trained teacher is kept beside the results"
     assert len(children) == 3 and parent.info.status == "FINISHED"
-    best_per_child = {}
+    final_per_child = {}
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED"
@@ -62,14 +76,15 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
         assert [m.step for m in history] == [1, 2]
         assert {f"val_acc_stone_{c}" for c in cuts} <= set(child.data.metrics)
         assert {"train_loss", "train_loss_task", "train_loss_distill", "throughput_img_s"} <= set(child.data.metrics)
-        best_per_child[child.data.tags["bkd.trial_id"]] = max(m.value for m in history)
+        final_per_child[child.data.tags["bkd.trial_id"]] = history[-1].value
 
-    best_trial = max(best_per_child, key=best_per_child.get)
-    assert parent.data.metrics["best_val_acc"] == pytest.approx(best_per_child[best_trial])
+    best_trial = max(final_per_child, key=final_per_child.get)  # ranked by the final epoch: student.pt's weights
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(final_per_child[best_trial])
     importances = {k: v for k, v in parent.data.metrics.items() if k.startswith("importance.")}
     assert importances and sum(importances.values()) == pytest.approx(1.0), parent.data.metrics
-    assert "parameter importance for best_val_acc" in out
-    assert parent.data.params["best.trial_id"] == best_trial and parent.data.params["train.epochs"] == "2"
+    assert "parameter importance for val_acc" in out
+    assert parent.data.tags["best.trial_id"] == best_trial and parent.data.params["train.epochs"] == "2"
+    assert student_accuracy(workspace / "out" / "e2e" / "student.pt") == pytest.approx(final_per_child[best_trial], abs=0.01)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.parquet", "config.json", "best_student", "search.png"} <= artifacts
     assert (workspace / "out" / "e2e" / "search.png").read_bytes()[:4] == b"\x89PNG"
@@ -78,7 +93,7 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
     assert len(table) == 3
     assert {"trial_id", "status", "temperature", "cuts", "best_val_acc", "val_acc", "wall_time_s", "started_at",
             "mlflow_run_id"} <= set(table[0])
-    assert {r["trial_id"] for r in table} == set(best_per_child)
+    assert {r["trial_id"] for r in table} == set(final_per_child)
     assert all(r["status"] == "FINISHED" for r in table)
 
     first_row = re.search(r"^1\s+(\S+)\s+FINISHED", out, flags=re.M)
@@ -95,11 +110,14 @@ def test_asha_stops_bad_trials_and_the_search_finishes(ray_cluster, workspace, c
     """
     argv = common(workspace, "asha") + ["search=kd", "+search.params.lr.choices=[1.0e-5,0.1]", "tune.num_samples=4",
                                         "tune.max_concurrent=1", "train.epochs=3", "tune.seed=1"]
-    assert entry_point(tune_entry.search, argv) == 0
+    assert entry_point(tune_entry.run, argv) == 0
     rows = pq.read_table(workspace / "out" / "asha" / "trials.parquet").to_pylist()
-    assert len(rows) == 4 and all(r["status"] == "FINISHED" for r in rows)
-    assert any(r["stopped_early"] and r["epochs"] < 3 for r in rows), rows
-    assert all(r["epochs"] == 3 for r in rows if not r["stopped_early"])
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED", "STOPPED_EARLY"}, rows
+    assert all(r["epochs"] < 3 for r in rows if r["status"] == "STOPPED_EARLY")
+    assert all(r["epochs"] == 3 for r in rows if r["status"] == "FINISHED")
+    client, children = runs(workspace, "trial")
+    stopped = [c for c in children if c.data.tags["bkd.trial_id"] in {r["trial_id"] for r in rows if r["status"] == "STOPPED_EARLY"}]
+    assert stopped and all("stopped early by the scheduler" in c.data.tags["bkd.end_reason"] for c in stopped)
 
 
 def test_train_two_workers_matches_one(ray_cluster, workspace, capsys):
@@ -130,6 +148,6 @@ def test_more_cpus_than_the_cluster_has_is_refused(ray_cluster, workspace, capsy
 
 def test_more_gpus_than_the_cluster_has_is_refused(ray_cluster, workspace, capsys):
     argv = common(workspace, "gpu") + ["resources.use_gpu=true", "resources.gpus_per_worker=0.5"]
-    assert entry_point(tune_entry.search, argv) == 2
+    assert entry_point(tune_entry.run, argv) == 2
     err = capsys.readouterr().err
     assert "configuration error in `resources.use_gpu`" in err and "the cluster has 0" in err

@@ -1,0 +1,55 @@
+"""MLflowWriter against real stores: a write MLflow refuses is reported at once and left out (not
+taken for an outage); an unreachable server is an outage; a trial's repeated epochs are logged once."""
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import MLflowWriter, Write, is_outage
+
+from conftest import free_port
+
+
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    return uri, client, client.create_experiment("bkd")
+
+
+def test_a_refused_write_is_reported_and_left_out_not_queued(tmp_path, capsys):
+    uri, client, exp = store(tmp_path)
+    run_id = client.create_run(exp).info.run_id
+    client.log_param(run_id, "best.lr", "0.1")
+    writer = MLflowWriter(uri, exp, None, retry_interval_s=60, spool=tmp_path / "spool.jsonl")
+    writer.submit(Write("params", {"run_id": run_id, "params": {"best.lr": "0.2"}}))  # MLflow refuses changing a param
+    writer.submit(Write("tags", {"run_id": run_id, "tags": {"best.lr": "0.2"}}))
+    writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED"}))
+    out = capsys.readouterr().out
+    assert "MLflow refused a write (params" in out and "unreachable" not in out, out
+    assert not writer.pending and not (tmp_path / "spool.jsonl").exists()
+    run = client.get_run(run_id)
+    assert run.data.params["best.lr"] == "0.1" and run.data.tags["best.lr"] == "0.2" and run.info.status == "FINISHED"
+
+
+def test_an_unreachable_server_is_an_outage(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    try:
+        MlflowClient(f"http://127.0.0.1:{free_port()}").get_experiment_by_name("bkd")
+    except Exception as exc:
+        assert is_outage(exc), exc
+    else:
+        raise AssertionError("nothing listens on that port")
+
+
+def test_a_trial_restarted_from_an_older_checkpoint_logs_each_epoch_once(tmp_path):
+    uri, client, exp = store(tmp_path)
+    parent = client.create_run(exp).info.run_id
+    writer = MLflowWriter(uri, exp, parent)
+    metrics = lambda step, acc: Write("metrics", {"metrics": {"val_acc": acc}, "step": step, "timestamp_ms": 0}, "t1")  # noqa: E731
+    writer.submit(Write("start", {"params": {"lr": 0.1}}, "t1"))
+    for step in (1, 2, 3):
+        writer.submit(metrics(step, 10.0 * step))
+    resumed = MLflowWriter(uri, exp, parent)  # a new driver: it learns what the run has from MLflow
+    resumed.submit(Write("start", {"params": {"lr": 0.1}}, "t1"))
+    for step in (2, 3, 4):  # the last checkpoint was epoch 1
+        resumed.submit(metrics(step, 99.0))
+    history = client.get_metric_history(writer.run_ids["t1"], "val_acc")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 99.0)]

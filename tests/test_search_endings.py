@@ -1,0 +1,198 @@
+"""Every way a search ends, as a user meets it: `python -m orchestrator.tune` in a subprocess at the
+defaults (a local Ray cluster started by the command, Tune's own snapshot timing), a real MLflow
+sqlite store; the driver killed alone right after a trial finished, SIGINT, SIGTERM, a time budget,
+and a search whose trials all diverge."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from bkd_core import models
+
+from conftest import REPO
+
+pytestmark = pytest.mark.ray
+
+
+class Search:
+    """One named search of the default demo (digits, tiny pair, a fixed random teacher) in ``tmp``."""
+
+    def __init__(self, tmp: Path, name: str, *extra: str) -> None:
+        self.tmp, self.name = tmp, name
+        teacher = tmp / "teacher.pt"
+        if not teacher.is_file():
+            torch.manual_seed(0)
+            torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
+        self.args = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
+                     f"tune.name={name}", f"teacher.checkpoint={teacher}", "ray.address=local", *extra]
+        self.client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+        self.proc = None
+
+    def start(self, *more: str) -> subprocess.Popen:
+        self.log = open(self.tmp / f"{self.name}-{int(time.time() * 1000)}.log", "w+")
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TUNE_GLOBAL_CHECKPOINT_S")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.tune", *self.args, *more], cwd=REPO, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        return self.proc
+
+    def run(self, *more: str, timeout: float = 400) -> int:
+        self.start(*more)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 400) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.log.flush()
+        return code
+
+    @property
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def parent(self):
+        exp = self.client.get_experiment_by_name("bkd")
+        found = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`bkd.role` = 'search' and "
+                                        f"tags.`mlflow.runName` = '{self.name}'") if exp else []
+        return found[0] if found else None
+
+    def trials(self) -> list:
+        parent = self.parent()
+        if parent is None:
+            return []
+        return self.client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+    def steps(self, run) -> list[int]:
+        return sorted(m.step for m in self.client.get_metric_history(run.info.run_id, "val_acc"))
+
+    def rows(self) -> list[dict]:
+        return pq.read_table(self.tmp / "out" / self.name / "trials.parquet").to_pylist()
+
+    def wait_for(self, condition, what: str, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            if condition():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{what} did not happen:\n{self.output[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
+
+
+def test_killed_driver_resumes_without_training_a_finished_trial_again(tmp):
+    """SIGKILL to the driver alone at once after the first trial's run is FINISHED; Tune's snapshot
+    is then older than that end. The resume must not train that trial again (one point per epoch)."""
+    search = Search(tmp, "faults", "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=4")
+    try:
+        search.start()
+        search.wait_for(lambda: any(r.info.status == "FINISHED" for r in search.trials()), "a finished trial")
+        search.proc.send_signal(signal.SIGKILL)
+        search.wait(60)
+        finished_before = {r.data.tags["bkd.trial_id"] for r in search.trials() if r.info.status == "FINISHED"}
+        assert finished_before
+
+        assert search.run("tune.resume=true") == 0, search.output[-4000:]
+        assert search.parent().info.status == "FINISHED"
+        runs = {r.data.tags["bkd.trial_id"]: r for r in search.trials()}
+        assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+        for trial in finished_before:
+            assert runs[trial].info.status == "FINISHED"
+            assert search.steps(runs[trial]) == [1, 2, 3, 4], "a finished trial was trained again"
+        for run in runs.values():  # a trial the kill interrupted continues, or ends KILLED: never two points a step
+            steps = search.steps(run)
+            assert len(steps) == len(set(steps)), (run.data.tags["bkd.trial_id"], steps)
+        rows = search.rows()
+        assert len(rows) == 3 and all(r["status"] == "FINISHED" and r["epochs"] == 4 for r in rows), rows
+        assert finished_before <= {r["trial_id"] for r in rows}
+    finally:
+        search.kill()
+
+
+def test_sigint_ends_killed_with_exit_130_and_resume_finishes_the_search(tmp):
+    search = Search(tmp, "ctrl-c", "tune.num_samples=3", "train.epochs=25", "tune.scheduler=none")
+    try:
+        search.start()
+        search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged epoch")
+        sent = time.time()
+        search.proc.send_signal(signal.SIGINT)
+        assert search.wait(120) == 130, search.output[-4000:]
+        assert time.time() - sent < 60, "the driver took over a minute to stop"
+        assert search.parent().info.status == "KILLED"
+        assert search.parent().data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
+        interrupted = [r for r in search.trials() if r.info.status != "FINISHED"]
+        assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
+        rows = search.rows()
+        assert rows and {r["status"] for r in rows} <= {"FINISHED", "INTERRUPTED"} and "INTERRUPTED" in {r["status"] for r in rows}
+        last = search.output.strip().splitlines()[-1]
+        assert "tune.resume=true tune.name=ctrl-c" in last and last.strip().startswith("python -m orchestrator.tune"), last
+
+        assert search.run("tune.resume=true") == 0, search.output[-4000:]
+        parent = search.parent()
+        assert parent.info.status == "FINISHED" and "bkd.end_reason" not in parent.data.tags
+        rows = search.rows()
+        assert len(rows) == 3 and all(r["status"] == "FINISHED" for r in rows), rows
+        best = rows[0]
+        assert parent.data.tags["best.trial_id"] == best["trial_id"]
+        assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc"])
+        for run in search.trials():
+            assert run.info.status == "FINISHED"
+            steps = search.steps(run)
+            assert steps == list(range(1, 26)), (run.data.tags["bkd.trial_id"], steps)
+        assert not list((tmp / "out" / "ctrl-c").glob("mlflow_pending_*")), "a refused write was taken for an outage"
+    finally:
+        search.kill()
+
+
+def test_sigterm_ends_killed_with_exit_143(tmp):
+    search = Search(tmp, "term", "tune.num_samples=2", "train.epochs=25", "tune.scheduler=none")
+    try:
+        search.start()
+        search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged epoch")
+        search.proc.send_signal(signal.SIGTERM)
+        assert search.wait(120) == 143, search.output[-4000:]
+        assert search.parent().info.status == "KILLED"
+        assert all(r.info.status in ("KILLED", "FINISHED") for r in search.trials())
+        assert "tune.resume=true tune.name=term" in search.output.strip().splitlines()[-1]
+    finally:
+        search.kill()
+
+
+def test_time_budget_stops_trials_with_their_epochs_and_leaves_no_run_running(tmp):
+    search = Search(tmp, "budget", "tune.time_budget_s=12", "tune.num_samples=50", "train.epochs=400", "tune.scheduler=none")
+    code = search.run()
+    rows = search.rows()
+    assert code == 1, search.output[-3000:]  # no trial trained all its epochs
+    assert "no trial finished all its epochs" in search.output
+    assert rows and all(r["status"] == "OUT_OF_TIME" for r in rows), rows
+    assert all(r["epochs"] >= 1 and r["val_acc"] is not None and r["lr"] is not None for r in rows), rows
+    assert search.parent().info.status == "FINISHED"
+    runs = search.trials()
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    by_trial = {r.data.tags["bkd.trial_id"]: r for r in runs}
+    for row in rows:
+        run = by_trial[row["trial_id"]]
+        assert run.info.status == "KILLED" and run.data.tags["bkd.end_reason"] == "stopped by tune.time_budget_s"
+        assert search.steps(run)[-1] == row["epochs"]
+
+
+def test_a_search_whose_trials_all_diverge_exits_1_and_says_why(tmp):
+    search = Search(tmp, "all-bad", "search=kd", "search.params.lr.low=1.0e+8", "search.params.lr.high=1.0e+9",
+                    "tune.num_samples=2", "train.epochs=2", "tune.scheduler=none")
+    assert search.run() == 1, search.output[-3000:]
+    assert "no trial finished all its epochs; the first trial error: the training loss became NaN/inf" in search.output
+    assert {r["status"] for r in search.rows()} == {"DIVERGED"}
+    assert not (tmp / "out" / "all-bad" / "student.pt").exists()
