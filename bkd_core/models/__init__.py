@@ -20,6 +20,7 @@ from .wrn import wide_resnet
 
 _P = functools.partial
 _REGISTRY: dict[str, Callable[..., BlockNet]] = {
+    "resnet8": _P(cifar_resnet, 8, (16, 16, 32, 64)),  # one basic block per stage: the usual small student
     "resnet20": _P(cifar_resnet, 20, (16, 16, 32, 64)),
     "resnet32": _P(cifar_resnet, 32, (16, 16, 32, 64)),
     "resnet56": _P(cifar_resnet, 56, (16, 16, 32, 64)),
