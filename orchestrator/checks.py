@@ -72,6 +72,7 @@ NUMBERS: dict[str, Number] = {
     "tune.seed": ANY_INT,
     "tune.max_failures": _int(lambda v: v >= -1, "an integer >= 0 (retries of a failed trial), or -1 for no limit"),
     "tune.confirm_seeds": _int(lambda v: v >= 0, "an integer >= 0 (0: no confirmation runs)"),
+    "compare.seeds": _int(lambda v: v >= 1, "an integer >= 1 (seeds per method; 5 give useful intervals)"),
     "resources.workers_per_trial": _int(lambda v: v >= 1, "an integer >= 1 (DDP workers per trial)"),
     "resources.cpus_per_worker": _real(lambda v: v > 0, "a number of CPUs > 0 (fractions such as 0.9 are fine)"),
     "resources.gpus_per_worker": _real(lambda v: 0 < v <= 8, "a number of GPUs in (0, 8] (fractions share a GPU)"),
@@ -89,6 +90,8 @@ SWITCHES: dict[str, bool] = {  # key -> may be null ("null: on for CUDA")
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "tune.console": ("bkd", "ray"),
+    "tune.searcher": ("tpe", "random"),
     "train.schedule": ("cosine", "step"),
     "train.connector": ("conv1x1", "auto"),
     "tune.scheduler": ("asha", "none"),
@@ -125,16 +128,17 @@ def check_values(c: Mapping[str, Any]) -> None:
             raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}.")
 
 
-def check_fixed(fixed: Mapping[str, Any], space: Mapping[str, Any], num_blocks: int) -> None:
+def check_fixed(fixed: Mapping[str, Any], space: Mapping[str, Any], num_blocks: int, prefix: str = "fixed.") -> None:
     """``fixed.*`` values against the search space: known names, types, ranges, choices, cuts in 1..n."""
     params = space.get("params") or {}
     blockkd = space.get("method", "blockkd") == "blockkd"
     name = space.get("name")
     for key, value in fixed.items():
-        full = f"fixed.{key}"
+        full = f"{prefix}{key}"
         if not blockkd and (key in BLOCKKD_ONLY or key.startswith("w_")):
-            raise ConfigError(full, f"is a Block-KD parameter, but search={name} trains a logit-only baseline (no stepping "
-                              "stones); drop it, or use search=blockkd to train stepping stones.")
+            what = "trains a logit-only baseline" if space.get("method") == "logit" else "trains the student alone"
+            raise ConfigError(full, f"is a Block-KD parameter, but search={name} {what} (no stepping stones); drop it, "
+                              "or use search=blockkd to train stepping stones.")
         if key == "cuts":
             check_cuts(full, value, num_blocks)
         elif key.startswith("w_"):
@@ -152,7 +156,7 @@ def check_fixed(fixed: Mapping[str, Any], space: Mapping[str, Any], num_blocks: 
         cuts = parse_cuts(",".join(str(c) for c in _as_list(fixed["cuts"])))
         stray = [k for k in fixed if k.startswith("w_") and int(k[2:]) not in cuts]
         if stray:
-            raise ConfigError(f"fixed.{stray[0]}", f"weights cut {stray[0][2:]}, which is not in fixed.cuts={cuts}; "
+            raise ConfigError(f"{prefix}{stray[0]}", f"weights cut {stray[0][2:]}, which is not in {prefix}cuts={cuts}; "
                               "add the cut or drop the weight.")
 
 

@@ -9,13 +9,13 @@ from omegaconf import OmegaConf
 from .config import ConfigError, Job, apply_env_defaults, compose, validate
 from .interrupts import STOP
 
-USAGE = """usage: python -m orchestrator.{tune,train,teacher} [KEY=VALUE | GROUP=OPTION ...] [--cfg] [--help]
+USAGE = """usage: python -m orchestrator.{tune,train,teacher,compare} [KEY=VALUE | GROUP=OPTION ...] [--cfg] [--help]
 
 Hydra overrides, e.g. data=fashion_mnist data.root=PATH pair=resnet32x4_resnet8x4 search=kd tune.num_samples=64.
 Groups: data, pair, search. --cfg prints the composed config and exits. See README.md."""
 
 
-def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None) -> int:
+def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, command: str = "tune") -> int:
     """Parse ``argv``, validate before Ray starts, and call ``run(job)``; returns the exit code
     (``run``'s own when it returns an int)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -28,7 +28,7 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None) -> 
         if "--cfg" in argv:
             print(OmegaConf.to_yaml(cfg))
             return 0
-        job = validate(cfg)
+        job = validate(cfg, command=command)
         with STOP.installed():
             try:
                 code = run(job)

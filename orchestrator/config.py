@@ -24,20 +24,25 @@ from bkd_core.train import TrainConfig
 from search_spaces.space import SearchSpaceError, partitions
 
 from .checks import ConfigError, check_fixed, check_number, check_values, did_you_mean
+from .mlflow_extras import dataset_spec
 
 __all__ = ["ConfigError", "Job", "check_number", "compose", "validate"]
+
+
+OPEN_MAPPINGS = ("fixed.", "compare.fixed.", "compare.from_search.")  # keys added without Hydra's `+`
 
 
 def compose(overrides: list[str]) -> DictConfig:
     """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/).
 
-    ``fixed.KEY=VALUE`` adds a key to the open ``fixed`` mapping (Hydra would want ``+fixed.KEY``).
+    ``fixed.KEY=VALUE`` (and ``compare.fixed.*``, ``compare.from_search.*``) adds a key to an open
+    mapping (Hydra would want ``+fixed.KEY``).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.errors import HydraException
 
-    overrides = [f"+{o}" if o.startswith("fixed.") else o for o in overrides]
+    overrides = [f"+{o}" if o.startswith(OPEN_MAPPINGS) else o for o in overrides]
     try:
         with initialize_config_module(config_module="orchestrator.conf", version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
@@ -74,6 +79,7 @@ class Job:
     tracking_uri: str
     output_dir: str
     experiment_name: str
+    dataset: dict[str, Any]  # name, digest, source, input shape: the MLflow input of every run
 
     @property
     def teacher_model(self) -> str:
@@ -123,7 +129,7 @@ def _tracking_uri(value: Optional[str]) -> str:
     return value
 
 
-def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job:
+def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, command: str = "tune") -> Job:
     """Check names, paths, the search space and a teacher checkpoint; resolve paths to absolute."""
     try:
         OmegaConf.resolve(cfg)
@@ -157,8 +163,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     student = models.create(c["pair"]["student"], splits.num_classes, splits.in_channels)
     search = c["search"]
     method = search.get("method", "blockkd")
-    if method not in ("blockkd", "logit"):
-        raise ConfigError("search.method", f"unknown method {method!r}; use blockkd or logit.")
+    if method not in ("blockkd", "logit", "none"):
+        raise ConfigError("search.method", f"unknown method {method!r}; use blockkd, logit or none (the student alone).")
     if method == "blockkd" and teacher.num_blocks != student.num_blocks:
         raise ConfigError(
             "pair", f"teacher {c['pair']['teacher']} has {teacher.num_blocks} blocks and student {c['pair']['student']} has "
@@ -199,9 +205,10 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True) -> Job
     check_writable("ray.storage_path", storage)
     check_writable("output_dir", output_dir)
     t = c["tune"]
-    name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, resume=bool(t.get("resume")))
+    name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, bool(t.get("resume")), command)
+    dataset = dataset_spec(d, len(splits.train), len(splits.test)) | {"shape": list(splits.test.images.shape[1:])}
     return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
-               _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name)
+               _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name, dataset)
 
 
 def check_batch_fits(c: dict[str, Any], train_images: int) -> None:
@@ -229,7 +236,8 @@ def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> Trai
     return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), lr_base_batch=t["lr_base_batch"],
                        momentum=t["momentum"], weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
                        bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"],
-                       cudnn_benchmark=t["cudnn_benchmark"], compile_mode=t["compile_mode"], seed=int(t["seed"]))
+                       cudnn_benchmark=t["cudnn_benchmark"], compile_mode=t["compile_mode"],
+                       seed=int(params.get("seed", t["seed"])) if mode != "teacher" else int(t["seed"]))
 
 
 def check_writable(key: str, path: str) -> None:
@@ -245,9 +253,10 @@ def check_writable(key: str, path: str) -> None:
         raise ConfigError(key, f"cannot write to {path} ({exc.strerror or exc}); choose a writable directory with {key}=PATH.") from None
 
 
-def default_experiment_name(c: dict[str, Any], storage: str, resume: bool) -> str:
+def default_experiment_name(c: dict[str, Any], storage: str, resume: bool, command: str = "tune") -> str:
     """``bkd-<search>-<pair>-<data>-<time>``; on resume, the latest existing one with that prefix."""
-    prefix = f"bkd-{c['search'].get('name', 'search')}-{c['pair']['teacher']}-{c['pair']['student']}-{c['data']['name']}"
+    kind = c["search"].get("name", "search") if command == "tune" else command
+    prefix = f"bkd-{kind}-{c['pair']['teacher']}-{c['pair']['student']}-{c['data']['name']}"
     if resume and "://" not in storage and Path(storage).is_dir():
         found = sorted(p.name for p in Path(storage).iterdir() if p.name.startswith(prefix + "-"))
         if found:

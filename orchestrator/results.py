@@ -9,6 +9,12 @@ from typing import Any, Iterable, Mapping, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+def case_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's parameters: a search's suggestion, or one listed case (``{"case": {...}}``) of
+    ``orchestrator.train``, ``compare`` and confirmation runs."""
+    return dict(config["case"]) if isinstance(config.get("case"), Mapping) else dict(config)
+
+
 FINAL_METRICS = ("val_acc", "train_loss", "throughput_img_s")
 DIVERGED = "diverged"  # a trial's last result has diverged=1 when its training loss became NaN/inf
 

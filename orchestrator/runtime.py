@@ -27,7 +27,8 @@ def init_ray(job: Job) -> None:
     # short epoch up to 2 s; poll faster (bench/overhead_bench.py: 1.2 s -> 6 ms per report).
     poll = str(job.cfg["ray"].get("train_poll_interval_s", 0.1))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", poll)  # a local cluster started here
-    kwargs: dict[str, Any] = {"log_to_driver": True,
+    # tune.console=bkd (the default): workers' output goes to Ray's log files, not the console
+    kwargs: dict[str, Any] = {"log_to_driver": job.cfg["tune"].get("console") == "ray",
                               "runtime_env": {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}}
     if job.cfg["ray"].get("num_cpus") and address in (None, "local"):
         kwargs["num_cpus"] = int(job.cfg["ray"]["num_cpus"])

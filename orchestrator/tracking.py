@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from .config import ConfigError
+from .mlflow_extras import log_dataset, mark_model_training
 from .records import RECORDED, STOPPED_EARLY, TrialRecords
-from .results import DIVERGED, diverged_message
+from .results import DIVERGED, case_of, diverged_message
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "bkd.trial_id"
@@ -34,7 +35,9 @@ def connect(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
     try:
         client = MlflowClient(tracking_uri)
         found = client.get_experiment_by_name(experiment)
-        return client, found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        mark_model_training(client, experiment_id)
+        return client, experiment_id
     except Exception as exc:  # mlflow raises many types for unreachable or unwritable stores
         raise ConfigError("mlflow.tracking_uri", f"cannot use MLflow at {tracking_uri} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:300]}); start the server or point mlflow.tracking_uri at a writable "
@@ -67,7 +70,7 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, Any], s
 
 def trial_params(config: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's searched and constant parameters, flat (``temperature``, ``cuts``, ``w_3``, ...)."""
-    return {**common, **{k: v for k, v in config.items() if not isinstance(v, Mapping)}}
+    return {**common, **{k: v for k, v in case_of(config).items() if not isinstance(v, Mapping)}}
 
 
 @dataclass
@@ -200,6 +203,8 @@ class MLflowWriter:
                 args["created"] = True  # if logging the params fails, the retry logs them, not a second run
             if args.get("created"):
                 log_params(client, run_id, args["params"])
+                if args.get("dataset"):
+                    log_dataset(client, run_id, args["dataset"])
             else:  # a retried or resumed trial: its epochs already logged are not logged again
                 reopen(client, run_id)
                 steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
@@ -265,15 +270,16 @@ class MLflowTrialLogger(Callback):
     through an ``MLflowWriter``: an MLflow outage delays them; the search never waits for it."""
 
     def __init__(self, writer: MLflowWriter, common_params: Mapping[str, Any], records: TrialRecords,
-                 end_wait_s: float = 120.0) -> None:
+                 end_wait_s: float = 120.0, dataset: Optional[Mapping[str, Any]] = None) -> None:
         self.writer = writer
+        self.dataset = dict(dataset or {})
         self.common_params = dict(common_params)
         self.records = records
         self.end_wait_s = float(end_wait_s)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         params = trial_params(trial.config, self.common_params)
-        self.writer.submit(Write("start", {"params": params}, trial.trial_id))
+        self.writer.submit(Write("start", {"params": params, "dataset": getattr(self, "dataset", None)}, trial.trial_id))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(RECORDED):

@@ -14,10 +14,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import optuna
 import torch
 from mlflow.tracking import MlflowClient
+
+from bkd_core import models
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -27,10 +30,13 @@ from search_spaces.space import suggest
 from .cli import entry_point
 from .config import Job
 from .importance import format_importances, param_importances
+from .mlflow_extras import log_dataset, log_student_model
 from .interrupts import STOP
 from .plots import search_figure
+from .progress import ProgressPrinter
 from .records import DIVERGED as DIVERGED_STATUS, FINISHED, RECORDED, TrialRecords
-from .results import DIVERGED, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
+from .results import DIVERGED, case_of, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
+from .stats import mean_std
 from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
 from .tracking import (
@@ -52,10 +58,11 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
     if record is not None:
         tune.report({**record.metrics, RECORDED: 1})
         return
+    params = case_of(config)
     if int(job.cfg["resources"]["workers_per_trial"]) == 1:
-        tune_trial_loop({"job": job.to_dict(), "params": dict(config), "mode": "distill", "teacher_state": teacher_state}, records)
+        tune_trial_loop({"job": job.to_dict(), "params": params, "mode": "distill", "teacher_state": teacher_state}, records)
         return
-    result = make_trainer(job, dict(config), "distill", name=f"{job.experiment_name}-train-{trial_id}",
+    result = make_trainer(job, params, "distill", name=f"{job.experiment_name}-train-{trial_id}",
                           teacher_state=teacher_state, report_to_tune=True).fit()
     metrics = dict(result.metrics or {})
     history, student = [], None
@@ -85,6 +92,7 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
         return run_id
     run = client.create_run(experiment_id, run_name=job.experiment_name, tags={ROLE_TAG: "search"})
     log_params(client, run.info.run_id, flatten(job.cfg))
+    log_dataset(client, run.info.run_id, job.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.json")
         Path(path).write_text(json.dumps(job.cfg, indent=2))
@@ -95,21 +103,29 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
     return run.info.run_id
 
 
-def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, fixed_params: Optional[dict]) -> tune.Tuner:
+def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases: Optional[list[dict]] = None,
+               name: Optional[str] = None) -> tune.Tuner:
+    """The Tuner of the search (Optuna + ASHA), or of ``cases``: one trial per listed configuration,
+    no search, no early stopping. ``name``: the Tune experiment (default: the job's)."""
     t = job.cfg["tune"]
+    name = name or job.experiment_name
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), trial_resources(job))
-    run_config = tune.RunConfig(name=job.experiment_name, storage_path=job.storage_path, callbacks=[callback],
+    total = len(cases) if cases is not None else int(t["num_samples"])
+    callbacks = [callback] if t.get("console") == "ray" else [callback, ProgressPrinter(total)]
+    run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=int(t["max_failures"])),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
-    path = os.path.join(job.storage_path, job.experiment_name)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbosity(job))
+    path = os.path.join(job.storage_path, name)
     if t.get("resume") and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    if fixed_params is not None:  # one configuration, no search (orchestrator.train)
-        return tune.Tuner(trainable, param_space=fixed_params, run_config=run_config,
-                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max"))
+    if cases is not None:
+        return tune.Tuner(trainable, param_space={"case": tune.grid_search(cases)}, run_config=run_config,
+                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max",
+                                                      max_concurrent_trials=int(t["max_concurrent"])))
+    sampler = optuna.samplers.RandomSampler(seed=int(t["seed"])) if t.get("searcher") == "random" else None  # None: TPE
     searcher = OptunaSearch(
         space=functools.partial(suggest, space=job.cfg["search"], num_blocks=job.num_blocks, fixed=job.cfg.get("fixed")),
-        metric="val_acc", mode="max", seed=int(t["seed"]))
+        metric="val_acc", mode="max", seed=None if sampler else int(t["seed"]), sampler=sampler)
     scheduler = None
     if t["scheduler"] == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=int(job.cfg["train"]["epochs"]),
@@ -120,8 +136,19 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, fixed
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)
 
 
-def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]]:
-    """The whole job; returns the trial rows, best first."""
+def verbosity(job: Job) -> int:
+    """Ray Tune's console output: none by default (bkd prints its own progress), all with tune.console=ray."""
+    return 2 if job.cfg["tune"].get("console") == "ray" else 0
+
+
+RunCases = Callable[[list[dict], str], Any]  # (cases, Tune experiment name) -> ResultGrid
+Report = Callable[[Job, MLflowWriter, Any, bool, RunCases], list[dict[str, Any]]]
+
+
+def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report] = None) -> list[dict[str, Any]]:
+    """The whole job: teacher, parent run, the Tune experiment (a search, or ``cases``), then
+    ``report`` (default ``summarize``), which may run more cases under the same parent run.
+    Returns the rows ``report`` returns, best first."""
     client, experiment_id = connect(job.tracking_uri, job.cfg["mlflow"]["experiment"])
     init_ray(job)
     check_cluster_resources(job)
@@ -131,7 +158,7 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
     callback = MLflowTrialLogger(MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"],
                                               spool=out / "mlflow_pending_trials.jsonl"),
                                  common_params(job, teacher_source), TrialRecords(job.storage_path, job.experiment_name),
-                                 m["end_wait_s"])
+                                 m["end_wait_s"], job.dataset)
     parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"], spool=out / "mlflow_pending_search.jsonl")
     spools = sorted(out.glob("mlflow_pending_*.jsonl"))
     if spools and job.cfg["tune"].get("resume"):
@@ -142,10 +169,14 @@ def search(job: Job, fixed_params: Optional[dict] = None) -> list[dict[str, Any]
         print(f"[bkd] warning: {out} holds MLflow writes an earlier run of {job.experiment_name} could not log "
               f"({', '.join(p.name for p in spools)}); tune.resume=true logs them.", flush=True)
     start = time.time()
-    try:
+
+    def run_cases(more: Optional[list[dict]], name: str) -> Any:
         with STOP.graceful():
-            results = make_tuner(job, teacher_state, callback, fixed_params).fit()
-        rows = summarize(job, parent, results, interrupted=STOP.received is not None)
+            return make_tuner(job, teacher_state, callback, more, name).fit()
+
+    try:
+        results = run_cases(cases, job.experiment_name)
+        rows = (report or summarize)(job, parent, results, STOP.received is not None, run_cases)
         if STOP.received is not None:
             raise KeyboardInterrupt  # rows and trials.parquet say which trials were interrupted
         budget = job.cfg["tune"].get("time_budget_s")
@@ -174,16 +205,16 @@ def end_runs_left(client: MlflowClient, experiment_id: str, parent_id: str, reas
         print(f"[bkd] warning: could not mark this search's running trials KILLED in MLflow ({first_line(mlflow_exc)}).", flush=True)
 
 
-def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool = False) -> list[dict[str, Any]]:
-    """Write trials.parquet and the best student, then log them and the best trial to the parent run.
-    Trials that never reported anything are not rows; an interrupted search logs no summary (its
-    resume does)."""
+def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool,
+                 name: Optional[str] = None) -> tuple[list[dict[str, Any]], dict[str, list], list[str]]:
+    """(rows best first, val_acc curves by trial id, parameter names) of a finished Tuner.fit.
+    Trials that never reported anything are not rows."""
     try:
         run_ids = child_runs(parent.client, parent.experiment_id, parent.parent_run_id)
     except Exception as exc:  # MLflow down past mlflow.end_wait_s: the table goes without run ids
-        print(f"[bkd] warning: MLflow unreachable ({first_line(exc)}); trials.parquet lacks the MLflow run ids.", flush=True)
+        print(f"[bkd] warning: MLflow unreachable ({first_line(exc)}); the table lacks the MLflow run ids.", flush=True)
         run_ids = {}
-    records = TrialRecords(job.storage_path, job.experiment_name)
+    records = TrialRecords(job.storage_path, name or job.experiment_name)
     has_budget = job.cfg["tune"].get("time_budget_s") is not None
     rows, curves, param_names = [], {}, []
     # ResultGrid's results follow its trials in order; Tune's trial states live on the trials
@@ -192,23 +223,33 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool = 
         status = trial_status(trial.status, record, bool(result.metrics and "epoch" in result.metrics), interrupted, has_budget)
         if status is None:
             continue  # never started
-        params = dict(result.config or {})
+        params = case_of(result.config or {})
         param_names += [k for k in params if k not in param_names]
         rows.append(trial_row(result, params, run_ids.get(trial.trial_id), status, record))
         curves[trial.trial_id] = val_acc_curve(result, record)
-    rows = ranked(rows)
+    return ranked(rows), curves, param_names
+
+
+def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_cases: RunCases) -> list[dict[str, Any]]:
+    """Write trials.parquet, search.png and the best student (after ``tune.confirm_seeds`` fresh-seed
+    runs of its configuration), then log them and the best trial to the parent run. An interrupted
+    search logs no summary (its resume does)."""
+    rows, curves, param_names = collect_rows(job, parent, results, interrupted)
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
+    best = rows[0] if rows and rows[0]["status"] == "FINISHED" and not interrupted else None
+    confirm = confirm_best(job, parent, best, param_names, run_cases) if best is not None else None
     write_parquet(rows, str(out / "trials.parquet"))
     print("\n" + format_table(rows, param_names))
-    if interrupted:
+    if confirm:
+        print(confirm)
+    if interrupted or STOP.received is not None:
         print(f"\nresults so far: {out}/trials.parquet", flush=True)
         return rows
     importances = param_importances(rows, job.cfg["search"], job.num_blocks, job.cfg.get("fixed"), int(job.cfg["tune"]["seed"]))
     figure = search_figure(rows, curves, job.experiment_name, importances)
     figure.savefig(out / "search.png", dpi=110)
-    best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
-    student = export_student(records, best["trial_id"], out) if best is not None else None
+    student = export_student(TrialRecords(job.storage_path, job.experiment_name), best["trial_id"], out) if best else None
     if importances:
         print("\n" + format_importances(importances, len(rows)))
     print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {student}" if student else ""))
@@ -222,10 +263,51 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool = 
         parent.submit(Write("tags", {"run_id": parent_id, "tags": best_config}))
         if student:
             parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
+            log_best_model(job, parent, student)
         summary["best_val_acc"] = float(best["val_acc"])
+        summary.update({k: best[k] for k in ("confirm_val_acc_mean", "confirm_val_acc_std") if best.get(k) is not None})
     summary["trials_finished"] = sum(r["status"] == "FINISHED" for r in rows)
     parent.submit(Write("metrics", {"run_id": parent_id, "metrics": summary, "step": 0, "timestamp_ms": int(time.time() * 1000)}))
     return rows
+
+
+def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
+    """The best student as an MLflow model on the parent run (registered as mlflow.registered_model if set).
+    Not queued: during an outage it is skipped with a warning (student.pt and its artifact stay)."""
+    model = models.create(job.student_model, job.num_classes, job.in_channels)
+    model.load_state_dict(torch.load(student_file, map_location="cpu", weights_only=True))
+    example = torch.zeros(1, *job.dataset["shape"])
+    try:
+        uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg["mlflow"].get("registered_model"))
+        print(f"MLflow model: {uri}" + (f" (registered as {job.cfg['mlflow']['registered_model']})"
+                                        if job.cfg["mlflow"].get("registered_model") else ""))
+    except Exception as exc:
+        print(f"[bkd] warning: could not log the best student as an MLflow model ({type(exc).__name__}: {first_line(exc)}); "
+              f"it is at {student_file}.", flush=True)
+
+
+def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_names: list[str], run_cases: RunCases) -> str:
+    """Train the best configuration again with ``tune.confirm_seeds`` fresh seeds (under the same parent
+    run); put their mean and std on ``best``; return the line that says how optimistic the search was."""
+    k = int(job.cfg["tune"].get("confirm_seeds") or 0)
+    if k < 1:
+        return ""
+    config = {p: best[p] for p in param_names if p in best and best[p] is not None and p != "seed"}
+    base = int(job.cfg["train"]["seed"])
+    print(f"\n[bkd] confirming the best configuration (trial {best['trial_id']}) on {k} fresh seeds", flush=True)
+    name = f"{job.experiment_name}-confirm"
+    results = run_cases([{**config, "seed": base + i} for i in range(1, k + 1)], name)
+    if STOP.received is not None:
+        return ""
+    rows, _, _ = collect_rows(job, parent, results, False, name)
+    accs = [r["val_acc"] for r in rows if r["status"] == "FINISHED"]
+    if not accs:
+        return f"[bkd] no confirmation run finished ({', '.join(r['status'] for r in rows)})"
+    best["confirm_val_acc_mean"], best["confirm_val_acc_std"] = mean_std(accs)
+    gap = best["val_acc"] - best["confirm_val_acc_mean"]
+    return (f"\nbest configuration on {len(accs)} fresh seeds: val_acc {best['confirm_val_acc_mean']:.2f} +- "
+            f"{best['confirm_val_acc_std']:.2f} (the search reported {best['val_acc']:.2f}: "
+            f"{'optimistic' if gap > 0 else 'pessimistic'} by {abs(gap):.2f} points)")
 
 
 def export_student(records: TrialRecords, trial_id: str, out: Path) -> Optional[str]:

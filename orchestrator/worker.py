@@ -39,12 +39,14 @@ HISTORY_FILE = "history.json"  # every epoch's metrics so far (Train V2 results 
 def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
     """``Supervised(teacher)`` for teacher training, else ``BlockKD``/``LogitKD`` with the frozen teacher."""
     n, c = job["num_classes"], job["in_channels"]
-    torch.manual_seed(int(job["cfg"]["train"]["seed"]))
+    torch.manual_seed(trial_seed(job, params))  # the same seed: the same student initialisation in every method
     teacher = models.create(job["cfg"]["pair"]["teacher"], n, c)
     if mode == "teacher":
         return Supervised(teacher)
     teacher.load_state_dict(teacher_state)
     student = models.create(job["cfg"]["pair"]["student"], n, c)
+    if params.get("method") == "none" or job["cfg"]["search"].get("method") == "none":
+        return Supervised(student)  # the student alone: compare's baseline without a teacher
     loss_kwargs = {k: float(params[k]) for k in ("dkd_alpha", "dkd_beta") if k in params}
     common = dict(logit_loss=params.get("logit_loss", "kd"), temperature=float(params.get("temperature", 4.0)),
                   alpha=float(params.get("alpha", 1.0)), beta=float(params.get("beta", 1.0)),
@@ -55,6 +57,11 @@ def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher
     return BlockKD(teacher, student, cuts=cuts, stone_weights=stone_weights(params, cuts),
                    stone_temperature=params.get("stone_temperature"), gamma=float(params.get("gamma", 0.0)),
                    connector=job["cfg"]["train"]["connector"], sample_input=sample, **common)
+
+
+def trial_seed(job: dict[str, Any], params: dict[str, Any]) -> int:
+    """A trial's seed (student initialisation and data order): its ``seed`` parameter, else train.seed."""
+    return int(params.get("seed", job["cfg"]["train"]["seed"]))
 
 
 @dataclass

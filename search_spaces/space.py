@@ -2,7 +2,7 @@
 
 A space is a plain dict (a composed Hydra ``search`` group):
 
-    method: blockkd            # blockkd (stepping stones) | logit (plain KD/DKD/KD-LS baseline)
+    method: blockkd            # blockkd (stepping stones) | logit (plain KD/DKD/KD-LS baseline) | none (no teacher)
     params:                    # scalar hyper-parameters, each a range, a choice list or a constant
       temperature: {low: 1.0, high: 8.0, default: 4.0}
       lr: {low: 0.01, high: 0.3, log: true, default: 0.05}
@@ -35,7 +35,7 @@ class SearchSpaceError(ValueError):
 
 def partitions(space: Mapping[str, Any], num_blocks: int) -> list[str]:
     """Every block partition the space allows, as "1,3"-style strings ([] for logit baselines)."""
-    if space.get("method", "blockkd") == "logit":
+    if space.get("method", "blockkd") in ("logit", "none"):
         return [""]
     part = space.get("partition") or {}
     if part.get("fixed") == "all":
@@ -132,7 +132,8 @@ def defaults(space: Mapping[str, Any], num_blocks: int, fixed: Optional[Mapping[
         else:
             config[name] = spec
     options = partitions(space, num_blocks)
-    config["cuts"] = _cuts_string(fixed["cuts"]) if "cuts" in fixed else options[-1] if space.get("method") != "logit" else ""
+    blockkd = space.get("method", "blockkd") == "blockkd"
+    config["cuts"] = _cuts_string(fixed["cuts"]) if "cuts" in fixed else options[-1] if blockkd else ""
     for cut in (int(c) for c in config["cuts"].split(",") if c):
         config[f"w_{cut}"] = float(fixed.get(f"w_{cut}", 2.0 ** -(num_blocks - cut)))
     return config

@@ -1,0 +1,54 @@
+"""What makes MLflow's UI show bkd's runs as model training: the experiment's kind, each run's
+dataset (Dataset column) and the best student as a logged MLflow model (Models column, Registry)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+KIND_TAG = "mlflow.experimentKind"
+KIND = "custom_model_development"  # not GenAI: the UI opens the experiment on its runs
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    if client.get_experiment(experiment_id).tags.get(KIND_TAG) != KIND:
+        client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+
+
+def dataset_spec(data_cfg: Mapping[str, Any], train_images: int, test_images: int) -> dict[str, str]:
+    """Name, digest and source of a run's dataset, JSON-able (it travels in queued writes)."""
+    name = str(data_cfg["name"]) + (f"[:{data_cfg['train_size']}]" if data_cfg.get("train_size") else "")
+    spec = {"data": data_cfg["name"], "root": data_cfg.get("root"), "train_size": data_cfg.get("train_size"),
+            "train": train_images, "test": test_images}
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return {"name": name, "digest": digest, "source": str(data_cfg.get("root") or f"bkd_core.data:{data_cfg['name']}")}
+
+
+def log_dataset(client: MlflowClient, run_id: str, spec: Mapping[str, str]) -> None:
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(source=LocalArtifactDatasetSource(spec["source"]), name=spec["name"], digest=spec["digest"])
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])])
+
+
+def log_student_model(tracking_uri: str, run_id: str, student: Any, example: Any, registered_name: Optional[str]) -> str:
+    """Log ``student`` (a torch module) on ``run_id`` as an MLflow PyTorch model with a signature and an
+    input example; register it as ``registered_name`` when given. Returns the model URI."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    student = student.eval()
+    with torch.no_grad():
+        output = student(example).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(student, name="student", signature=infer_signature(example.numpy(), output),
+                                        input_example=example.numpy(), registered_model_name=registered_name)
+    return info.model_uri

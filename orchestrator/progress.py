@@ -1,0 +1,40 @@
+"""The search's own console: one line per trial start and end (trials done / running / best so far),
+in place of Ray Tune's tables and its workers' logs (``tune.console=ray`` brings those back)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from .records import RECORDED
+
+ENDED = ("TERMINATED", "ERROR")
+
+
+class ProgressPrinter(Callback):
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.started = time.monotonic()
+
+    def setup(self, **info: Any) -> None:
+        self.started = time.monotonic()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trials, f"started {trial.trial_id}", starting=0 if trial.status == "RUNNING" else 1)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        how = "replayed its record" if last.get(RECORDED) else f"ended after epoch {last.get('epoch', '?')}"
+        self._line(trials, f"{trial.trial_id} {how}, val_acc {last.get('val_acc', float('nan')):.2f}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trials, f"{trial.trial_id} FAILED")
+
+    def _line(self, trials: list, event: str, starting: int = 0) -> None:
+        done = sum(t.status in ENDED for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials) + starting
+        scored = [(t.last_result["val_acc"], t.trial_id) for t in trials if (t.last_result or {}).get("val_acc") is not None]
+        best = f"best val_acc {max(scored)[0]:.2f} ({max(scored)[1]})" if scored else "no result yet"
+        elapsed = time.monotonic() - self.started
+        print(f"[bkd] {elapsed:6.0f} s  trials {done}/{self.total} done, {running} running  {best}  <- {event}", flush=True)

@@ -1,0 +1,127 @@
+"""orchestrator.compare and tune.confirm_seeds: real local Ray, Optuna, MLflow sqlite store; the
+statistics against hand-computed values; bad input before Ray starts."""
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from bkd_core import models
+from orchestrator import compare
+from orchestrator import tune as tune_entry
+from orchestrator.cli import entry_point
+from orchestrator.config import compose, validate
+from orchestrator.stats import Interval, paired_difference, verdict
+from orchestrator.worker import build_module
+
+
+def test_interval_and_paired_difference_by_hand():
+    i = Interval.of([1.0, 2.0, 3.0, 4.0, 5.0])  # std sqrt(2.5); t(0.975, 4) = 2.7764
+    assert i.mean == 3.0 and i.std == pytest.approx(math.sqrt(2.5))
+    assert i.high - i.mean == pytest.approx(2.7764 * math.sqrt(2.5) / math.sqrt(5), rel=1e-4)
+    d = paired_difference({0: 94.1, 1: 93.8, 2: 94.0, 7: 50.0}, {0: 93.6, 1: 93.7, 2: 93.5})  # seed 7 has no pair
+    assert d.n == 3 and d.mean == pytest.approx(0.3667, abs=1e-4)
+    assert verdict("Block-KD", "KD", Interval(5, 0.31, 0.1, 0.12, 0.50)) == \
+        "Block-KD beats KD by 0.31 points (95 % CI 0.12 to 0.50, 5 seeds)."
+    assert verdict("Block-KD", "KD", Interval(5, 0.2, 0.3, -0.05, 0.40)) == \
+        "Block-KD and KD are not distinguishable at 5 seeds (difference -0.05 to 0.40)."
+    assert "trails KD by 0.50" in verdict("DKD", "KD", Interval(3, -0.5, 0.1, -0.8, -0.2))
+    assert "no interval" in verdict("DKD", "KD", Interval.of([0.3]))
+
+
+def test_a_seed_gives_every_method_the_same_student_and_another_seed_another():
+    job = validate(compose(["compare.seeds=2"]), command="compare").to_dict()
+    teacher = models.create("tiny_resnet", 10, 1).state_dict()
+    sample = torch.zeros(2, 1, 8, 8)
+    students = {}
+    for method, params in (("none", {"method": "none", "lr": 0.05}), ("kd", {"method": "kd", "cuts": ""}),
+                           ("blockkd", {"method": "blockkd", "cuts": "1,3", "w_1": 0.25, "w_3": 1.0})):
+        for seed in (0, 1):
+            module = build_module(job, {**params, "seed": seed}, "distill", teacher, sample)
+            students[method, seed] = module.student.state_dict()
+    for method in ("kd", "blockkd"):
+        assert all(torch.equal(students[method, 0][k], v) for k, v in students["none", 0].items())
+    assert not all(torch.equal(students["none", 1][k], v) for k, v in students["none", 0].items())
+
+
+@pytest.mark.parametrize("argv, key, fragment", [
+    (["compare.methods=[kd,foo]"], "compare.methods", "unknown method 'foo'"),
+    (["compare.methods=[none,blockkd]"], "compare.baseline", "compare.baseline=null"),
+    (["compare.fixed.kd.cuts=[1]"], "compare.fixed.kd.cuts", "logit-only baseline"),
+    (["compare.fixed.blockkd.gamma=-1"], "compare.fixed.blockkd.gamma", "[0, 2]"),
+    (["compare.from_search.blockkd=/no/such/search"], "compare.from_search.blockkd", "neither a results folder"),
+    (["compare.seeds=0"], "compare.seeds", "integer >= 1"),
+])
+def test_bad_compare_input_is_refused_before_ray(argv, key, fragment, tmp_path, capsys):
+    base = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", f"output_dir={tmp_path}/out", f"ray.storage_path={tmp_path}/ray"]
+    assert entry_point(compare.run, base + argv, command="compare") == 2
+    err = capsys.readouterr().err
+    assert f"configuration error in `{key}`" in err and fragment in err, err
+    assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "tune.name=cmp", f"teacher.checkpoint={teacher}", "compare.seeds=2", "train.epochs=2",
+            "compare.fixed.blockkd.cuts=[1,3]"]
+    assert entry_point(compare.run, argv, command="compare") == 0
+    out = capsys.readouterr().out
+    rows = pq.read_table(tmp_path / "out" / "cmp" / "compare.parquet").to_pylist()
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("none", "kd", "blockkd") for s in (0, 1)}
+    assert all(r["status"] == "FINISHED" and r["epochs"] == 2 and r["val_acc"] > 0 and r["mlflow_run_id"] for r in rows)
+    assert set(compare.COLUMNS) <= set(rows[0])
+    assert all(r["val_acc_stone_1"] is not None for r in rows if r["method"] == "blockkd")
+    assert (tmp_path / "out" / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("bkd").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.`mlflow.runName` = 'cmp'")
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((c.data.params["method"], c.data.params["seed"]) for c in children) == sorted(
+        (r["method"], str(r["seed"])) for r in rows)
+    metrics = parent.data.metrics
+    acc = {(r["method"], r["seed"]): r["val_acc"] for r in rows}
+    for m in ("none", "kd", "blockkd"):
+        assert metrics[f"mean_val_acc.{m}"] == pytest.approx((acc[m, 0] + acc[m, 1]) / 2)
+        assert metrics[f"std_val_acc.{m}"] == pytest.approx(abs(acc[m, 0] - acc[m, 1]) / math.sqrt(2))
+    diffs = [acc["blockkd", s] - acc["kd", s] for s in (0, 1)]
+    assert metrics["diff_vs_kd.blockkd"] == pytest.approx(sum(diffs) / 2)
+    assert metrics["diff_vs_kd_ci_low.blockkd"] < metrics["diff_vs_kd.blockkd"] < metrics["diff_vs_kd_ci_high.blockkd"]
+    assert "diff_vs_kd.kd" not in metrics and "diff_vs_kd.none" in metrics
+    assert "diff vs kd (paired)" in out and ("Block-KD beats KD" in out or "Block-KD trails KD" in out
+                                              or "Block-KD and KD are not distinguishable at 2 seeds" in out)
+
+
+@pytest.mark.ray
+def test_confirm_seeds_trains_the_best_configuration_again(ray_cluster, tmp_path, capsys):
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "tune.name=conf", "teacher.epochs=1", "tune.num_samples=2", "train.epochs=2", "tune.scheduler=none",
+            "tune.confirm_seeds=2"]
+    assert entry_point(tune_entry.run, argv) == 0
+    out = capsys.readouterr().out
+    rows = pq.read_table(tmp_path / "out" / "conf" / "trials.parquet").to_pylist()
+    best = rows[0]
+    assert best["confirm_val_acc_mean"] is not None and best["confirm_val_acc_std"] is not None
+    assert "best configuration on 2 fresh seeds" in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("bkd").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.`mlflow.runName` = 'conf'")
+    assert parent.data.metrics["confirm_val_acc_mean"] == pytest.approx(best["confirm_val_acc_mean"])
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    confirm = [c for c in children if c.data.params.get("seed") in ("1", "2")]
+    assert len(children) == 4 and len(confirm) == 2
+    assert all(c.data.params["cuts"] == str(best["cuts"]) and float(c.data.params["lr"]) == pytest.approx(best["lr"])
+               for c in confirm)
