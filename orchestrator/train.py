@@ -23,7 +23,7 @@ def run(job: Job) -> int:
     except SearchSpaceError as exc:
         raise ConfigError("fixed", str(exc)) from None
     print("[bkd] configuration: " + ", ".join(f"{k}={v}" for k, v in params.items()))
-    rows = search(job, fixed_params=params)
+    rows = search(job, [params])
     if rows and rows[0]["status"] == "FINISHED":
         return 0
     reason = f"ended {rows[0]['status']}: {rows[0]['error']}" if rows else "never started"

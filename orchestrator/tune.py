@@ -52,8 +52,9 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
     Train run (DDP over the workers), named after the Tune trial id so that a retried trial resumes
     from its last checkpoint. A trial that already ended (its record exists: a resumed search whose
     snapshot predates the end) reports its recorded result and returns."""
-    records = TrialRecords(job.storage_path, job.experiment_name)
-    trial_id = tune.get_context().get_trial_id()
+    context = tune.get_context()
+    records = TrialRecords(job.storage_path, context.get_experiment_name())  # the search's, or its -confirm runs'
+    trial_id = context.get_trial_id()
     record = records.read(trial_id)
     if record is not None:
         tune.report({**record.metrics, RECORDED: 1})
@@ -155,10 +156,8 @@ def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report
     teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
     parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg["tune"].get("resume")))
     m, out = job.cfg["mlflow"], Path(job.output_dir) / job.experiment_name
-    callback = MLflowTrialLogger(MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"],
-                                              spool=out / "mlflow_pending_trials.jsonl"),
-                                 common_params(job, teacher_source), TrialRecords(job.storage_path, job.experiment_name),
-                                 m["end_wait_s"], job.dataset)
+    trial_writer = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"],
+                                spool=out / "mlflow_pending_trials.jsonl")
     parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"], spool=out / "mlflow_pending_search.jsonl")
     spools = sorted(out.glob("mlflow_pending_*.jsonl"))
     if spools and job.cfg["tune"].get("resume"):
@@ -171,6 +170,9 @@ def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report
     start = time.time()
 
     def run_cases(more: Optional[list[dict]], name: str) -> Any:
+        """One Tune experiment (the search, or listed cases) under this search's parent run."""
+        callback = MLflowTrialLogger(trial_writer, common_params(job, teacher_source), TrialRecords(job.storage_path, name),
+                                     m["end_wait_s"], job.dataset)
         with STOP.graceful():
             return make_tuner(job, teacher_state, callback, more, name).fit()
 
