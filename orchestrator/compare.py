@@ -203,6 +203,8 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
         return rows
     compare_figure(rows, summary, job.experiment_name).savefig(out / "compare.png", dpi=110)
     print(f"\nresults: {out}/compare.parquet, plot: {out}/compare.png")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open "
+          f"http://127.0.0.1:5000/#/experiments/{parent.experiment_id}?workflowType=machine_learning)")
     metrics: dict[str, float] = {}
     for s in summary:
         i, d, m = s["interval"], s.get("diff"), s["method"]

@@ -255,7 +255,8 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
     if importances:
         print("\n" + format_importances(importances, len(rows)))
     print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {student}" if student else ""))
-    print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open http://127.0.0.1:5000)")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open "
+          f"http://127.0.0.1:5000/#/experiments/{parent.experiment_id}?workflowType=machine_learning)")
     parent_id = parent.parent_run_id
     parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "trials.parquet")}))
     parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "search.png")}))
