@@ -32,7 +32,7 @@ __all__ = ["ConfigError", "Job", "check_number", "compose", "validate"]
 OPEN_MAPPINGS = ("fixed.", "compare.fixed.", "compare.from_search.")  # keys added without Hydra's `+`
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/).
 
     ``fixed.KEY=VALUE`` (and ``compare.fixed.*``, ``compare.from_search.*``) adds a key to an open
@@ -45,7 +45,7 @@ def compose(overrides: list[str]) -> DictConfig:
     overrides = [f"+{o}" if o.startswith(OPEN_MAPPINGS) else o for o in overrides]
     try:
         with initialize_config_module(config_module="orchestrator.conf", version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _override_error(str(exc)) from None
 

@@ -1,6 +1,7 @@
 """Ray set-up shared by the entry points: start or join a cluster, and the Train configs of a trial."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -27,13 +28,21 @@ def init_ray(job: Job) -> None:
     # short epoch up to 2 s; poll faster (bench/overhead_bench.py: 1.2 s -> 6 ms per report).
     poll = str(job.cfg["ray"].get("train_poll_interval_s", 0.1))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", poll)  # a local cluster started here
-    # tune.console=bkd (the default): workers' output goes to Ray's log files, not the console
-    kwargs: dict[str, Any] = {"log_to_driver": job.cfg["tune"].get("console") == "ray",
-                              "runtime_env": {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}}
+    runtime_env: dict[str, Any] = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}
+    if job.cfg["tune"].get("console") != "ray":  # workers keep Ray's own INFO lines in its log files
+        runtime_env["worker_process_setup_hook"] = "orchestrator.runtime.quiet_worker"
+    kwargs: dict[str, Any] = {"log_to_driver": True, "runtime_env": runtime_env}
     if job.cfg["ray"].get("num_cpus") and address in (None, "local"):
         kwargs["num_cpus"] = int(job.cfg["ray"]["num_cpus"])
     ray.init(address=address, **kwargs)
     STOP.claim()  # ray.init replaced our SIGTERM handler with its own
+
+
+def quiet_worker() -> None:
+    """Run at the start of every Ray worker (tune.console=bkd): Ray Train/Tune's per-report INFO lines
+    ("Checkpoint successfully created ...") stay in the log files; bkd's own lines still print."""
+    for name in ("ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def trial_resources(job: Job) -> dict[str, float]:

@@ -134,6 +134,9 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             metrics = {DIVERGED: 1}
         metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
         metrics.update(epoch=epoch, workers=world)
+        if mode == "teacher" and rank == 0:  # the teacher is not a Tune trial: its progress is printed here
+            print(f"[bkd] teacher epoch {epoch}/{cfg.epochs}: loss {metrics['train_loss']:.4f}, "
+                  f"val_acc {metrics['val_acc']:.2f}%", flush=True)
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)} | {"timestamp": time.time()})
         if DIVERGED in metrics:
             # The trial ends here, not as an error: no retry would converge, and the searcher

@@ -1,7 +1,9 @@
-"""Data: in-memory uint8 datasets, readers for common layouts, and a device-side batch loader."""
+"""Data: in-memory uint8 datasets, readers for common layouts, a device-side batch loader, and
+``ParquetImages``, an IterableDataset that streams images from Parquet shards."""
 from .datasets import Augmentation, DataSplits, ImageDataset
 from .download import download, fetch_files
 from .loader import BatchLoader, random_crop_flip
+from .parquet import ParquetImages
 from .sources import load_cifar, load_digits, load_idx_dataset, load_image_folder
 
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder")
@@ -23,6 +25,6 @@ def load(name: str, root: str | None = None, **kwargs) -> DataSplits:
 
 
 __all__ = [
-    "Augmentation", "BatchLoader", "DataSplits", "ImageDataset", "DATASETS", "load", "load_digits",
+    "Augmentation", "BatchLoader", "DataSplits", "ImageDataset", "DATASETS", "ParquetImages", "load", "load_digits",
     "load_idx_dataset", "load_cifar", "load_image_folder", "download", "fetch_files", "random_crop_flip",
 ]

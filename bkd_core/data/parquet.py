@@ -1,0 +1,159 @@
+"""Images streamed from Parquet shards (``python -m orchestrator.prepare`` writes them): decoded per
+sample with PIL, the JPEG decoded at reduced size when the crop allows it (``Image.draft``), cropped
+and resized in one step, uint8 out. torch only; pyarrow is imported when a dataset is iterated.
+
+    from torch.utils.data import DataLoader
+    from bkd_core.data import ParquetImages
+
+    train = ParquetImages("/data/imagenet-parquet", "train", image_size=224, train=True)
+    loader = DataLoader(train, batch_size=256, num_workers=8)
+    for epoch in range(epochs):
+        train.set_epoch(epoch)            # a new file order and new crops each epoch
+        for images, labels in loader:     # uint8 [B, 3, 224, 224], int64 [B]
+            ...
+
+A shard layout: ``root/<split>/*.parquet`` with columns ``image`` (encoded bytes) and ``label``
+(int), and ``root/classes.json``. Each DataLoader worker of each DDP rank reads its own shards
+(``shard i`` goes to reader ``i mod (world_size x num_workers)``), so an epoch yields every sample once
+when the shards divide evenly among the readers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+SCALE = (0.08, 1.0)  # RandomResizedCrop's area range and aspect range, as in the ImageNet recipes
+RATIO = (3 / 4, 4 / 3)
+VAL_RESIZE = 8 / 7  # val: resize the short side to image_size * 8/7 (256 for 224), then centre-crop
+
+
+def random_resized_box(width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
+    """A crop box (left, top, right, bottom) of RandomResizedCrop: area in SCALE, aspect in RATIO."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*SCALE)
+        aspect = math.exp(rng.uniform(math.log(RATIO[0]), math.log(RATIO[1])))
+        w, h = math.sqrt(target * aspect), math.sqrt(target / aspect)
+        if w <= width and h <= height:
+            left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            return left, top, left + w, top + h
+    side = min(width, height)  # fallback: the central square
+    return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
+
+
+def center_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The box that 'resize the short side to size*8/7, centre-crop size' keeps, in original pixels."""
+    side = min(width, height) * size / round(size * VAL_RESIZE)
+    return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
+
+
+def decode_crop(data: bytes, size: int, train: bool, rng: random.Random) -> torch.Tensor:
+    """Encoded image -> uint8 [3, size, size]: crop box chosen on the full image, the JPEG decoded
+    at the smallest DCT scale that still gives the box at >= size pixels, then one resize."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    box = random_resized_box(width, height, rng) if train else center_box(width, height, size)
+    if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 of the size when the crop allows
+        need = (math.ceil(width * size / (box[2] - box[0])), math.ceil(height * size / (box[3] - box[1])))
+        image.draft("RGB", need)
+    scale = image.size[0] / width
+    image = image.convert("RGB")
+    image = image.resize((size, size), Image.BILINEAR, box=tuple(c * scale for c in box))
+    if train and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class ParquetImages(IterableDataset):
+    """``(uint8 [3, S, S], label)`` from the shards of ``root/split``; ``root`` is a local folder or
+    a URI pyarrow opens (``s3://bucket/prefix``, ``gs://...``)."""
+
+    def __init__(self, root: str, split: str, image_size: int = 224, train: bool = True, seed: int = 0,
+                 shuffle_buffer: int = 1000, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+        super().__init__()
+        root = str(root).rstrip("/")
+        self.root = root if "://" in root else os.path.abspath(root)
+        self.split, self.image_size, self.train = split, int(image_size), train
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer if train else 0
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._shards: Optional[list[str]] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _filesystem(self) -> tuple[Any, str]:
+        import pyarrow.fs as pafs
+
+        fs, base = pafs.FileSystem.from_uri(self.root if "://" in self.root else f"file://{self.root}")
+        return fs, base
+
+    @property
+    def shards(self) -> list[str]:
+        if self._shards is None:
+            import pyarrow.fs as pafs
+
+            fs, base = self._filesystem()
+            found = fs.get_file_info(pafs.FileSelector(f"{base}/{self.split}", allow_not_found=True))
+            self._shards = sorted(f.path for f in found if f.path.endswith(".parquet"))
+            if not self._shards:
+                raise FileNotFoundError(f"no Parquet shards in {self.root}/{self.split}; write them with "
+                                        f"`python -m orchestrator.prepare source=IMAGE_FOLDER output={self.root}`.")
+        return self._shards
+
+    @property
+    def classes(self) -> list[str]:
+        fs, base = self._filesystem()
+        with fs.open_input_stream(f"{base}/classes.json") as src:
+            return json.loads(src.read().decode())
+
+    def __len__(self) -> int:
+        import pyarrow.parquet as pq
+
+        fs, _ = self._filesystem()
+        return sum(pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows for path in self.shards)
+
+    def _reader(self) -> tuple[int, int]:
+        """(index, count) of this reader among all DDP ranks x DataLoader workers."""
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return rank * workers + worker, world * workers
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        import pyarrow.parquet as pq
+
+        index, count = self._reader()
+        order = list(self.shards)
+        if self.train:  # file order per epoch, the same on every reader, then a local buffer
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + index)
+        fs, _ = self._filesystem()
+        buffer: list[tuple[bytes, int]] = []
+        for path in order[index::count]:
+            for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=256, columns=["image", "label"]):
+                for data, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    if not self.shuffle_buffer:
+                        yield decode_crop(data, self.image_size, self.train, rng), int(label)
+                        continue
+                    buffer.append((data, int(label)))
+                    if len(buffer) >= self.shuffle_buffer:
+                        data, label = buffer.pop(rng.randrange(len(buffer)))
+                        yield decode_crop(data, self.image_size, self.train, rng), label
+        rng.shuffle(buffer)
+        for data, label in buffer:
+            yield decode_crop(data, self.image_size, self.train, rng), label

@@ -1,0 +1,228 @@
+"""An image folder -> Parquet shards of encoded images and integer labels, written in parallel by Ray
+tasks: what ``bkd_core.data.ParquetImages`` streams.
+
+    python -m orchestrator.prepare source=/data/imagenet output=/data/imagenet-parquet
+    python -m orchestrator.prepare source=s3://bucket/imagenet output=s3://bucket/imagenet-parquet max_side=null
+
+Layout: ``SRC/train/<class>/<image>`` and ``SRC/val/<class>/<image>`` (any format PIL reads: JPEG,
+PNG, grayscale, CMYK, ...). Output: ``DST/train/part-*.parquet``, ``DST/val/part-*.parquet``
+(columns ``image``: bytes, ``label``: int32, ``path``: string), ``DST/classes.json`` and
+``DST/skipped.txt`` (every file that could not be read or decoded, and why). Images whose longest
+side exceeds ``max_side`` (320) are re-encoded at that size as JPEG (quality 90): decoding then costs
+a fraction of the original's, at the price of detail beyond 320 px (README: what it costs). Run again
+after an interruption, it keeps every shard already written whole (its plan digest matches).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .checks import ConfigError, check_number
+
+SPLITS = ("train", "val")
+PLAN_KEY = b"bkd.plan"  # the digest of a shard's planned files, in its Parquet metadata
+SKIPPED_KEY = b"bkd.skipped"
+
+
+@dataclass
+class Shard:
+    split: str
+    index: int
+    total: int
+    items: list[tuple[str, int]]  # (source path, label)
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}-of-{self.total:05d}.parquet"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.items).encode()).hexdigest()
+
+
+def filesystem(uri: str, key: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{_absolute(uri)}")
+    except Exception as exc:
+        raise ConfigError(key, f"cannot open {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); give a local "
+                          "path or an s3:// / gs:// URI with credentials in the environment.") from None
+
+
+def _absolute(path: str) -> str:
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def plan(source: str, images_per_shard: int) -> tuple[list[str], list[Shard]]:
+    """(classes, shards) of an image folder; a wrong layout or an unreachable source is a ConfigError."""
+    fs, base = filesystem(source, "source")
+    try:
+        top = {info.base_name: info for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))}
+    except Exception as exc:
+        raise ConfigError("source", f"cannot list {source} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check "
+                          "the bucket name, the network and the credentials (AWS_* / GOOGLE_* variables).") from None
+    missing = [s for s in SPLITS if s not in top or top[s].type != pafs.FileType.Directory]
+    if missing:
+        raise ConfigError("source", f"{source} has no {' or '.join(f'{s}/' for s in missing)} folder; the layout is "
+                          "SRC/train/<class>/<image> and SRC/val/<class>/<image> (one folder per class in each split).")
+    files: dict[str, dict[str, list[str]]] = {}
+    for split in SPLITS:
+        found = fs.get_file_info(pafs.FileSelector(f"{base}/{split}", recursive=True))
+        by_class: dict[str, list[str]] = {}
+        for info in found:
+            if info.type == pafs.FileType.File:
+                relative = info.path[len(f"{base}/{split}/"):]
+                if "/" in relative:
+                    by_class.setdefault(relative.split("/", 1)[0], []).append(info.path)
+        files[split] = by_class
+    classes = sorted(files["train"])
+    if not classes:
+        raise ConfigError("source", f"{source}/train holds no class folders with files; put each class's images in "
+                          "SRC/train/<class>/.")
+    unknown = sorted(set(files["val"]) - set(classes))
+    if unknown:
+        raise ConfigError("source", f"{source}/val has classes that train/ lacks: {unknown[:5]}; every val class needs "
+                          "training images.")
+    shards = []
+    for split in SPLITS:
+        items = sorted((path, classes.index(name)) for name, paths in files[split].items() for path in paths)
+        chunks = [items[i:i + images_per_shard] for i in range(0, len(items), images_per_shard)]
+        shards += [Shard(split, i, len(chunks), chunk) for i, chunk in enumerate(chunks)]
+    return classes, shards
+
+
+def encode(data: bytes, max_side: Optional[int], quality: int) -> bytes:
+    """The bytes to store: the original file, or a JPEG re-encoded at ``max_side``; raises on bad images."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decodes fully: truncated or corrupt files raise here, not in training
+    if max_side is None or (max(image.size) <= max_side and image.format == "JPEG" and image.mode in ("RGB", "L")):
+        return data
+    if image.format == "JPEG":
+        image.draft("RGB", (max_side, max_side))
+    image = image.convert("RGB")
+    image.thumbnail((max_side, max_side), Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def shard_is_whole(fs: pafs.FileSystem, path: str, shard: Shard) -> Optional[list[list[str]]]:
+    """The skipped list of a shard written by an earlier run with the same plan, or None."""
+    try:
+        meta = pq.read_schema(fs.open_input_file(path)).metadata or {}
+    except Exception:
+        return None
+    if meta.get(PLAN_KEY, b"").decode() != shard.digest:
+        return None
+    return json.loads(meta.get(SKIPPED_KEY, b"[]").decode())
+
+
+def write_shard(source: str, output: str, shard: Shard, max_side: Optional[int], quality: int) -> tuple[int, list[list[str]], bool]:
+    """(images written, [path, reason] skipped, reused) for one shard; a whole earlier shard is kept."""
+    src_fs, _ = filesystem(source, "source")
+    dst_fs, dst = filesystem(output, "output")
+    path = f"{dst}/{shard.split}/{shard.name}"
+    earlier = shard_is_whole(dst_fs, path, shard)
+    if earlier is not None:
+        return len(shard.items) - len(earlier), earlier, True
+    images, labels, paths, skipped = [], [], [], []
+    for file, label in shard.items:
+        try:
+            with src_fs.open_input_stream(file) as fh:
+                images.append(encode(fh.read(), max_side, quality))
+            labels.append(label)
+            paths.append(file)
+        except Exception as exc:  # unreadable or not an image: skipped, the rest goes on
+            skipped.append([file, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"])
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int32()),
+                      "path": pa.array(paths, pa.string())})
+    table = table.replace_schema_metadata({PLAN_KEY: shard.digest.encode(), SKIPPED_KEY: json.dumps(skipped).encode()})
+    dst_fs.create_dir(f"{dst}/{shard.split}", recursive=True)
+    partial = f"{path}.partial"
+    with dst_fs.open_output_stream(partial) as out:
+        pq.write_table(table, out)
+    dst_fs.move(partial, path)
+    return len(images), skipped, False
+
+
+def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Plan, write every shard as a Ray task (progress bar), then classes.json and skipped.txt."""
+    import ray
+    from tqdm import tqdm
+
+    classes, shards = plan(str(cfg["source"]), int(cfg["images_per_shard"]))
+    dst_fs, dst = filesystem(str(cfg["output"]), "output")
+    if not ray.is_initialized():
+        kwargs = {"num_cpus": int(cfg["ray"]["num_cpus"])} if cfg["ray"].get("num_cpus") else {}
+        ray.init(address=cfg["ray"].get("address"), log_to_driver=False, **kwargs)
+    task = ray.remote(num_cpus=1)(write_shard)
+    pending = [task.remote(str(cfg["source"]), str(cfg["output"]), s, cfg["max_side"], int(cfg["quality"])) for s in shards]
+    written = {split: 0 for split in SPLITS}
+    skipped: list[list[str]] = []
+    reused = 0
+    total = sum(len(s.items) for s in shards)
+    with tqdm(total=total, unit="img", desc="prepare", file=sys.stdout) as bar:
+        by_ref = dict(zip(pending, shards))
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            count, bad, kept = ray.get(done[0])
+            shard = by_ref[done[0]]
+            written[shard.split] += count
+            skipped += bad
+            reused += kept
+            bar.update(len(shard.items))
+    if written["train"] == 0:
+        raise ConfigError("source", f"no readable image in {cfg['source']}/train ({len(skipped)} files skipped, e.g. "
+                          f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); see {cfg['output']}/skipped.txt.")
+    with dst_fs.open_output_stream(f"{dst}/classes.json") as out:
+        out.write(json.dumps(classes).encode())
+    with dst_fs.open_output_stream(f"{dst}/skipped.txt") as out:
+        out.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped)).encode())
+    return {"classes": len(classes), "shards": len(shards), "reused_shards": reused, **written, "skipped": len(skipped)}
+
+
+def check(cfg: dict[str, Any]) -> None:
+    if cfg["max_side"] is not None:
+        check_number("max_side", cfg["max_side"], lambda v: v >= 32, "an integer >= 32 (pixels), or null to keep the files",
+                     integer=True)
+    check_number("quality", cfg["quality"], lambda v: 1 <= v <= 100, "an integer in 1..100", integer=True)
+    check_number("images_per_shard", cfg["images_per_shard"], lambda v: v >= 1, "an integer >= 1", integer=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .config import compose
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose(argv, config_name="prepare")
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(missing[0], f"is required; e.g. python -m orchestrator.prepare source=/data/images output=/data/shards.")
+        c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        check(c)
+        summary = prepare(c)
+    except (ConfigError, OmegaConfBaseException) as exc:
+        key = getattr(exc, "key", "config")
+        print(f"\nbkd: configuration error in `{key}`:\n  {str(exc).split(': ', 1)[-1]}\n", file=sys.stderr)
+        return 2
+    print(f"[bkd] prepared {cfg.output}: {summary['train']} training and {summary['val']} val images of "
+          f"{summary['classes']} classes in {summary['shards']} shards ({summary['reused_shards']} kept from an earlier run), "
+          f"{summary['skipped']} files skipped (skipped.txt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""orchestrator.prepare (Ray tasks, real JPEG/PNG files) and bkd_core.data.ParquetImages in a plain
+DataLoader loop: odd sizes, grayscale, CMYK, a PNG, a truncated file, class names with spaces."""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from bkd_core.data import ParquetImages
+from bkd_core.data.parquet import center_box, decode_crop
+
+from conftest import REPO
+
+CLASSES = ["golden retriever", "tabby cat", "zebra"]
+
+
+def write_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
+    """An ImageNet-style folder whose class is the image's dominant colour channel."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", 2)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = int(rng.integers(90, 400)), int(rng.integers(70, 300))
+                pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+                pixels[..., label] = 220
+                image = Image.fromarray(pixels)
+                if i == 1:
+                    image.convert("L").save(folder / f"{i}.jpg", quality=90)
+                elif i == 2:
+                    image.convert("CMYK").save(folder / f"{i}.jpg", quality=90)
+                elif i == 3:
+                    image.save(folder / f"{i}.png")
+                else:
+                    image.save(folder / f"{i} copy.JPEG", format="JPEG", quality=90)
+    good = io.BytesIO()
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(good, format="JPEG")
+    (root / "train" / CLASSES[0] / "truncated.jpg").write_bytes(good.getvalue()[:400])
+    (root / "train" / CLASSES[1] / "notes.txt").write_text("not an image")
+    return root
+
+
+def prepare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.prepare", "ray.num_cpus=2", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_prepare_writes_shards_skips_bad_files_and_resumes(tmp_path):
+    src = write_folder(tmp_path / "images")
+    dst = tmp_path / "shards"
+    done = prepare(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((dst / "classes.json").read_text()) == CLASSES
+    skipped = (dst / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == 2 and any("truncated.jpg" in s for s in skipped) and any("notes.txt" in s for s in skipped)
+    train = pq.read_table(dst / "train").to_pylist()
+    assert len(train) == 3 * 6 and sorted({r["label"] for r in train}) == [0, 1, 2]
+    assert len(list((dst / "train").glob("*.parquet"))) == 4  # 20 files planned, 5 per shard
+    for row in train:
+        image = Image.open(io.BytesIO(row["image"]))
+        assert max(image.size) <= 128 and image.format == "JPEG"
+        assert CLASSES[row["label"]] in row["path"]
+    assert len(pq.read_table(dst / "val")) == 3 * 2
+
+    first = (dst / "train" / "part-00000-of-00004.parquet").stat().st_mtime_ns
+    (dst / "train" / "part-00003-of-00004.parquet").unlink()  # as if the run had been interrupted
+    again = prepare(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
+    assert again.returncode == 0 and "(5 kept from an earlier run)" in again.stdout, again.stdout[-2000:]
+    assert (dst / "train" / "part-00000-of-00004.parquet").stat().st_mtime_ns == first
+    assert len(pq.read_table(dst / "train")) == 18 and len((dst / "skipped.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.mkdir(), "has no train/ or val/ folder"),
+    (lambda p: (p / "train" / "a").mkdir(parents=True) or (p / "val").mkdir() or (p / "train" / "a" / "x.jpg").write_text("no"),
+     "no readable image"),
+])
+def test_prepare_refuses_bad_sources(tmp_path, make, fragment):
+    src = tmp_path / "src"
+    make(src)
+    done = prepare(f"source={src}", f"output={tmp_path}/out")
+    assert done.returncode == 2 and "configuration error in `source`" in done.stderr and fragment in done.stderr, done.stderr
+
+
+def test_parquet_images_in_a_dataloader_loop_see_every_image_once(tmp_path):
+    src = write_folder(tmp_path / "images", per_class=8)
+    dst = tmp_path / "shards"
+    assert prepare(f"source={src}", f"output={dst}", "images_per_shard=4").returncode == 0
+    dataset = ParquetImages(str(dst), "train", image_size=32, train=True, shuffle_buffer=5)
+    expected = len(dataset)
+    seen = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=4, num_workers=2)
+        labels = []
+        for images, batch_labels in loader:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+            # the class is the dominant channel of the image, whatever the crop
+            assert (images.float().mean((2, 3)).argmax(1) == batch_labels).float().mean() > 0.7
+            labels += batch_labels.tolist()
+        seen.append(labels)
+        assert len(labels) == expected  # 8 shards over 2 workers: every image once per epoch
+        assert sorted(labels) == [0] * 8 + [1] * 8 + [2] * 8  # the truncated file and the text file are not there
+    assert seen[0] != seen[1], "a new order each epoch"
+    ranks = [ParquetImages(str(dst), "train", 32, train=False, rank=r, world_size=2) for r in (0, 1)]
+    counts = [sum(1 for _ in r) for r in ranks]
+    assert sum(counts) == expected and min(counts) > 0  # DDP ranks split the shards
+
+
+def test_val_transform_is_the_center_crop_of_the_resized_short_side():
+    assert center_box(400, 300, 224) == pytest.approx((50 + 300 * (1 - 224 / 256) / 2, 300 * (1 - 224 / 256) / 2,
+                                                       350 - 300 * (1 - 224 / 256) / 2, 300 - 300 * (1 - 224 / 256) / 2))
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    pixels[:, 200:] = 255  # right half white
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    import random
+    out = decode_crop(data.getvalue(), 64, False, random.Random(0))
+    assert out.shape == (3, 64, 64) and out[:, :, :28].float().mean() < 10 and out[:, :, 36:].float().mean() > 245
