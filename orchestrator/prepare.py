@@ -32,6 +32,7 @@ from .checks import ConfigError, check_number
 SPLITS = ("train", "val")
 PLAN_KEY = b"bkd.plan"  # the digest of a shard's planned files, in its Parquet metadata
 SKIPPED_KEY = b"bkd.skipped"
+ROW_GROUP = 256  # images per row group: the unit ParquetImages readers share
 
 
 @dataclass
@@ -153,7 +154,7 @@ def write_shard(source: str, output: str, shard: Shard, max_side: Optional[int],
     dst_fs.create_dir(f"{dst}/{shard.split}", recursive=True)
     partial = f"{path}.partial"
     with dst_fs.open_output_stream(partial) as out:
-        pq.write_table(table, out)
+        pq.write_table(table, out, row_group_size=ROW_GROUP)
     dst_fs.move(partial, path)
     return len(images), skipped, False
 

@@ -107,7 +107,7 @@ def test_parquet_images_in_a_dataloader_loop_see_every_image_once(tmp_path):
             assert (images.float().mean((2, 3)).argmax(1) == batch_labels).float().mean() > 0.7
             labels += batch_labels.tolist()
         seen.append(labels)
-        assert len(labels) == expected  # 8 shards over 2 workers: every image once per epoch
+        assert len(labels) == expected  # every image once per epoch across the 2 workers
         assert sorted(labels) == [0] * 8 + [1] * 8 + [2] * 8  # the truncated file and the text file are not there
     assert seen[0] != seen[1], "a new order each epoch"
     ranks = [ParquetImages(str(dst), "train", 32, train=False, rank=r, world_size=2) for r in (0, 1)]

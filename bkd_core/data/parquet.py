@@ -13,9 +13,9 @@ and resized in one step, uint8 out. torch only; pyarrow is imported when a datas
             ...
 
 A shard layout: ``root/<split>/*.parquet`` with columns ``image`` (encoded bytes) and ``label``
-(int), and ``root/classes.json``. Each DataLoader worker of each DDP rank reads its own shards
-(``shard i`` goes to reader ``i mod (world_size x num_workers)``), so an epoch yields every sample once
-when the shards divide evenly among the readers.
+(int), and ``root/classes.json``. Each DataLoader worker of each DDP rank reads its own row groups
+(piece ``i`` of the epoch's order goes to reader ``i mod (world_size x num_workers)``), so an epoch
+yields every sample exactly once across all readers.
 """
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ class ParquetImages(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._shards: Optional[list[str]] = None
+        self._units: Optional[list[tuple[str, int]]] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -134,18 +135,32 @@ class ParquetImages(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return rank * workers + worker, world * workers
 
+    def units(self) -> list[tuple[str, int]]:
+        """(shard, row group): the pieces readers share (prepare writes row groups of 256 images)."""
+        import pyarrow.parquet as pq
+
+        if self._units is None:
+            fs, _ = self._filesystem()
+            self._units = [(path, group) for path in self.shards
+                           for group in range(pq.ParquetFile(fs.open_input_file(path)).metadata.num_row_groups)]
+        return self._units
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         import pyarrow.parquet as pq
 
         index, count = self._reader()
-        order = list(self.shards)
-        if self.train:  # file order per epoch, the same on every reader, then a local buffer
+        order = list(self.units())
+        if self.train:  # row-group order per epoch, the same on every reader, then a local buffer
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + index)
         fs, _ = self._filesystem()
         buffer: list[tuple[bytes, int]] = []
-        for path in order[index::count]:
-            for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=256, columns=["image", "label"]):
+        files: dict[str, Any] = {}
+        for path, group in order[index::count]:
+            if path not in files:
+                files[path] = pq.ParquetFile(fs.open_input_file(path))
+            table = files[path].read_row_group(group, columns=["image", "label"])
+            for batch in table.to_batches():
                 for data, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                     if not self.shuffle_buffer:
                         yield decode_crop(data, self.image_size, self.train, rng), int(label)

@@ -1,0 +1,115 @@
+"""Image decoding throughput: bkd's Parquet path against the usual per-image DataLoader, same cores.
+
+    python bench/data_bench.py --make 2000 --root /tmp/imagenet-like      # writes 500x375 JPEGs (q90), then measures
+    python bench/data_bench.py --root DIR --image-size 224 --json-out bench/results/data_bench.json
+
+(a) bkd: ``python -m orchestrator.prepare`` with its defaults (max_side 320), then
+    ``bkd_core.data.ParquetImages(train=True)``: read shards, draft-mode JPEG decode, RandomResizedCrop
+    + flip in one resize, uint8 out.
+(b) the distillation codebases' pipeline: a ``torch.utils.data.DataLoader`` over the original files,
+    per image ``PIL.Image.open(...).convert("RGB")``, RandomResizedCrop (crop, then resize) + flip, uint8.
+Both run as DataLoaders with ``--workers`` processes (default: every core), so images/s per core is
+images/s / workers. Prints both, the ratio and the peak RSS; ``--json-out`` writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bkd_core.data import ParquetImages  # noqa: E402
+from bkd_core.data.parquet import random_resized_box  # noqa: E402
+
+
+def make_folder(root: Path, count: int, classes: int = 10, seed: int = 0) -> None:
+    """ImageNet-like JPEGs: 500x375, quality 90, smooth shapes and texture (compress like photos)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
+    for i in range(count):  # every 10th image to val; classes in turn within each split
+        split, label = ("val" if i % 10 == 0 else "train"), (i // 10) % classes
+        folder = root / split / f"class {label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        cx, cy, r = rng.uniform(0, 500), rng.uniform(0, 375), rng.uniform(40, 200)
+        base = rng.uniform(0, 255, 3)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None]
+        pixels = base * (1 - blob) + rng.uniform(0, 255, 3) * blob
+        pixels += 12 * np.sin(x / rng.uniform(3, 15))[..., None] + rng.normal(0, 6, (375, 500, 1))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.JPEG", quality=90)
+
+
+class FolderImages(Dataset):
+    """The usual pipeline: one file per sample, full decode, crop then resize, flip."""
+
+    def __init__(self, root: Path, size: int) -> None:
+        self.files = sorted(p for p in (root / "train").rglob("*") if p.is_file())
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = random.Random(index)
+        image = Image.open(self.files[index]).convert("RGB")
+        box = random_resized_box(*image.size, rng)
+        image = image.crop(tuple(round(c) for c in box)).resize((self.size, self.size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def throughput(dataset, workers: int, batch: int = 64) -> tuple[float, int]:
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers)
+    start, count = time.perf_counter(), 0
+    for item in loader:
+        count += len(item[0]) if isinstance(item, (list, tuple)) else len(item)
+    return count / (time.perf_counter() - start), count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="an image folder (root/train/<class>/*, root/val/<class>/*)")
+    parser.add_argument("--make", type=int, default=0, help="first write this many ImageNet-like JPEGs under --root")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    root = Path(args.root)
+    if args.make:
+        make_folder(root, args.make)
+    torch.set_num_threads(1)
+    shards = Path(str(root).rstrip("/") + "-parquet")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "orchestrator.prepare", f"source={root}", f"output={shards}"], cwd=REPO, check=True)
+    prepare_s = time.perf_counter() - start
+    baseline, n = throughput(FolderImages(root, args.image_size), args.workers)
+    bkd, m = throughput(ParquetImages(str(shards), "train", args.image_size, train=True), args.workers)
+    assert n == m, (n, m)
+    result = {"images": n, "image_size": args.image_size, "workers": args.workers, "prepare_s": round(prepare_s, 1),
+              "bkd_img_s_per_core": round(bkd / args.workers, 1), "baseline_img_s_per_core": round(baseline / args.workers, 1),
+              "ratio": round(bkd / baseline, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                                                                        + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+    print(f"{n} images at {args.image_size} px, {args.workers} DataLoader workers (one per core):")
+    print(f"  baseline (per-image PIL, full decode, crop+resize): {result['baseline_img_s_per_core']} img/s per core")
+    print(f"  bkd (Parquet shards, draft decode, one resize):     {result['bkd_img_s_per_core']} img/s per core")
+    print(f"  ratio {result['ratio']}x; prepare took {prepare_s:.1f} s (once); peak RSS {result['peak_rss_mb']} MB (driver + its largest child)")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
