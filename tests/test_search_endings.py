@@ -122,17 +122,23 @@ def test_killed_driver_resumes_without_training_a_finished_trial_again(tmp):
         search.kill()
 
 
+def stop_after_the_first_epoch(search: Search, sig: signal.Signals, code: int) -> None:
+    """Send ``sig`` to the driver once a trial has logged an epoch: it exits with ``code`` within a
+    minute, its parent run KILLED with the reason."""
+    search.start()
+    search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged epoch")
+    sent = time.time()
+    search.proc.send_signal(sig)
+    assert search.wait(120) == code, search.output[-4000:]
+    assert time.time() - sent < 60, "the driver took over a minute to stop"
+    assert search.parent().info.status == "KILLED"
+    assert search.parent().data.tags["bkd.end_reason"] == f"interrupted ({sig.name})"
+
+
 def test_sigint_ends_killed_with_exit_130_and_resume_finishes_the_search(tmp):
     search = Search(tmp, "ctrl-c", "tune.num_samples=3", "train.epochs=25", "tune.scheduler=none")
     try:
-        search.start()
-        search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged epoch")
-        sent = time.time()
-        search.proc.send_signal(signal.SIGINT)
-        assert search.wait(120) == 130, search.output[-4000:]
-        assert time.time() - sent < 60, "the driver took over a minute to stop"
-        assert search.parent().info.status == "KILLED"
-        assert search.parent().data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
+        stop_after_the_first_epoch(search, signal.SIGINT, 130)
         interrupted = [r for r in search.trials() if r.info.status != "FINISHED"]
         assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
         rows = search.rows()
@@ -160,11 +166,7 @@ def test_sigint_ends_killed_with_exit_130_and_resume_finishes_the_search(tmp):
 def test_sigterm_ends_killed_with_exit_143(tmp):
     search = Search(tmp, "term", "tune.num_samples=2", "train.epochs=25", "tune.scheduler=none")
     try:
-        search.start()
-        search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged epoch")
-        search.proc.send_signal(signal.SIGTERM)
-        assert search.wait(120) == 143, search.output[-4000:]
-        assert search.parent().info.status == "KILLED"
+        stop_after_the_first_epoch(search, signal.SIGTERM, 143)
         assert all(r.info.status in ("KILLED", "FINISHED") for r in search.trials())
         assert "tune.resume=true tune.name=term" in search.output.strip().splitlines()[-1]
     finally:
