@@ -53,11 +53,18 @@ def prepare(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_prepare_writes_shards_skips_bad_files_and_resumes(tmp_path):
-    src = write_folder(tmp_path / "images")
-    dst = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The test folder prepared once: 5 files planned per shard, images re-encoded at most 128 px."""
+    tmp = tmp_path_factory.mktemp("parquet")
+    src, dst = write_folder(tmp / "images"), tmp / "shards"
     done = prepare(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return src, dst
+
+
+def test_prepare_writes_shards_skips_bad_files_and_resumes(prepared):
+    src, dst = prepared
     assert json.loads((dst / "classes.json").read_text()) == CLASSES
     skipped = (dst / "skipped.txt").read_text().splitlines()
     assert len(skipped) == 2 and any("truncated.jpg" in s for s in skipped) and any("notes.txt" in s for s in skipped)
@@ -90,25 +97,23 @@ def test_prepare_refuses_bad_sources(tmp_path, make, fragment):
     assert done.returncode == 2 and "configuration error in `source`" in done.stderr and fragment in done.stderr, done.stderr
 
 
-def test_parquet_images_in_a_dataloader_loop_see_every_image_once(tmp_path):
-    src = write_folder(tmp_path / "images", per_class=8)
-    dst = tmp_path / "shards"
-    assert prepare(f"source={src}", f"output={dst}", "images_per_shard=4").returncode == 0
+def test_parquet_images_in_a_dataloader_loop_see_every_image_once(prepared):
+    _, dst = prepared
     dataset = ParquetImages(str(dst), "train", image_size=32, train=True, shuffle_buffer=5)
     expected = len(dataset)
     seen = []
     for epoch in range(2):
         dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=4, num_workers=2)
-        labels = []
+        labels, right = [], 0
         for images, batch_labels in loader:
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
-            # the class is the dominant channel of the image, whatever the crop
-            assert (images.float().mean((2, 3)).argmax(1) == batch_labels).float().mean() > 0.7
+            right += int((images.float().mean((2, 3)).argmax(1) == batch_labels).sum())
             labels += batch_labels.tolist()
+        assert right >= 0.7 * len(labels)  # the class is the dominant channel (not in the grayscale files)
         seen.append(labels)
         assert len(labels) == expected  # every image once per epoch across the 2 workers
-        assert sorted(labels) == [0] * 8 + [1] * 8 + [2] * 8  # the truncated file and the text file are not there
+        assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6  # the truncated file and the text file are not there
     assert seen[0] != seen[1], "a new order each epoch"
     ranks = [ParquetImages(str(dst), "train", 32, train=False, rank=r, world_size=2) for r in (0, 1)]
     counts = [sum(1 for _ in r) for r in ranks]
