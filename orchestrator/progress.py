@@ -26,14 +26,16 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         how = "replayed its record" if last.get(RECORDED) else f"ended after epoch {last.get('epoch', '?')}"
-        self._line(trials, f"{trial.trial_id} {how}, val_acc {last.get('val_acc', float('nan')):.2f}")
+        self._line(trials, f"{trial.trial_id} {how}, val_acc {last.get('val_acc', float('nan')):.2f}", ending=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trials, f"{trial.trial_id} FAILED")
+        self._line(trials, f"{trial.trial_id} FAILED", ending=trial)
 
-    def _line(self, trials: list, event: str, starting: int = 0) -> None:
-        done = sum(t.status in ENDED for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials) + starting
+    def _line(self, trials: list, event: str, starting: int = 0, ending: Any = None) -> None:
+        """``starting``: 1 while the trial that starts is not RUNNING yet; ``ending``: the trial that
+        ends, not yet TERMINATED/ERROR when Tune calls back."""
+        done = sum(t.status in ENDED or t is ending for t in trials)
+        running = sum(t.status == "RUNNING" and t is not ending for t in trials) + starting
         scored = [(t.last_result["val_acc"], t.trial_id) for t in trials if (t.last_result or {}).get("val_acc") is not None]
         best = f"best val_acc {max(scored)[0]:.2f} ({max(scored)[1]})" if scored else "no result yet"
         elapsed = time.monotonic() - self.started
