@@ -159,7 +159,7 @@ def test_diverging_trial_ends_with_its_chance_accuracy_and_the_search_goes_on(tw
 def test_diverging_ddp_trial_stops_on_every_rank(two_nodes):
     """Both ranks see the same (all-reduced) loss, so both stop at the same epoch: no rank waits forever."""
     tmp = two_nodes["tmp"]
-    argv = base(tmp, "diverge-ddp") + ["resources.workers_per_trial=2", "train.epochs=3", "fixed.lr=1.0e+9",
+    argv = base(tmp, "diverge-ddp") + ["resources.workers_per_trial=2", "train.epochs=3", "search.params.lr.high=1.0e+10", "fixed.lr=1.0e+9",
                                        "fixed.cuts=[3]"]
     assert entry_point(train_entry.run, argv) == 1  # the one configuration did not give a student
     (row,) = pq.read_table(tmp / "out" / "diverge-ddp" / "trials.parquet").to_pylist()
