@@ -86,8 +86,9 @@ def scaling_config(job: Job) -> ray.train.ScalingConfig:
 
 
 def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher_state: Optional[dict] = None,
-                 report_to_tune: bool = False) -> TorchTrainer:
-    """A TorchTrainer running ``train_loop_per_worker``; a stable ``name`` lets a retry resume its checkpoints."""
+                 report_to_tune: bool = False, record_as: Optional[tuple[str, str, str]] = None) -> TorchTrainer:
+    """A TorchTrainer running ``train_loop_per_worker``; a stable ``name`` lets a retry resume its checkpoints.
+    ``record_as`` (storage path, Tune experiment, trial id): rank 0 records the trial's end there."""
     run_config = ray.train.RunConfig(
         name=name,
         storage_path=job.storage_path,
@@ -101,7 +102,8 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "params": params, "mode": mode, "teacher_state": teacher_state},
+        train_loop_config={"job": job.to_dict(), "params": params, "mode": mode, "teacher_state": teacher_state,
+                           "record_as": record_as},
         scaling_config=scaling_config(job),
         run_config=run_config,
     )

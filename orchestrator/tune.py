@@ -34,15 +34,15 @@ from .mlflow_extras import log_dataset, log_student_model
 from .interrupts import STOP
 from .plots import search_figure
 from .progress import ProgressPrinter
-from .records import DIVERGED as DIVERGED_STATUS, FINISHED, RECORDED, TrialRecords
-from .results import DIVERGED, case_of, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
+from .records import RECORDED, TrialRecords
+from .results import case_of, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
 from .stats import mean_std
 from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
 from .tracking import (
     END_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params, reopen,
 )
-from .worker import MODEL_FILE, read_history, tune_trial_loop
+from .worker import tune_trial_loop
 
 PARENT_FILE = "bkd_parent_run.json"
 
@@ -63,16 +63,9 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
     if int(job.cfg["resources"]["workers_per_trial"]) == 1:
         tune_trial_loop({"job": job.to_dict(), "params": params, "mode": "distill", "teacher_state": teacher_state}, records)
         return
-    result = make_trainer(job, params, "distill", name=f"{job.experiment_name}-train-{trial_id}",
-                          teacher_state=teacher_state, report_to_tune=True).fit()
-    metrics = dict(result.metrics or {})
-    history, student = [], None
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as folder:
-            history = read_history(folder)
-            if not metrics.get(DIVERGED):
-                student = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
-    records.write(trial_id, DIVERGED_STATUS if metrics.get(DIVERGED) else FINISHED, metrics, history, student)
+    # rank 0 records the trial's end before its last report (Train's result keeps only checkpointed reports)
+    make_trainer(job, params, "distill", name=f"{job.experiment_name}-train-{trial_id}", teacher_state=teacher_state,
+                 report_to_tune=True, record_as=(job.storage_path, context.get_experiment_name(), trial_id)).fit()
 
 
 def common_params(job: Job, teacher_source: str) -> dict[str, Any]:

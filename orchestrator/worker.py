@@ -81,11 +81,17 @@ class Session:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry (multi-worker DDP trials and the teacher): ``config`` holds ``job``
-    (Job.to_dict()), ``params``, ``mode`` and ``teacher_state``."""
+    (Job.to_dict()), ``params``, ``mode``, ``teacher_state`` and ``record_as`` (where rank 0 records the
+    trial's end, or None)."""
     ctx = ray.train.get_context()
+    finish = None
+    if config.get("record_as") and ctx.get_world_rank() == 0:
+        storage, experiment, trial_id = config["record_as"]
+        records = TrialRecords(storage, experiment)
+        finish = lambda status, metrics, history, student: records.write(trial_id, status, metrics, history, student)  # noqa: E731
     session = Session(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray.train.get_checkpoint,
                       ray.train.Checkpoint.from_directory, lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
-                      lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
+                      lambda module: ray.train.torch.prepare_model(module, move_to_device=False), finish)
     train_loop(config, session)
 
 
