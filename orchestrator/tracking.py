@@ -279,7 +279,7 @@ class MLflowTrialLogger(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         params = trial_params(trial.config, self.common_params)
-        self.writer.submit(Write("start", {"params": params, "dataset": getattr(self, "dataset", None)}, trial.trial_id))
+        self.writer.submit(Write("start", {"params": params, "dataset": self.dataset}, trial.trial_id))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(RECORDED):
