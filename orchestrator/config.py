@@ -114,7 +114,8 @@ def load_dataset(data_cfg: dict[str, Any]) -> bkd_data.DataSplits:
     return splits
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
+    """A local path made absolute (workers run elsewhere); URIs as they are."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
@@ -151,7 +152,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     if d["name"] not in bkd_data.DATASETS:
         raise ConfigError("data.name", f"unknown dataset {d['name']!r}; valid: {', '.join(bkd_data.DATASETS)}.")
     if d.get("root"):
-        d["root"] = _absolute(d["root"])
+        d["root"] = absolute_path(d["root"])
         if not Path(d["root"]).is_dir():
             raise ConfigError("data.root", f"directory {d['root']} does not exist; point data.root at the {d['name']} files.")
     try:
@@ -182,7 +183,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
 
     checkpoint = c["teacher"].get("checkpoint")
     if checkpoint and need_teacher_checkpoint_check and "://" not in str(checkpoint) and not str(checkpoint).startswith("runs:"):
-        c["teacher"]["checkpoint"] = _absolute(checkpoint)
+        c["teacher"]["checkpoint"] = absolute_path(checkpoint)
         from bkd_core.train import load_state_checked
         try:
             load_state_checked(teacher, c["teacher"]["checkpoint"], what=f"teacher checkpoint (teacher.checkpoint={checkpoint})")
@@ -200,8 +201,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
                      f"a number of epochs in [0, train.epochs={tr['epochs']}]")
     check_batch_fits(c, len(splits.train))
 
-    storage = _absolute(c["ray"].get("storage_path") or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
-    output_dir = _absolute(c.get("output_dir") or "results")
+    storage = absolute_path(c["ray"].get("storage_path") or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
+    output_dir = absolute_path(c.get("output_dir") or "results")
     check_writable("ray.storage_path", storage)
     check_writable("output_dir", output_dir)
     t = c["tune"]

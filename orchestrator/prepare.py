@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checks import ConfigError, check_number
+from .config import absolute_path, compose
 
 SPLITS = ("train", "val")
 PLAN_KEY = b"bkd.plan"  # the digest of a shard's planned files, in its Parquet metadata
@@ -53,16 +54,10 @@ class Shard:
 
 def filesystem(uri: str, key: str) -> tuple[pafs.FileSystem, str]:
     try:
-        return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{_absolute(uri)}")
+        return pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{absolute_path(uri)}")
     except Exception as exc:
         raise ConfigError(key, f"cannot open {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); give a local "
                           "path or an s3:// / gs:// URI with credentials in the environment.") from None
-
-
-def _absolute(path: str) -> str:
-    import os
-
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def plan(source: str, images_per_shard: int) -> tuple[list[str], list[Shard]]:
@@ -204,7 +199,6 @@ def check(cfg: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .config import compose
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
