@@ -177,7 +177,9 @@ def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report
         budget = job.cfg["tune"].get("time_budget_s")
         end_runs_left(client, experiment_id, parent_id, "stopped by tune.time_budget_s" if budget and
                       time.time() - start >= float(budget) else "the search ended before the trial reported an epoch")
-        parent.submit(Write("end", {"run_id": parent_id, "status": "FINISHED"}))
+        failed = bool(rows) and all(r["status"] in ("FAILED", "DIVERGED") for r in rows)  # every trial failed
+        parent.submit(Write("end", {"run_id": parent_id, "status": "FAILED" if failed else "FINISHED",
+                                    "error": first_failure(rows) if failed else None}))
         parent.drain(float(m["end_wait_s"]), f"The search's results are in {out}.")
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)

@@ -197,4 +197,5 @@ def test_a_search_whose_trials_all_diverge_exits_1_and_says_why(tmp):
     assert search.run() == 1, search.output[-3000:]
     assert "no trial finished all its epochs; the first trial error: the training loss became NaN/inf" in search.output
     assert {r["status"] for r in search.rows()} == {"DIVERGED"}
+    assert search.parent().info.status == "FAILED" and "NaN/inf" in search.parent().data.tags["bkd.error"]
     assert not (tmp / "out" / "all-bad" / "student.pt").exists()
