@@ -10,6 +10,9 @@
     per image ``PIL.Image.open(...).convert("RGB")``, RandomResizedCrop (crop, then resize) + flip, uint8.
 Both run as DataLoaders with ``--workers`` processes (default: every core), so images/s per core is
 images/s / workers. Prints both, the ratio and the peak RSS; ``--json-out`` writes them.
+(c) what Ray Data adds: a one-worker trial's feed (``orchestrator.streaming``: Ray Data reads the same
+shards, decodes in tasks, batches into the consumer) on a local Ray cluster of ``--workers`` CPUs,
+against (a)'s bare pipeline on the same cores (``--no-ray`` skips it).
 """
 from __future__ import annotations
 
@@ -79,6 +82,27 @@ def throughput(dataset, workers: int, batch: int = 64) -> tuple[float, int]:
     return count / (time.perf_counter() - start), count
 
 
+def ray_data_throughput(shards: Path, size: int, cpus: int, batch: int = 64) -> float:
+    """Images/s of a one-worker trial's streamed feed: Ray Data tasks decode, the consumer normalises."""
+    import ray
+
+    from orchestrator.streaming import StreamLoader, make_dataset
+
+    ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False)
+    try:
+        cfg = {"name": "parquet", "root": str(shards), "image_size": size, "shuffle_buffer": 1000, "train_size": None}
+        rows = len(ParquetImages(str(shards), "train"))
+        for epoch in range(2):  # the first epoch starts the worker processes; the second is measured
+            loader = StreamLoader(make_dataset(cfg, "train"), rows, batch, True, torch.device("cpu"), 1000)
+            loader.set_epoch(epoch)
+            start, count = time.perf_counter(), 0
+            for x, _ in loader:
+                count += x.shape[0]
+        return count / (time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="an image folder (root/train/<class>/*, root/val/<class>/*)")
@@ -86,6 +110,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json-out")
+    parser.add_argument("--no-ray", action="store_true", help="skip (c), the Ray Data feed")
     args = parser.parse_args()
     root = Path(args.root)
     if args.make:
@@ -106,6 +131,11 @@ def main() -> None:
     print(f"  baseline (per-image PIL, full decode, crop+resize): {result['baseline_img_s_per_core']} img/s per core")
     print(f"  bkd (Parquet shards, draft decode, one resize):     {result['bkd_img_s_per_core']} img/s per core")
     print(f"  ratio {result['ratio']}x; prepare took {prepare_s:.1f} s (once); peak RSS {result['peak_rss_mb']} MB (driver + its largest child)")
+    if not args.no_ray:
+        fed = ray_data_throughput(shards, args.image_size, args.workers)
+        result |= {"ray_data_img_s_per_core": round(fed / args.workers, 1), "ray_data_vs_bare": round(fed / bkd, 2)}
+        print(f"  bkd through Ray Data (a one-worker trial's feed):  {result['ray_data_img_s_per_core']} img/s per core "
+              f"({result['ray_data_vs_bare']}x the bare pipeline)")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=1))

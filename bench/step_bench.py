@@ -4,6 +4,8 @@ same device, same teacher/student pair.
     python bench/step_bench.py                      # CPU: tiny_resnet -> tiny_cnn
     python bench/step_bench.py --device cuda        # GPU: resnet32x4 -> resnet8x4, 3 stones
     python bench/step_bench.py --device cuda --pack 4   # + 4 small trials packed on one GPU
+    python bench/step_bench.py --device cuda --imagenet --batch-sweep 256,512 --compile-mode reduce-overhead
+                                                    # ResNet34 -> ResNet18 at 224 px, 1000 classes
 
 Reference: fp32, eager, batch 64, a DataLoader that crops and flips each image in Python, teacher
 under no_grad, student + 3 stepping stones through the frozen teacher, KD losses, torch.optim.SGD.
@@ -127,7 +129,7 @@ def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: in
 
 def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf16: bool | None = None,
               channels_last: bool = True, compile: bool | None = None, cudnn_benchmark: bool | None = None,
-              compile_mode: str = "default", stack_stones: bool = True, seconds: float | None = None,
+              compile_mode: str | None = None, stack_stones: bool = True, seconds: float | None = None,
               barrier: Path | None = None) -> Result:
     """bkd's step as the trainer runs it; None picks the device's default (all on for CUDA).
 
@@ -187,9 +189,9 @@ def wait_at_barrier(folder: Path) -> None:
         time.sleep(0.01)
 
 
-def random_cifar(n: int, classes: int) -> data.ImageDataset:
+def random_cifar(n: int, classes: int, size: int = 32) -> data.ImageDataset:
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     return data.ImageDataset(images, torch.randint(0, classes, (n,), generator=g), classes, (0.5,) * 3, (0.25,) * 3, "random-cifar")
 
 
@@ -243,20 +245,22 @@ def main() -> None:
     parser.add_argument("--skip-ladder", action="store_true", help="only the packed measurement")
     parser.add_argument("--batch-sweep", type=str, default=None,
                         help="comma-separated batches: only the reference and bkd's default step at each batch")
-    parser.add_argument("--compile-mode", default="default", choices=train.COMPILE_MODES,
-                        help="torch.compile mode of bkd's step (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--compile-mode", default=None, choices=train.COMPILE_MODES,
+                        help="torch.compile mode of bkd's step (default: the trainer's, reduce-overhead on CUDA)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write every figure to this file")
+    parser.add_argument("--imagenet", action="store_true",
+                        help="the ImageNet pair: ResNet34 -> ResNet18 at 224 px, 1000 classes (3 stones), 2,560 random images")
     parser.add_argument("--only-bkd", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    teacher_name = args.teacher or ("resnet32x4" if gpu else "tiny_resnet")
-    student_name = args.student or ("resnet8x4" if gpu else "tiny_cnn")
+    teacher_name = args.teacher or ("ResNet34" if args.imagenet else "resnet32x4" if gpu else "tiny_resnet")
+    student_name = args.student or ("ResNet18" if args.imagenet else "resnet8x4" if gpu else "tiny_cnn")
     steps = args.steps or (100 if gpu else 30)
     batch = args.batch or (512 if gpu else 64)  # large batches pay on GPUs; on CPU caches prefer small ones
-    classes = 100
-    dataset = random_cifar(20000 if gpu else 4096, classes)
+    classes = 1000 if args.imagenet else 100
+    dataset = random_cifar(2560, classes, 224) if args.imagenet else random_cifar(20000 if gpu else 4096, classes)
     torch.manual_seed(0)
     pair = lambda: (models.create(teacher_name, classes), models.create(student_name, classes))  # noqa: E731
 

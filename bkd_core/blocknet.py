@@ -86,7 +86,21 @@ class BlockNet(nn.Module):
             if index == 0:
                 modules = [_get_attr(model, p) for p in stem] + modules
             built.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
-        return cls(built, Head([_get_attr(model, p) for p in head]))
+        net = cls(built, Head([_get_attr(model, p) for p in head]))
+        # every tensor's name in ``model``: a state_dict saved from the original model loads into the BlockNet
+        original = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
+        net.source_names = {name: original[id(t)] for name, t in net.state_dict(keep_vars=True).items() if id(t) in original}
+        return net
+
+    def from_source_names(self, state: dict) -> dict:
+        """``state`` with the wrapped model's names (e.g. a torchvision checkpoint) renamed to this
+        BlockNet's; returned as it is when it already uses this BlockNet's names."""
+        names = getattr(self, "source_names", None)
+        if not names or any(key in state for key in names):
+            return state
+        renamed = {own: state[theirs] for own, theirs in names.items() if theirs in state}
+        used = set(names.values())
+        return renamed | {key: value for key, value in state.items() if key not in used}
 
 
 def _get_attr(model: nn.Module, path: str) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocknet import BlockNet
 from .data import BatchLoader, DataSplits
 from .distiller import BlockKD, BlockKDOutput
 
@@ -41,15 +42,17 @@ class TrainConfig:
     channels_last: bool = True  # CUDA and CPU; off for a model that .view()s its feature maps
     compile: Optional[bool] = None  # None: on for CUDA (on CPU it pays off only for long runs)
     cudnn_benchmark: Optional[bool] = None  # None: on for CUDA (cuDNN times its algorithms per shape once)
-    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    compile_mode: Optional[str] = None  # torch.compile mode; None: "reduce-overhead" (CUDA graphs) on CUDA, else "default"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"train.schedule must be 'cosine' or 'step'; got {self.schedule!r}.")
+        if any(not isinstance(m, (int, float)) or not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"train.milestones must be increasing fractions of the epochs in (0, 1); got {list(self.milestones)}.")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0.")
-        if self.compile_mode not in COMPILE_MODES:
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}.")
         base = self.lr_base_batch
         if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
@@ -64,11 +67,14 @@ class TrainConfig:
         return self.lr * self.batch_size / self.lr_base_batch
 
     def resolved(self, device: torch.device) -> "TrainConfig":
-        """A copy with the device-dependent defaults (bf16, compile, cudnn_benchmark) filled in."""
+        """A copy with the device-dependent defaults (bf16, compile, compile_mode, cudnn_benchmark) filled in.
+        CUDA compiles with "reduce-overhead": CUDA graphs cut the host time of a step (Block-KD on an H200,
+        ResNet34 -> ResNet18 at b512: 15.75x the reference step, against 8.4x in the default mode)."""
         cuda = device.type == "cuda"
         pick = lambda v, default: default if v is None else bool(v)  # noqa: E731
-        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda),
-                              "compile": pick(self.compile, cuda), "cudnn_benchmark": pick(self.cudnn_benchmark, cuda)})
+        mode = self.compile_mode or ("reduce-overhead" if cuda else "default")
+        return TrainConfig(**{**self.__dict__, "bf16": pick(self.bf16, cuda), "compile": pick(self.compile, cuda),
+                              "compile_mode": mode, "cudnn_benchmark": pick(self.cudnn_benchmark, cuda)})
 
 
 class Supervised(nn.Module):
@@ -305,6 +311,8 @@ def load_state_checked(model: nn.Module, source: Union[str, Path, dict], what: s
     if not isinstance(source, dict):
         raise ValueError(f"{what} holds a {type(source).__name__}, not a state_dict (save model.state_dict()).")
     source = source.get("state_dict", source)
+    if isinstance(model, BlockNet):  # a checkpoint of the wrapped model (e.g. torchvision's ResNets) loads too
+        source = model.from_source_names(source)
     own = model.state_dict()
     missing = [k for k in own if k not in source]
     unexpected = [k for k in source if k not in own]

@@ -52,6 +52,8 @@ SECONDS = _real(lambda v: v >= 0, "a number of seconds >= 0")
 NUMBERS: dict[str, Number] = {
     "data.train_size": _int(lambda v: v >= 1, "an integer >= 1 (a number of training images), or null for all", nullable=True),
     "data.image_size": _int(lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    "data.cpus_per_trial": _real(lambda v: v > 0, "a number of CPUs > 0 for each trial's decode tasks (fractions are fine)"),
+    "data.shuffle_buffer": _int(lambda v: v >= 0, "an integer >= 0 (rows; 0: no local shuffle)"),
     "train.epochs": POSITIVE_INT,
     "train.batch_size": POSITIVE_INT,
     "train.lr_base_batch": _int(lambda v: v >= 1, "the batch size the lr is given for (an integer >= 1), or null for no scaling",
@@ -86,7 +88,7 @@ NUMBERS: dict[str, Number] = {
 
 SWITCHES: dict[str, bool] = {  # key -> may be null ("null: on for CUDA")
     "train.bf16": True, "train.compile": True, "train.cudnn_benchmark": True, "train.channels_last": False,
-    "tune.resume": False, "resources.use_gpu": False,
+    "tune.resume": False, "resources.use_gpu": False, "data.in_memory": False,
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -107,11 +107,48 @@ class Job:
 
 def load_dataset(data_cfg: dict[str, Any]) -> bkd_data.DataSplits:
     """The dataset a config names, with ``train_size`` applied (used by validation and workers)."""
-    extra = {"image_size": data_cfg["image_size"]} if data_cfg["name"] == "image_folder" else {}
+    extra = {"image_size": data_cfg["image_size"]} if data_cfg["name"] in ("image_folder", "parquet") else {}
+    if data_cfg["name"] == "parquet":
+        extra["train_size"] = data_cfg.get("train_size")
     splits = bkd_data.load(data_cfg["name"], data_cfg.get("root"), **extra)
     if data_cfg.get("train_size"):
         splits.train = splits.train.subset(int(data_cfg["train_size"]))
     return splits
+
+
+def is_streamed(data_cfg: dict[str, Any]) -> bool:
+    """Parquet shards streamed by Ray Data (``data.in_memory=false``), not decoded into RAM."""
+    return data_cfg.get("name") == "parquet" and not data_cfg.get("in_memory", False)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the driver needs to know of a dataset: classes, channels, sizes of the splits."""
+
+    num_classes: int
+    in_channels: int
+    train: int  # training images (after data.train_size)
+    val: int
+    image_shape: list[int]  # [C, H, W] of a model input
+
+
+def describe_dataset(d: dict[str, Any]) -> DataShape:
+    """The dataset's shape: streamed shards from their metadata alone (nothing decoded here), other
+    datasets by loading them."""
+    try:
+        if is_streamed(d):
+            train, val = (bkd_data.ParquetImages(d["root"], split) for split in ("train", "val"))
+            rows = min(len(train), int(d["train_size"])) if d.get("train_size") else len(train)
+            size = int(d["image_size"])
+            return DataShape(len(train.classes), 3, rows, len(val), [3, size, size])
+        splits = load_dataset(d)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError("data.root", f"{exc}") from None
+    except OSError as exc:  # a bucket that cannot be reached or read
+        raise ConfigError("data.root", f"cannot read {d['root']}: {exc}. Check the URI and the credentials "
+                          "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
+    return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.test),
+                     list(splits.test.images.shape[1:]))
 
 
 def absolute_path(path: str) -> str:
@@ -151,17 +188,18 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     d = c["data"]
     if d["name"] not in bkd_data.DATASETS:
         raise ConfigError("data.name", f"unknown dataset {d['name']!r}; valid: {', '.join(bkd_data.DATASETS)}.")
+    if d["name"] != "parquet" and d.get("in_memory") is False:
+        raise ConfigError("data.in_memory", f"false streams Parquet shards, and data={d['name']} is read into memory; "
+                          "for streaming, write shards with `python -m orchestrator.prepare source=FOLDER output=DST` "
+                          "and train with data=parquet data.root=DST.")
     if d.get("root"):
         d["root"] = absolute_path(d["root"])
-        if not Path(d["root"]).is_dir():
+        if "://" not in d["root"] and not Path(d["root"]).is_dir():
             raise ConfigError("data.root", f"directory {d['root']} does not exist; point data.root at the {d['name']} files.")
-    try:
-        splits = load_dataset(d)
-    except ValueError as exc:
-        raise ConfigError("data.root", f"{exc}") from None
+    shape = describe_dataset(d)
 
-    teacher = models.create(c["pair"]["teacher"], splits.num_classes, splits.in_channels)
-    student = models.create(c["pair"]["student"], splits.num_classes, splits.in_channels)
+    teacher = models.create(c["pair"]["teacher"], shape.num_classes, shape.in_channels)
+    student = models.create(c["pair"]["student"], shape.num_classes, shape.in_channels)
     search = c["search"]
     method = search.get("method", "blockkd")
     if method not in ("blockkd", "logit", "none"):
@@ -199,7 +237,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     for key in ("warmup_epochs", "distill_warmup_epochs"):
         check_number(f"train.{key}", tr.get(key) or 0.0, lambda v: 0 <= v <= tr["epochs"],
                      f"a number of epochs in [0, train.epochs={tr['epochs']}]")
-    check_batch_fits(c, len(splits.train))
+    check_batch_fits(c, shape.train)
 
     storage = absolute_path(c["ray"].get("storage_path") or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
     output_dir = absolute_path(c.get("output_dir") or "results")
@@ -207,8 +245,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     check_writable("output_dir", output_dir)
     t = c["tune"]
     name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, bool(t.get("resume")), command)
-    dataset = dataset_spec(d, len(splits.train), len(splits.test)) | {"shape": list(splits.test.images.shape[1:])}
-    return Job(c, splits.num_classes, splits.in_channels, student.num_blocks, options, storage,
+    dataset = dataset_spec(d, shape.train, shape.val) | {"shape": shape.image_shape, "rows": {"train": shape.train, "val": shape.val}}
+    return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name, dataset)
 
 
@@ -236,6 +274,7 @@ def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> Trai
         epochs, lr, batch = t["epochs"], params["lr"], t["batch_size"]
     return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), lr_base_batch=t["lr_base_batch"],
                        momentum=t["momentum"], weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
+                       milestones=tuple(t.get("milestones") or (0.5, 0.75)),
                        bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"],
                        cudnn_benchmark=t["cudnn_benchmark"], compile_mode=t["compile_mode"],
                        seed=int(params.get("seed", t["seed"])) if mode != "teacher" else int(t["seed"]))

@@ -60,6 +60,20 @@ def filesystem(uri: str, key: str) -> tuple[pafs.FileSystem, str]:
                           "path or an s3:// / gs:// URI with credentials in the environment.") from None
 
 
+def check_writable(fs: pafs.FileSystem, base: str, uri: str) -> None:
+    """Write and delete a probe file under ``base``: an unreachable bucket fails here, before any task."""
+    probe = f"{base}/.bkd-write-test"
+    try:
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as exc:
+        raise ConfigError("output", f"cannot write to {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check "
+                          "the path or bucket name, that the bucket exists, the network and the credentials "
+                          "(AWS_* / GOOGLE_* variables; AWS_ENDPOINT_URL for an S3-compatible server).") from None
+
+
 def plan(source: str, images_per_shard: int) -> tuple[list[str], list[Shard]]:
     """(classes, shards) of an image folder; a wrong layout or an unreachable source is a ConfigError."""
     fs, base = filesystem(source, "source")
@@ -161,9 +175,11 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
 
     classes, shards = plan(str(cfg["source"]), int(cfg["images_per_shard"]))
     dst_fs, dst = filesystem(str(cfg["output"]), "output")
+    check_writable(dst_fs, dst, str(cfg["output"]))
     if not ray.is_initialized():
-        kwargs = {"num_cpus": int(cfg["ray"]["num_cpus"])} if cfg["ray"].get("num_cpus") else {}
-        ray.init(address=cfg["ray"].get("address"), log_to_driver=False, **kwargs)
+        from .runtime import join_or_start  # here: the shard tasks import this module, and need no torch
+
+        join_or_start(cfg["ray"].get("address"), cfg["ray"].get("num_cpus"), log_to_driver=False)
     task = ray.remote(num_cpus=1)(write_shard)
     pending = [task.remote(str(cfg["source"]), str(cfg["output"]), s, cfg["max_side"], int(cfg["quality"])) for s in shards]
     written = {split: 0 for split in SPLITS}

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import ray
 import ray.train
+from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from .config import ConfigError, Job
+from .config import ConfigError, Job, is_streamed
 from .interrupts import STOP
+from .streaming import data_cpus, trainer_datasets, trial_bundles
 from .worker import train_loop_per_worker
 
 
@@ -31,11 +34,24 @@ def init_ray(job: Job) -> None:
     runtime_env: dict[str, Any] = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}
     if job.cfg["tune"].get("console") != "ray":  # workers keep Ray's own INFO lines in its log files
         runtime_env["worker_process_setup_hook"] = "orchestrator.runtime.quiet_worker"
-    kwargs: dict[str, Any] = {"log_to_driver": True, "runtime_env": runtime_env}
-    if job.cfg["ray"].get("num_cpus") and address in (None, "local"):
-        kwargs["num_cpus"] = int(job.cfg["ray"]["num_cpus"])
-    ray.init(address=address, **kwargs)
+    join_or_start(address, job.cfg["ray"].get("num_cpus"), log_to_driver=True, runtime_env=runtime_env)
     STOP.claim()  # ray.init replaced our SIGTERM handler with its own
+
+
+def join_or_start(address: Optional[str], num_cpus: Optional[int], **kwargs: Any) -> None:
+    """``ray.init``: join ``address`` (null: $RAY_ADDRESS or a cluster ``ray start`` began on this machine),
+    else start a local cluster of ``num_cpus`` CPUs. A running cluster found for a null address keeps its own
+    CPUs (Ray refuses ``num_cpus`` when it joins), so the setting is dropped with a line that says so."""
+    if num_cpus and address in (None, "local"):
+        try:
+            ray.init(address=address, num_cpus=int(num_cpus), **kwargs)
+            return
+        except ValueError as err:
+            if address == "local" or "must not be provided" not in str(err):
+                raise
+            print(f"ray.num_cpus={num_cpus} is left out: joining the Ray cluster already running on this machine "
+                  "(ray.address=local starts a separate one)", file=sys.stderr)
+    ray.init(address=address, **kwargs)
 
 
 def quiet_worker() -> None:
@@ -43,18 +59,25 @@ def quiet_worker() -> None:
     ("Checkpoint successfully created ...") stay in the log files; bkd's own lines still print."""
     for name in ("ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # a streamed trial's epochs: no Ray Data bars per trial
 
 
-def trial_resources(job: Job) -> dict[str, float]:
+def trial_resources(job: Job) -> Any:
     """What a Tune trial holds: a single-worker trial trains in its own process and holds the
-    worker's CPUs/GPUs; a multi-worker trial only drives a Ray Train run, whose workers hold theirs."""
+    worker's CPUs/GPUs; a multi-worker trial only drives a Ray Train run, whose workers hold theirs.
+    Streamed data adds a bundle of ``data.cpus_per_trial`` CPUs for the trial's decode tasks."""
     res = job.cfg["resources"]
     if int(res["workers_per_trial"]) > 1:
-        return {"cpu": TRIAL_DRIVER_CPU}
-    need = {"cpu": float(res["cpus_per_worker"])}
-    if res["use_gpu"]:
-        need["gpu"] = float(res["gpus_per_worker"])
-    return need
+        need = {"cpu": TRIAL_DRIVER_CPU}
+    else:
+        need = {"cpu": float(res["cpus_per_worker"])}
+        if res["use_gpu"]:
+            need["gpu"] = float(res["gpus_per_worker"])
+    if not data_cpus(job.cfg["data"]):
+        return need
+    return tune.PlacementGroupFactory(trial_bundles(need, job.cfg["data"]))
 
 
 def check_cluster_resources(job: Job) -> None:
@@ -63,7 +86,8 @@ def check_cluster_resources(job: Job) -> None:
     total = ray.cluster_resources()
     need_gpu = float(res["gpus_per_worker"]) * res["workers_per_trial"] if res["use_gpu"] else 0.0
     driver = TRIAL_DRIVER_CPU if res["workers_per_trial"] > 1 else 0.0
-    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"] + driver
+    data = data_cpus(job.cfg["data"])
+    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"] + driver + data
     if need_gpu > total.get("GPU", 0.0):
         raise ConfigError("resources.use_gpu", f"a trial asks for {need_gpu:g} GPUs ({res['workers_per_trial']} workers x "
                           f"{res['gpus_per_worker']}) but the cluster has {total.get('GPU', 0.0):g}; lower "
@@ -71,9 +95,10 @@ def check_cluster_resources(job: Job) -> None:
                           "check the worker group's max_workers).")
     if need_cpu > total.get("CPU", 0.0):
         raise ConfigError("resources.cpus_per_worker", f"a trial asks for {need_cpu:g} CPUs ({res['workers_per_trial']} workers x "
-                          f"{res['cpus_per_worker']}, plus {driver:g} for the trial's driver) but the cluster has "
-                          f"{total.get('CPU', 0.0):g}; lower resources.workers_per_trial or resources.cpus_per_worker "
-                          "(fractions such as 0.9 are fine).")
+                          f"{res['cpus_per_worker']}, plus {driver:g} for the trial's driver and {data:g} for its data, "
+                          "data.cpus_per_trial) but the cluster has "
+                          f"{total.get('CPU', 0.0):g}; lower resources.workers_per_trial, resources.cpus_per_worker "
+                          "or data.cpus_per_trial (fractions such as 0.9 are fine).")
 
 
 def scaling_config(job: Job) -> ray.train.ScalingConfig:
@@ -100,10 +125,14 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
         ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
+    data: dict[str, Any] = {}
+    if is_streamed(job.cfg["data"]):  # made here: inside a Tune trial, its tasks use the trial's data bundle
+        data = trainer_datasets(job.cfg["data"], int(params.get("seed", job.cfg["train"]["seed"])))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "params": params, "mode": mode, "teacher_state": teacher_state,
                            "record_as": record_as},
         scaling_config=scaling_config(job),
         run_config=run_config,
+        **data,
     )

@@ -27,7 +27,7 @@ from bkd_core.train import (
 )
 from search_spaces.space import parse_cuts, stone_weights
 
-from .config import load_dataset, train_config
+from .config import is_streamed, load_dataset, train_config
 from .records import DIVERGED as DIVERGED_STATUS, FINISHED, TrialRecords
 from .results import DIVERGED
 
@@ -77,6 +77,8 @@ class Session:
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module]
     # records how the trial ended (status, metrics, history, final student weights) before its last report
     finish: Optional[Callable[[str, dict[str, Any], list, Optional[dict]], None]] = None
+    # streamed data (data.in_memory=false): this rank's (train, val) iterators, or (None, None) to make them here
+    streams: Callable[[], tuple[Any, Any]] = lambda: (None, None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -92,6 +94,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session = Session(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray.train.get_checkpoint,
                       ray.train.Checkpoint.from_directory, lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
                       lambda module: ray.train.torch.prepare_model(module, move_to_device=False), finish)
+    if is_streamed(config["job"]["cfg"]["data"]):  # the trainer's datasets: a disjoint share of "train" per worker
+        session.streams = lambda: (ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"))
     train_loop(config, session)
 
 
@@ -114,13 +118,24 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(job["cfg"]["resources"]["cpus_per_worker"])))
-    splits = load_dataset(job["cfg"]["data"])
     cfg = train_config(job, params, mode).resolved(device)
     cfg.batch_size = max(1, cfg.batch_size // world)  # train.batch_size is the global batch: same steps for any worker count
-    module = build_module(job, params, mode, config.get("teacher_state"), splits.train.images[:2].float()).to(device)
+    if world > 1 and job["cfg"]["train"].get("compile_mode") is None:
+        cfg.compile_mode = "default"  # CUDA graphs are measured for one process per GPU, not under DDP's gradient hooks
+    data = job["cfg"]["data"]
+    if is_streamed(data):
+        from .streaming import stream_loaders
+
+        train_loader, test_loader = stream_loaders(data, job["dataset"]["rows"], cfg.batch_size, device, cfg.seed,
+                                                   bool(cfg.channels_last), world, *session.streams())
+        sample = torch.zeros(2, *job["dataset"]["shape"])
+    else:
+        splits = load_dataset(data)
+        train_loader, test_loader = make_loaders(splits, cfg, device, rank, world)
+        sample = splits.train.images[:2].float()
+    module = build_module(job, params, mode, config.get("teacher_state"), sample).to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
-    train_loader, test_loader = make_loaders(splits, cfg, device, rank, world)
     optimizer = make_optimizer(module.trainable_parameters(), cfg, device)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
 

@@ -11,6 +11,8 @@ PUBLISHED = {
     "resnet32x4": 7.43, "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.26, "vgg8": 3.96,
     "vgg13": 9.46, "ResNet50": 23.71, "MobileNetV2": 0.81, "ShuffleV1": 0.95, "ShuffleV2": 1.36,
 }
+# ImageNet (1000 classes) parameter counts in millions, as torchvision publishes them.
+IMAGENET = {"ResNet18": 11.69, "ResNet34": 21.80, "ResNet50_imagenet": 25.56}
 PAIRS = [
     ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("resnet32x4", "resnet8"), ("wrn_40_2", "wrn_16_2"),
     ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
@@ -25,7 +27,7 @@ def test_parameter_counts(name, millions):
 
 
 def test_names_complete():
-    assert set(PUBLISHED) | {"ResNet18", "ResNet34", "tiny_cnn", "small_cnn", "tiny_resnet"} == set(models.names())
+    assert set(PUBLISHED) | set(IMAGENET) | {"tiny_cnn", "small_cnn", "tiny_resnet"} == set(models.names())
 
 
 @pytest.mark.parametrize("teacher, student", PAIRS)
@@ -70,3 +72,26 @@ def test_imagenet_resnet18_is_four_blocks():
     net = models.create("ResNet18", 10)
     assert net.num_blocks == 4
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name, millions", IMAGENET.items())
+def test_imagenet_resnets_take_a_checkpoint_in_torchvisions_layout(name, millions, tmp_path):
+    """A state_dict of the plain model (torchvision's key names, e.g. resnet34-b627a593.pth) loads into
+    the zoo's BlockNet with the same outputs; a checkpoint of another class count is refused by name."""
+    from bkd_core.models.resnet_imagenet import ARCHITECTURES, ImageNetResNet
+    from bkd_core.train import load_state_checked
+
+    torch.manual_seed(0)
+    plain = ImageNetResNet(*ARCHITECTURES[name], num_classes=1000).eval()
+    state = plain.state_dict()
+    assert sum(p.numel() for p in plain.parameters()) / 1e6 == pytest.approx(millions, abs=0.01)
+    wide = 2048 if name == "ResNet50_imagenet" else 512
+    assert state["conv1.weight"].shape == (64, 3, 7, 7) and state["fc.weight"].shape == (1000, wide)
+    assert "layer2.0.downsample.1.running_var" in state and "layer4.1.bn2.num_batches_tracked" in state
+    torch.save(state, tmp_path / "tv.pth")
+    net = models.create(name, 1000).eval()
+    load_state_checked(net, tmp_path / "tv.pth")
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(net(x), plain(x))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_state_checked(models.create(name, 10), tmp_path / "tv.pth")

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,9 +49,9 @@ def write_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
     return root
 
 
-def prepare(*args: str) -> subprocess.CompletedProcess:
+def prepare(*args: str, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator.prepare", "ray.num_cpus=2", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, REPO, free_port
+from test_parquet_data import prepare, write_folder
 
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def head_node(tmp_path):
+@pytest.fixture(scope="module")
+def head_node():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     gcs, dashboard = free_port(), free_port()
     subprocess.run([BIN / "ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
@@ -41,3 +42,14 @@ def test_job_submit_succeeds(head_node, tmp_path):
     children = client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'trial'")
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert (tmp_path / "out" / "job" / "trials.parquet").is_file()
+
+
+def test_a_command_run_on_the_head_joins_its_cluster_without_ray_num_cpus(head_node, tmp_path):
+    """A cluster started by `ray start` is joined by a later command on the same machine (Ray's rule for a null
+    ray.address); Ray refuses num_cpus when it joins, so the setting is left out with a line that says so."""
+    _, env = head_node
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    done = prepare(f"source={write_folder(tmp_path / 'images', per_class=2)}", f"output={tmp_path}/shards", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ray.num_cpus=2 is left out: joining the Ray cluster already running" in done.stderr
+    assert "Connecting to existing Ray cluster" in done.stderr and (tmp_path / "shards" / "classes.json").is_file()

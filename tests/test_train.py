@@ -70,6 +70,8 @@ def test_compile_mode_and_cpu_defaults():
     assert (cpu.bf16, cpu.channels_last, cpu.compile, cpu.cudnn_benchmark) == (False, True, False, False)
     cuda = train.TrainConfig().resolved(torch.device("cuda"))
     assert (cuda.bf16, cuda.channels_last, cuda.compile, cuda.cudnn_benchmark) == (True, True, True, True)
+    assert (cpu.compile_mode, cuda.compile_mode) == ("default", "reduce-overhead")  # CUDA graphs by default on CUDA
+    assert train.TrainConfig(compile_mode="default").resolved(torch.device("cuda")).compile_mode == "default"
     assert train.uses_cuda_graphs(train.TrainConfig(compile=True, compile_mode="reduce-overhead"))
     assert not train.uses_cuda_graphs(train.TrainConfig(compile=False, compile_mode="reduce-overhead"))
     with pytest.raises(ValueError, match="reduce-overhead"):

@@ -3,10 +3,10 @@
 from .datasets import Augmentation, DataSplits, ImageDataset
 from .download import download, fetch_files
 from .loader import BatchLoader, random_crop_flip
-from .parquet import ParquetImages
+from .parquet import IMAGENET_MEAN, IMAGENET_STD, ParquetImages, load_parquet_in_memory
 from .sources import load_cifar, load_digits, load_idx_dataset, load_image_folder
 
-DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder")
+DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder", "parquet")
 
 
 def load(name: str, root: str | None = None, **kwargs) -> DataSplits:
@@ -19,12 +19,14 @@ def load(name: str, root: str | None = None, **kwargs) -> DataSplits:
         raise ValueError(f"dataset {name!r} needs a root directory (data.root=PATH).")
     if name in ("fashion_mnist", "mnist"):
         return load_idx_dataset(root, name, **kwargs)
+    if name == "parquet":
+        return load_parquet_in_memory(root, **kwargs)
     if name in ("cifar10", "cifar100"):
         return load_cifar(root, 10 if name == "cifar10" else 100)
     return load_image_folder(root, **kwargs)
 
 
 __all__ = [
-    "Augmentation", "BatchLoader", "DataSplits", "ImageDataset", "DATASETS", "ParquetImages", "load", "load_digits",
+    "Augmentation", "BatchLoader", "IMAGENET_MEAN", "IMAGENET_STD", "load_parquet_in_memory", "DataSplits", "ImageDataset", "DATASETS", "ParquetImages", "load", "load_digits",
     "load_idx_dataset", "load_cifar", "load_image_folder", "download", "fetch_files", "random_crop_flip",
 ]

@@ -24,12 +24,17 @@ import json
 import math
 import os
 import random
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+if TYPE_CHECKING:
+    from .datasets import DataSplits
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the usual normalisation of natural RGB images (ImageNet's statistics)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALE = (0.08, 1.0)  # RandomResizedCrop's area range and aspect range, as in the ImageNet recipes
 RATIO = (3 / 4, 4 / 3)
 VAL_RESIZE = 8 / 7  # val: resize the short side to image_size * 8/7 (256 for 224), then centre-crop
@@ -172,3 +177,24 @@ class ParquetImages(IterableDataset):
         rng.shuffle(buffer)
         for data, label in buffer:
             yield decode_crop(data, self.image_size, self.train, rng), label
+
+
+def load_parquet_in_memory(root: str, image_size: int, train_size: Optional[int] = None) -> "DataSplits":
+    """The shards decoded once into RAM (``data.in_memory=true``: data that fits): every image
+    resized and centre-cropped to ``image_size`` (the val transform), trained with the in-memory
+    path's device-side crop (padding image_size/8) and flip."""
+    from .datasets import Augmentation, DataSplits, ImageDataset
+
+    def read(split: str, limit: Optional[int]) -> ImageDataset:
+        source = ParquetImages(root, split, image_size, train=False)
+        images, labels = [], []
+        for image, label in source:
+            images.append(image)
+            labels.append(label)
+            if limit and len(images) >= limit:
+                break
+        return ImageDataset(torch.stack(images), torch.tensor(labels), len(source.classes), IMAGENET_MEAN, IMAGENET_STD,
+                            f"{os.path.basename(source.root)}/{split}")
+
+    classes = ParquetImages(root, "train").classes
+    return DataSplits(read("train", train_size), read("val", None), Augmentation(crop_padding=image_size // 8, flip=True), classes)

@@ -1,0 +1,156 @@
+"""Streamed data for trials (``data=parquet`` / ``data=imagenet`` with ``data.in_memory=false``).
+
+Ray Data reads the Parquet shards of ``python -m orchestrator.prepare`` (a local folder or a bucket),
+and CPU tasks decode and augment them (``bkd_core.data.parquet.decode_crop``: RandomResizedCrop + flip
+for training, resize + centre crop for validation) into uint8 batches; the trial turns them into
+normalised floats on its own device. No process holds more than a few blocks of the dataset.
+
+Where the tasks run: a Tune trial reserves ``data.cpus_per_trial`` CPUs in a bundle of its own
+placement group (``trial_bundles``) and its data tasks are pinned to that bundle, so that concurrent
+trials can never take the CPUs their data needs. The teacher's run (not a Tune trial) uses any free CPUs.
+
+One-worker trials iterate their dataset in the trial process; a multi-worker trial hands the
+datasets to its TorchTrainer, and each Ray Train worker reads a disjoint, equal share of every epoch
+(``ray.train.get_dataset_shard``).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from bkd_core.data import IMAGENET_MEAN, IMAGENET_STD
+from bkd_core.data.parquet import decode_crop
+
+from .config import is_streamed
+
+DECODE_BATCH = 32  # images per decode call: small blocks keep the object store's footprint low
+
+
+def data_cpus(data_cfg: dict[str, Any]) -> float:
+    """The CPUs a trial reserves for its data tasks (0 for in-memory data)."""
+    return float(data_cfg.get("cpus_per_trial") or 0.0) if is_streamed(data_cfg) else 0.0
+
+
+def trial_bundles(trial: dict[str, float], data_cfg: dict[str, Any]) -> list[dict[str, float]]:
+    """A Tune trial's placement group: the trial's own bundle, then its data tasks' CPUs."""
+    head = {("CPU" if k == "cpu" else "GPU"): v for k, v in trial.items()}
+    cpus = data_cpus(data_cfg)
+    return [head, {"CPU": cpus}] if cpus else [head]
+
+
+class Decode:
+    """A batch of encoded images -> uint8 [B, 3, S, S] and int64 labels (a Ray Data map function)."""
+
+    def __init__(self, image_size: int, train: bool) -> None:
+        self.image_size, self.train = image_size, train
+        self.rng = random.Random()  # fresh crops every epoch (tasks run again per epoch)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [decode_crop(data, self.image_size, self.train, self.rng).numpy() for data in batch["image"]]
+        return {"image": np.stack(images), "label": batch["label"].astype(np.int64)}
+
+
+def task_options() -> dict[str, Any]:
+    """Ray remote options of the data tasks: inside a Tune trial, its data bundle (the last one)."""
+    group = get_current_placement_group()
+    if group is None or len(group.bundle_specs) < 2:
+        return {"num_cpus": 1}
+    cpus = group.bundle_specs[-1].get("CPU", 1.0)
+    return {"num_cpus": min(1.0, cpus), "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=len(group.bundle_specs) - 1)}
+
+
+def make_dataset(data_cfg: dict[str, Any], split: str, seed: int = 0) -> ray.data.Dataset:
+    """The decoded images of one split as a Ray Dataset (lazy: it runs when iterated)."""
+    import pyarrow.fs as pafs
+
+    root = str(data_cfg["root"]).rstrip("/")
+    filesystem, path = pafs.FileSystem.from_uri(root if "://" in root else f"file://{root}")
+    train = split == "train"
+    options = task_options()
+    dataset = ray.data.read_parquet(f"{path}/{split}", filesystem=filesystem, columns=["image", "label"],
+                                    shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None,
+                                    ray_remote_args=options)
+    if train and data_cfg.get("train_size"):
+        dataset = dataset.limit(int(data_cfg["train_size"]))
+    return dataset.map_batches(Decode(int(data_cfg["image_size"]), train), batch_size=DECODE_BATCH, **options)
+
+
+def trainer_datasets(data_cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A multi-worker TorchTrainer's ``datasets`` and ``dataset_config``: each worker gets an equal,
+    disjoint share of "train" every epoch, and all of "val" (every rank evaluates the whole split)."""
+    return {"datasets": {"train": make_dataset(data_cfg, "train", seed), "val": make_dataset(data_cfg, "val")},
+            "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
+
+
+@dataclass
+class StreamLoader:
+    """``BatchLoader``'s interface over a Ray Data stream: ``len``, ``set_epoch``, and (x, y) batches,
+    normalised (ImageNet statistics) and in ``channels_last`` on ``device``. ``source`` is a Dataset
+    or a worker's DataIterator; ``rows`` the rows it yields per epoch."""
+
+    source: Any
+    rows: int
+    batch_size: int
+    train: bool
+    device: torch.device
+    shuffle_buffer: int = 0
+    channels_last: bool = False
+    seed: int = 0
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape) * 255
+        self.inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=self.device).view(shape) * 255)
+        if self.train and self.rows < self.batch_size:
+            raise ValueError(f"{self.rows} training images per worker is fewer than batch_size={self.batch_size}; "
+                             "lower train.batch_size or use fewer workers.")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.rows // self.batch_size if self.train else -(-self.rows // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        shuffle = self.shuffle_buffer if self.train else 0
+        batches = self.source.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=self.train, device=self.device,
+            local_shuffle_buffer_size=shuffle or None, local_shuffle_seed=self.seed * 1_000_003 + self.epoch if shuffle else None)
+        for count, batch in enumerate(batches):
+            if self.train and count >= len(self):  # equal step counts on every DDP rank
+                break
+            x = (batch["image"].float() - self.mean) * self.inv_std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, batch["label"]
+
+
+def split_rows(data_cfg: dict[str, Any], train_rows: int, world: int) -> int:
+    """Rows each of ``world`` workers gets per epoch (equal shares, the remainder dropped)."""
+    rows = min(train_rows, int(data_cfg["train_size"])) if data_cfg.get("train_size") else train_rows
+    return rows // world
+
+
+def stream_loaders(data_cfg: dict[str, Any], counts: dict[str, int], batch_size: int, device: torch.device,
+                   seed: int, channels_last: bool, world: int = 1, train_source: Optional[Any] = None,
+                   val_source: Optional[Any] = None) -> tuple[StreamLoader, StreamLoader]:
+    """Training and evaluation loaders of a trial; without sources (a one-worker trial) the datasets
+    are made here, in the trial's process and placement group."""
+    train_source = train_source if train_source is not None else make_dataset(data_cfg, "train", seed)
+    val_source = val_source if val_source is not None else make_dataset(data_cfg, "val")
+    buffer = int(data_cfg.get("shuffle_buffer") or 0)
+    train = StreamLoader(train_source, split_rows(data_cfg, counts["train"], world), batch_size, True, device, buffer,
+                         channels_last, seed)
+    val = StreamLoader(val_source, counts["val"], max(batch_size, 256), False, device, 0, channels_last)
+    return train, val

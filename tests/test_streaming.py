@@ -1,0 +1,225 @@
+"""Streamed data (data=parquet): `orchestrator.prepare` -> Parquet shards -> `orchestrator.tune` trials
+fed by Ray Data on a real local Ray cluster; a two-worker Train run whose workers share every epoch;
+memory flat in the dataset's size; bad input refused before Ray starts."""
+import io
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import ray.train
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from ray.train.torch import TorchTrainer
+from ray.util.state import list_tasks
+
+from bkd_core.data import ParquetImages
+from orchestrator import tune as tune_entry
+from orchestrator.cli import entry_point
+from orchestrator.streaming import StreamLoader, make_dataset, stream_loaders, trainer_datasets
+
+from conftest import BIN, free_port
+from test_parquet_data import CLASSES, prepare, write_folder
+
+pytestmark = pytest.mark.ray
+
+
+def write_shards(root, count: int, classes: int, size=(400, 300), per_shard: int = 256) -> None:
+    """Shards as prepare writes them, made directly: ``count`` JPEGs whose label is their row index mod
+    ``classes`` (with classes == count, a label names its image)."""
+    rng = np.random.default_rng(0)
+    pool = []
+    for i in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=90)
+        pool.append(buffer.getvalue())
+    for split, n in (("train", count), ("val", max(8, count // 10))):
+        (root / split).mkdir(parents=True)
+        for start in range(0, n, per_shard):
+            rows = range(start, min(n, start + per_shard))
+            table = pa.table({"image": [pool[i % len(pool)] for i in rows], "label": [i % classes for i in rows]})
+            pq.write_table(table, root / split / f"part-{start:06d}.parquet", row_group_size=64)
+    (root / "classes.json").write_text(json.dumps([f"class {i}" for i in range(classes)]))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The test folder of test_parquet_data (odd sizes, grayscale, CMYK, PNG, a truncated file) through prepare."""
+    tmp = tmp_path_factory.mktemp("stream")
+    done = prepare(f"source={write_folder(tmp / 'images')}", f"output={tmp / 'shards'}", "max_side=96")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "shards"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(shards):
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_tune_streams_shards_into_trials_whose_data_tasks_use_the_trials_cpus(shards, ray_cluster, tmp_path):
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "tune.name=stream", "data=parquet", f"data.root={shards}", "data.image_size=32", "tune.num_samples=2",
+            "train.epochs=2", "teacher.epochs=1", "train.batch_size=6", "teacher.batch_size=6"]
+    assert entry_point(tune_entry.run, argv) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("bkd")
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'trial'")
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    for run in trials:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == [1, 2]
+    # every decode task of a trial ran in a placement group (its trial's data bundle), none beside it
+    decode = [t for t in list_tasks(detail=True, limit=10_000, raise_on_missing_output=False) if "Decode" in t.name]
+    assert decode, "no decode task was recorded"
+    in_trial = [t for t in decode if t.placement_group_id]
+    assert len(in_trial) >= len(decode) // 2, [(t.name, t.placement_group_id) for t in decode][:10]
+
+
+def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_cluster, tmp_path):
+    write_shards(tmp_path / "shards", count=48, classes=48, size=(64, 48), per_shard=16)
+    data_cfg = {"name": "parquet", "root": str(tmp_path / "shards"), "image_size": 16, "shuffle_buffer": 8, "train_size": None}
+
+    def loop(config):  # the worker side of a multi-worker trial: its share of the trainer's datasets
+        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+        train, _ = stream_loaders(config["data"], {"train": 48, "val": 8}, 4, torch.device("cpu"), 0, False, world,
+                                  ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"))
+        for epoch in (1, 2):
+            train.set_epoch(epoch)
+            labels = [int(v) for _, y in train for v in y]
+            (Path(config["out"]) / f"{epoch}-{rank}.json").write_text(json.dumps(labels))
+
+    trainer = TorchTrainer(loop, train_loop_config={"data": data_cfg, "out": str(tmp_path)},
+                           scaling_config=ray.train.ScalingConfig(num_workers=2),
+                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")), **trainer_datasets(data_cfg, 0))
+    assert trainer.fit().error is None
+    for epoch in (1, 2):
+        rank0, rank1 = (json.loads((tmp_path / f"{epoch}-{rank}.json").read_text()) for rank in (0, 1))
+        assert len(rank0) == len(rank1) == 24 and sorted(rank0 + rank1) == list(range(48)), (rank0, rank1)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def peak_rss_while_streaming(root, image_size: int) -> tuple[float, int]:
+    """The largest RSS (MB) this process reached while it iterated one epoch, and the images it saw."""
+    data_cfg = {"name": "parquet", "root": str(root), "image_size": image_size, "shuffle_buffer": 256, "train_size": None}
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (root / "train").glob("*.parquet"))
+    loader = StreamLoader(make_dataset(data_cfg, "train"), rows, 64, True, torch.device("cpu"), 256)
+    peak, seen = 0.0, 0
+    for x, _ in loader:
+        seen += x.shape[0]
+        peak = max(peak, rss_mb())
+    return peak, seen
+
+
+def test_memory_stays_flat_when_the_dataset_grows_tenfold(ray_cluster, tmp_path):
+    write_shards(tmp_path / "small", count=300, classes=10)
+    write_shards(tmp_path / "large", count=3000, classes=10)
+    small, n_small = peak_rss_while_streaming(tmp_path / "small", 160)
+    large, n_large = peak_rss_while_streaming(tmp_path / "large", 160)
+    decoded_mb = n_large * 3 * 160 * 160 * 4 / 2**20  # what the large epoch would take as float tensors in RAM
+    assert n_large == 3000 // 64 * 64 and n_small == 300 // 64 * 64
+    assert large - small < 0.1 * decoded_mb, f"peak RSS {small:.0f} MB -> {large:.0f} MB for a {decoded_mb:.0f} MB epoch"
+    summary = ray._private.internal_api.memory_summary(stats_only=True)
+    assert "Spilled" not in summary or "Spilled 0 MiB" in summary, summary
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    (["data.root={missing}"], "data.root", "does not exist"),
+    (["data.root={empty}"], "data.root", "no Parquet shards"),
+    (["data=fashion_mnist", "data.root={empty}", "data.in_memory=false"], "data.in_memory", "orchestrator.prepare"),
+    (["data.root={empty}", "data.cpus_per_trial=0"], "data.cpus_per_trial", "CPUs > 0"),
+])
+def test_bad_streaming_input_is_refused_before_ray(override, key, fragment, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "data=parquet"] + [o.format(missing=tmp_path / "missing", empty=tmp_path / "empty") for o in override]
+    before = ray.is_initialized()
+    assert entry_point(tune_entry.run, argv) == 2
+    err = capsys.readouterr().err
+    assert f"configuration error in `{key}`" in err and fragment in err, err
+    assert ray.is_initialized() == before
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """A local S3-compatible server (moto) with a bucket; AWS_* point this process and its children at it."""
+    moto = BIN / "moto_server"
+    if not moto.exists():
+        pytest.skip("moto[server] is not installed (pip install -e '.[test]')")
+    port = free_port()
+    server = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="bkd-data")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield "s3://bkd-data"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, tmp_path):
+    uri = f"{bucket}/shards"
+    done = prepare(f"source={write_folder(tmp_path / 'images')}", f"output={uri}", "max_side=64", env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(ParquetImages(uri, "train")) == 18 and ParquetImages(uri, "train").classes == CLASSES
+    # Ray Data in a cluster started now (its workers inherit AWS_*, as cluster nodes have their credentials)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    try:
+        data_cfg = {"name": "parquet", "root": uri, "image_size": 24, "shuffle_buffer": 4, "train_size": None}
+        train, val = stream_loaders(data_cfg, {"train": 18, "val": 6}, 4, torch.device("cpu"), 0, False)
+        assert sum(y.shape[0] for _, y in train) == 16 and sum(y.shape[0] for _, y in val) == 6
+        x, _ = next(iter(val))
+        assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32
+    finally:
+        ray.shutdown()
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "data=parquet", f"data.root={bucket}/nothing-here"]
+    assert entry_point(tune_entry.run, argv) == 2
+
+
+def test_an_unreachable_bucket_is_one_paragraph_and_exit_2(tmp_path):
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_EC2_METADATA_DISABLED": "true"}
+    done = prepare(f"source={write_folder(tmp_path / 'images', per_class=1)}", "output=s3://bkd-nowhere/shards", env=env)
+    assert done.returncode == 2 and "configuration error in `output`" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_imagenet_recipe_composes_over_shards_without_decoding_them(tmp_path):
+    from orchestrator.config import compose, validate
+
+    write_shards(tmp_path / "shards", count=1100, classes=4, size=(80, 60))  # more than one batch of 512
+    job = validate(compose(["recipe=imagenet", f"data.root={tmp_path / 'shards'}", f"ray.storage_path={tmp_path}/ray",
+                            f"output_dir={tmp_path}/out"]))
+    assert (job.teacher_model, job.student_model, job.num_classes) == ("ResNet34", "ResNet18", 4)
+    assert job.dataset["rows"] == {"train": 1100, "val": 110} and job.dataset["shape"] == [3, 224, 224]
+    t = job.cfg["train"]
+    assert (t["epochs"], t["batch_size"], t["milestones"], t["weight_decay"], job.cfg["fixed"]["lr"]) == (100, 512, [0.3, 0.6, 0.9], 1e-4, 0.2)
