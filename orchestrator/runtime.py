@@ -8,13 +8,12 @@ from typing import Any, Optional
 
 import ray
 import ray.train
-from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from .config import ConfigError, Job, is_streamed
 from .interrupts import STOP
-from .streaming import data_cpus, trainer_datasets, trial_bundles
+from .streaming import data_cpus, trainer_datasets
 from .worker import train_loop_per_worker
 
 
@@ -64,20 +63,37 @@ def quiet_worker() -> None:
     DataContext.get_current().enable_progress_bars = False  # a streamed trial's epochs: no Ray Data bars per trial
 
 
-def trial_resources(job: Job) -> Any:
+def trial_resources(job: Job) -> dict[str, float]:
     """What a Tune trial holds: a single-worker trial trains in its own process and holds the
-    worker's CPUs/GPUs; a multi-worker trial only drives a Ray Train run, whose workers hold theirs.
-    Streamed data adds a bundle of ``data.cpus_per_trial`` CPUs for the trial's decode tasks."""
+    worker's CPUs/GPUs; a multi-worker trial only drives a Ray Train run, whose workers hold theirs."""
     res = job.cfg["resources"]
     if int(res["workers_per_trial"]) > 1:
-        need = {"cpu": TRIAL_DRIVER_CPU}
-    else:
-        need = {"cpu": float(res["cpus_per_worker"])}
-        if res["use_gpu"]:
-            need["gpu"] = float(res["gpus_per_worker"])
+        return {"cpu": TRIAL_DRIVER_CPU}
+    need = {"cpu": float(res["cpus_per_worker"])}
+    if res["use_gpu"]:
+        need["gpu"] = float(res["gpus_per_worker"])
+    return need
+
+
+def trial_cpus(job: Job) -> float:
+    """CPUs one running trial occupies: its workers (and a multi-worker trial's driver), and its data."""
+    res = job.cfg["resources"]
+    driver = TRIAL_DRIVER_CPU if int(res["workers_per_trial"]) > 1 else 0.0
+    return float(res["cpus_per_worker"]) * int(res["workers_per_trial"]) + driver + data_cpus(job.cfg["data"])
+
+
+def concurrent_trials(job: Job) -> int:
+    """``tune.max_concurrent``, lowered for streamed data so that the CPUs of every running trial's
+    decode tasks (``data.cpus_per_trial``) stay free: trials never hold the CPUs their data waits for.
+    The decode tasks run on any node with a free CPU, CPU-only nodes included."""
+    limit = int(job.cfg["tune"]["max_concurrent"])
     if not data_cpus(job.cfg["data"]):
-        return need
-    return tune.PlacementGroupFactory(trial_bundles(need, job.cfg["data"]))
+        return limit
+    fit = max(1, int(ray.cluster_resources().get("CPU", 0.0) // trial_cpus(job)))
+    if fit < limit:
+        print(f"[bkd] at most {fit} trials at once (tune.max_concurrent={limit}): each keeps {data_cpus(job.cfg['data']):g} "
+              f"CPUs free for its data (data.cpus_per_trial) beside its own; a larger cluster runs more", flush=True)
+    return min(limit, fit)
 
 
 def check_cluster_resources(job: Job) -> None:
@@ -87,7 +103,7 @@ def check_cluster_resources(job: Job) -> None:
     need_gpu = float(res["gpus_per_worker"]) * res["workers_per_trial"] if res["use_gpu"] else 0.0
     driver = TRIAL_DRIVER_CPU if res["workers_per_trial"] > 1 else 0.0
     data = data_cpus(job.cfg["data"])
-    need_cpu = float(res["cpus_per_worker"]) * res["workers_per_trial"] + driver + data
+    need_cpu = trial_cpus(job)
     if need_gpu > total.get("GPU", 0.0):
         raise ConfigError("resources.use_gpu", f"a trial asks for {need_gpu:g} GPUs ({res['workers_per_trial']} workers x "
                           f"{res['gpus_per_worker']}) but the cluster has {total.get('GPU', 0.0):g}; lower "

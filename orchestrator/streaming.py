@@ -5,9 +5,11 @@ and CPU tasks decode and augment them (``bkd_core.data.parquet.decode_crop``: Ra
 for training, resize + centre crop for validation) into uint8 batches; the trial turns them into
 normalised floats on its own device. No process holds more than a few blocks of the dataset.
 
-Where the tasks run: a Tune trial reserves ``data.cpus_per_trial`` CPUs in a bundle of its own
-placement group (``trial_bundles``) and its data tasks are pinned to that bundle, so that concurrent
-trials can never take the CPUs their data needs. The teacher's run (not a Tune trial) uses any free CPUs.
+Where the tasks run: on any node with a free CPU (CPU-only nodes included). A search runs at most as
+many trials at once as leave ``data.cpus_per_trial`` CPUs free per running trial
+(``orchestrator.runtime.concurrent_trials``), so trials never hold every CPU while their data waits.
+(Pinning the tasks into each trial's placement group was tried: Ray Data 2.60 then ran an 18-image
+epoch in 25-30 s instead of 1.5-5 s.)
 
 One-worker trials iterate their dataset in the trial process; a multi-worker trial hands the
 datasets to its TorchTrainer, and each Ray Train worker reads a disjoint, equal share of every epoch
@@ -24,8 +26,6 @@ import ray
 import ray.data
 import ray.train
 import torch
-from ray.util.placement_group import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from bkd_core.data import IMAGENET_MEAN, IMAGENET_STD
 from bkd_core.data.parquet import decode_crop
@@ -40,13 +40,6 @@ def data_cpus(data_cfg: dict[str, Any]) -> float:
     return float(data_cfg.get("cpus_per_trial") or 0.0) if is_streamed(data_cfg) else 0.0
 
 
-def trial_bundles(trial: dict[str, float], data_cfg: dict[str, Any]) -> list[dict[str, float]]:
-    """A Tune trial's placement group: the trial's own bundle, then its data tasks' CPUs."""
-    head = {("CPU" if k == "cpu" else "GPU"): v for k, v in trial.items()}
-    cpus = data_cpus(data_cfg)
-    return [head, {"CPU": cpus}] if cpus else [head]
-
-
 class Decode:
     """A batch of encoded images -> uint8 [B, 3, S, S] and int64 labels (a Ray Data map function)."""
 
@@ -59,16 +52,6 @@ class Decode:
         return {"image": np.stack(images), "label": batch["label"].astype(np.int64)}
 
 
-def task_options() -> dict[str, Any]:
-    """Ray remote options of the data tasks: inside a Tune trial, its data bundle (the last one)."""
-    group = get_current_placement_group()
-    if group is None or len(group.bundle_specs) < 2:
-        return {"num_cpus": 1}
-    cpus = group.bundle_specs[-1].get("CPU", 1.0)
-    return {"num_cpus": min(1.0, cpus), "scheduling_strategy": PlacementGroupSchedulingStrategy(
-        group, placement_group_bundle_index=len(group.bundle_specs) - 1)}
-
-
 def make_dataset(data_cfg: dict[str, Any], split: str, seed: int = 0) -> ray.data.Dataset:
     """The decoded images of one split as a Ray Dataset (lazy: it runs when iterated)."""
     import pyarrow.fs as pafs
@@ -76,13 +59,11 @@ def make_dataset(data_cfg: dict[str, Any], split: str, seed: int = 0) -> ray.dat
     root = str(data_cfg["root"]).rstrip("/")
     filesystem, path = pafs.FileSystem.from_uri(root if "://" in root else f"file://{root}")
     train = split == "train"
-    options = task_options()
-    dataset = ray.data.read_parquet(f"{path}/{split}", filesystem=filesystem, columns=["image", "label"],
-                                    shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None,
-                                    ray_remote_args=options)
+    dataset = ray.data.read_parquet(f"{path}/{split}", filesystem=filesystem,
+                                    shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None).select_columns(["image", "label"])
     if train and data_cfg.get("train_size"):
         dataset = dataset.limit(int(data_cfg["train_size"]))
-    return dataset.map_batches(Decode(int(data_cfg["image_size"]), train), batch_size=DECODE_BATCH, **options)
+    return dataset.map_batches(Decode(int(data_cfg["image_size"]), train), batch_size=DECODE_BATCH, num_cpus=1)
 
 
 def trainer_datasets(data_cfg: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from .progress import ProgressPrinter
 from .records import RECORDED, TrialRecords
 from .results import case_of, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
 from .stats import mean_std
-from .runtime import check_cluster_resources, init_ray, make_trainer, trial_resources
+from .runtime import check_cluster_resources, concurrent_trials, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
 from .tracking import (
     END_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params, reopen,
@@ -115,7 +115,7 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
     if cases is not None:
         return tune.Tuner(trainable, param_space={"case": tune.grid_search(cases)}, run_config=run_config,
                           tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max",
-                                                      max_concurrent_trials=int(t["max_concurrent"])))
+                                                      max_concurrent_trials=concurrent_trials(job)))
     sampler = optuna.samplers.RandomSampler(seed=int(t["seed"])) if t.get("searcher") == "random" else None  # None: TPE
     searcher = OptunaSearch(
         space=functools.partial(suggest, space=job.cfg["search"], num_blocks=job.num_blocks, fixed=job.cfg.get("fixed")),
@@ -125,7 +125,7 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
         scheduler = ASHAScheduler(time_attr="epoch", max_t=int(job.cfg["train"]["epochs"]),
                                   grace_period=int(t["grace_period"]), reduction_factor=float(t["reduction_factor"]))
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
-                                  num_samples=int(t["num_samples"]), max_concurrent_trials=int(t["max_concurrent"]),
+                                  num_samples=int(t["num_samples"]), max_concurrent_trials=concurrent_trials(job),
                                   time_budget_s=t.get("time_budget_s"))
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)
 
