@@ -49,6 +49,8 @@ def log_student_model(tracking_uri: str, run_id: str, student: Any, example: Any
         output = student(example).numpy()
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
+        # the flavour's own requirements (torch, cloudpickle): inferring them runs the model in a subprocess (~10 s)
         info = mlflow.pytorch.log_model(student, name="student", signature=infer_signature(example.numpy(), output),
-                                        input_example=example.numpy(), registered_model_name=registered_name)
+                                        input_example=example.numpy(), registered_model_name=registered_name,
+                                        pip_requirements=mlflow.pytorch.get_default_pip_requirements())
     return info.model_uri

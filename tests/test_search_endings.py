@@ -136,7 +136,7 @@ def stop_after_the_first_epoch(search: Search, sig: signal.Signals, code: int) -
 
 
 def test_sigint_ends_killed_with_exit_130_and_resume_finishes_the_search(tmp):
-    search = Search(tmp, "ctrl-c", "tune.num_samples=3", "train.epochs=25", "tune.scheduler=none")
+    search = Search(tmp, "ctrl-c", "tune.num_samples=3", "train.epochs=12", "tune.scheduler=none")
     try:
         stop_after_the_first_epoch(search, signal.SIGINT, 130)
         interrupted = [r for r in search.trials() if r.info.status != "FINISHED"]
@@ -157,14 +157,14 @@ def test_sigint_ends_killed_with_exit_130_and_resume_finishes_the_search(tmp):
         for run in search.trials():
             assert run.info.status == "FINISHED"
             steps = search.steps(run)
-            assert steps == list(range(1, 26)), (run.data.tags["bkd.trial_id"], steps)
+            assert steps == list(range(1, 13)), (run.data.tags["bkd.trial_id"], steps)
         assert not list((tmp / "out" / "ctrl-c").glob("mlflow_pending_*")), "a refused write was taken for an outage"
     finally:
         search.kill()
 
 
 def test_sigterm_ends_killed_with_exit_143(tmp):
-    search = Search(tmp, "term", "tune.num_samples=2", "train.epochs=25", "tune.scheduler=none")
+    search = Search(tmp, "term", "tune.num_samples=2", "train.epochs=12", "tune.scheduler=none")
     try:
         stop_after_the_first_epoch(search, signal.SIGTERM, 143)
         assert all(r.info.status in ("KILLED", "FINISHED") for r in search.trials())

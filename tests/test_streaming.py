@@ -59,7 +59,8 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(shards):
+def ray_cluster(shards, bucket):
+    """Started after the S3 server: its workers inherit AWS_*, as a cluster's nodes have their credentials."""
     ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
@@ -99,7 +100,7 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
             (Path(config["out"]) / f"{epoch}-{rank}.json").write_text(json.dumps(labels))
 
     trainer = TorchTrainer(loop, train_loop_config={"data": data_cfg, "out": str(tmp_path)},
-                           scaling_config=ray.train.ScalingConfig(num_workers=2),
+                           scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),  # 1 CPU left for the data
                            run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")), **trainer_datasets(data_cfg, 0))
     assert trainer.fit().error is None
     for epoch in (1, 2):
@@ -186,21 +187,16 @@ def bucket(tmp_path_factory):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, tmp_path):
+def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, ray_cluster, tmp_path):
     uri = f"{bucket}/shards"
     done = prepare(f"source={write_folder(tmp_path / 'images')}", f"output={uri}", "max_side=64", env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(ParquetImages(uri, "train")) == 18 and ParquetImages(uri, "train").classes == CLASSES
-    # Ray Data in a cluster started now (its workers inherit AWS_*, as cluster nodes have their credentials)
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
-    try:
-        data_cfg = {"name": "parquet", "root": uri, "image_size": 24, "shuffle_buffer": 4, "train_size": None}
-        train, val = stream_loaders(data_cfg, {"train": 18, "val": 6}, 4, torch.device("cpu"), 0, False)
-        assert sum(y.shape[0] for _, y in train) == 16 and sum(y.shape[0] for _, y in val) == 6
-        x, _ = next(iter(val))
-        assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32
-    finally:
-        ray.shutdown()
+    data_cfg = {"name": "parquet", "root": uri, "image_size": 24, "shuffle_buffer": 4, "train_size": None}
+    train, val = stream_loaders(data_cfg, {"train": 18, "val": 6}, 4, torch.device("cpu"), 0, False)
+    assert sum(y.shape[0] for _, y in train) == 16 and sum(y.shape[0] for _, y in val) == 6
+    x, _ = next(iter(val))
+    assert x.shape == (6, 3, 24, 24) and x.dtype == torch.float32  # val batches: max(batch, 256)
     argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
             "data=parquet", f"data.root={bucket}/nothing-here"]
     assert entry_point(tune_entry.run, argv) == 2
