@@ -12,11 +12,12 @@ PUBLISHED = {
     "vgg13": 9.46, "ResNet50": 23.71, "MobileNetV2": 0.81, "ShuffleV1": 0.95, "ShuffleV2": 1.36,
 }
 # ImageNet (1000 classes) parameter counts in millions, as torchvision publishes them.
-IMAGENET = {"ResNet18": 11.69, "ResNet34": 21.80, "ResNet50_imagenet": 25.56}
+IMAGENET = {"ResNet18": 11.69, "ResNet34": 21.80, "ResNet50_imagenet": 25.56, "MobileNetV2_imagenet": 3.50}
 PAIRS = [
     ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("resnet32x4", "resnet8"), ("wrn_40_2", "wrn_16_2"),
     ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
     ("wrn_40_2", "ShuffleV1"), ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"),
+    ("ResNet50_imagenet", "MobileNetV2_imagenet"),
 ]
 
 
@@ -78,16 +79,22 @@ def test_imagenet_resnet18_is_four_blocks():
 def test_imagenet_resnets_take_a_checkpoint_in_torchvisions_layout(name, millions, tmp_path):
     """A state_dict of the plain model (torchvision's key names, e.g. resnet34-b627a593.pth) loads into
     the zoo's BlockNet with the same outputs; a checkpoint of another class count is refused by name."""
+    from bkd_core.models.mobilenetv2_imagenet import MobileNetV2ImageNet
     from bkd_core.models.resnet_imagenet import ARCHITECTURES, ImageNetResNet
     from bkd_core.train import load_state_checked
 
     torch.manual_seed(0)
-    plain = ImageNetResNet(*ARCHITECTURES[name], num_classes=1000).eval()
+    mobile = name == "MobileNetV2_imagenet"
+    plain = (MobileNetV2ImageNet(1000) if mobile else ImageNetResNet(*ARCHITECTURES[name], num_classes=1000)).eval()
     state = plain.state_dict()
     assert sum(p.numel() for p in plain.parameters()) / 1e6 == pytest.approx(millions, abs=0.01)
-    wide = 2048 if name == "ResNet50_imagenet" else 512
-    assert state["conv1.weight"].shape == (64, 3, 7, 7) and state["fc.weight"].shape == (1000, wide)
-    assert "layer2.0.downsample.1.running_var" in state and "layer4.1.bn2.num_batches_tracked" in state
+    if mobile:  # a few of the keys of torchvision's mobilenet_v2 state_dict
+        assert state["features.0.0.weight"].shape == (32, 3, 3, 3) and state["classifier.1.weight"].shape == (1000, 1280)
+        assert "features.1.conv.2.running_mean" in state and "features.17.conv.3.weight" in state and "features.18.1.bias" in state
+    else:
+        wide = 2048 if name == "ResNet50_imagenet" else 512
+        assert state["conv1.weight"].shape == (64, 3, 7, 7) and state["fc.weight"].shape == (1000, wide)
+        assert "layer2.0.downsample.1.running_var" in state and "layer4.1.bn2.num_batches_tracked" in state
     torch.save(state, tmp_path / "tv.pth")
     net = models.create(name, 1000).eval()
     load_state_checked(net, tmp_path / "tv.pth")
