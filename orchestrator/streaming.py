@@ -28,6 +28,7 @@ import ray.train
 import torch
 
 from bkd_core.data import IMAGENET_MEAN, IMAGENET_STD
+from bkd_core.data.loader import normalise
 from bkd_core.data.parquet import decode_crop
 
 from .config import is_streamed
@@ -114,27 +115,18 @@ class StreamLoader:
         for count, batch in enumerate(batches):
             if self.train and count >= len(self):  # equal step counts on every DDP rank
                 break
-            x = (batch["image"].float() - self.mean) * self.inv_std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, batch["label"]
-
-
-def split_rows(data_cfg: dict[str, Any], train_rows: int, world: int) -> int:
-    """Rows each of ``world`` workers gets per epoch (equal shares, the remainder dropped)."""
-    rows = min(train_rows, int(data_cfg["train_size"])) if data_cfg.get("train_size") else train_rows
-    return rows // world
+            yield normalise(batch["image"], self.mean, self.inv_std, self.channels_last), batch["label"]
 
 
 def stream_loaders(data_cfg: dict[str, Any], counts: dict[str, int], batch_size: int, device: torch.device,
                    seed: int, channels_last: bool, world: int = 1, train_source: Optional[Any] = None,
                    val_source: Optional[Any] = None) -> tuple[StreamLoader, StreamLoader]:
-    """Training and evaluation loaders of a trial; without sources (a one-worker trial) the datasets
-    are made here, in the trial's process and placement group."""
+    """Training and evaluation loaders of a trial (``counts``: rows per split after data.train_size, as
+    ``Job.dataset["rows"]``); without sources (a one-worker trial) the datasets are made here, in the trial."""
     train_source = train_source if train_source is not None else make_dataset(data_cfg, "train", seed)
     val_source = val_source if val_source is not None else make_dataset(data_cfg, "val")
     buffer = int(data_cfg.get("shuffle_buffer") or 0)
-    train = StreamLoader(train_source, split_rows(data_cfg, counts["train"], world), batch_size, True, device, buffer,
+    train = StreamLoader(train_source, counts["train"] // world, batch_size, True, device, buffer,
                          channels_last, seed)
     val = StreamLoader(val_source, counts["val"], max(batch_size, 256), False, device, 0, channels_last)
     return train, val

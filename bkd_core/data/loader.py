@@ -33,6 +33,12 @@ def random_crop_flip(images: torch.Tensor, aug: Augmentation, generator: torch.G
     return images
 
 
+def normalise(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float ``(x - mean) * inv_std`` (``mean``/``inv_std`` in 0-255 units, (1, C, 1, 1))."""
+    x = (images.float() - mean) * inv_std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 class BatchLoader:
     """Iterate (x, y) batches over a dataset shard. ``set_epoch`` reshuffles deterministically.
 
@@ -98,7 +104,4 @@ class BatchLoader:
             images = self.images[batch]
             if self.augmentation is not None:
                 images = random_crop_flip(images, self.augmentation, gen)
-            x = (images.float() - self.mean) * self.inv_std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[batch]
+            yield normalise(images, self.mean, self.inv_std, self.channels_last), self.labels[batch]
