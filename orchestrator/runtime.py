@@ -142,7 +142,7 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
     )
     data: dict[str, Any] = {}
-    if is_streamed(job.cfg["data"]):  # made here: inside a Tune trial, its tasks use the trial's data bundle
+    if is_streamed(job.cfg["data"]):  # each worker reads an equal share of "train" (see streaming.trainer_datasets)
         data = trainer_datasets(job.cfg["data"], int(params.get("seed", job.cfg["train"]["seed"])))
     return TorchTrainer(
         train_loop_per_worker,
