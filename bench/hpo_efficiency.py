@@ -9,7 +9,9 @@ The space (all three methods): lr (log, 0.01-0.3), temperature (1-8) and the blo
 run ``--seeds`` search seeds each with a budget of ``--budget-share`` of the grid's epochs (random:
 no early stopping, as it is usually run). Prints, per method and seed, the best val_acc found within
 the budget and the epochs it took to come within 0.5 points of the grid's best; writes
-``hpo.json`` and ``hpo.png``.
+``hpo.json`` and ``hpo.png``. Every finished search is kept as ``<out>/<name>.parquet`` (its trial rows);
+a rerun reads those back and runs only the searches missing, so an interrupted benchmark continues
+(``--seeds 3`` after a run with ``--seeds 1`` adds seeds 1 and 2).
 """
 from __future__ import annotations
 
@@ -34,6 +36,36 @@ def job_for(tmp: Path, name: str, *overrides: str, teacher: bool = True):
                              f"output_dir={tmp}/out", f"tune.name={name}", *given, *FIXED, *overrides]))
 
 
+class Searches:
+    """Runs each named search once: its rows are kept in ``<out>/<name>.parquet`` and read back on a rerun.
+    The teacher is trained only when a search has to run (training is seeded, so a rerun gets the same one)."""
+
+    def __init__(self, out: Path, tmp: Path, common: list[str]):
+        self.out, self.tmp, self.common = out, tmp, common
+        self.teacher_ready = False
+
+    def rows(self, name: str, *overrides: str, cases: list[dict] | None = None) -> list[dict]:
+        import pyarrow.parquet as pq
+
+        from orchestrator import tune as tune_entry
+        from orchestrator.results import write_parquet
+        kept = self.out / f"{name}.parquet"
+        if kept.exists():
+            print(f"[hpo] {name}: read from {kept}")
+            return pq.read_table(kept).to_pylist()
+        self.ensure_teacher()
+        rows = tune_entry.search(job_for(self.tmp, name, *self.common, *overrides), cases)
+        write_parquet(rows, str(kept))
+        return rows
+
+    def ensure_teacher(self) -> None:
+        from orchestrator import teacher as teacher_entry
+        if not self.teacher_ready:  # trained once, then given to every run
+            teacher_entry.run(job_for(self.tmp, "teacher", *self.common, teacher=False))
+            (self.tmp / "teacher.pt").write_bytes((self.tmp / "out" / "teacher" / "teacher.pt").read_bytes())
+            self.teacher_ready = True
+
+
 def curve(rows: list[dict]) -> list[tuple[int, float]]:
     """(cumulative epochs, best val_acc so far) in the order trials started."""
     points, spent, best = [], 0, 0.0
@@ -55,18 +87,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bkd-hpo-"))
-    from orchestrator import teacher as teacher_entry
-    from orchestrator import tune as tune_entry
     from search_spaces.space import defaults
 
     common = [f"train.epochs={args.epochs}", "tune.max_concurrent=2"]
-    teacher_entry.run(job_for(tmp, "teacher", *common, teacher=False))  # trained once, then given to every run
-    (tmp / "teacher.pt").write_bytes((tmp / "out" / "teacher" / "teacher.pt").read_bytes())
-
-    job = job_for(tmp, "grid", *common)
+    searches = Searches(out, tmp, common)
+    job = job_for(tmp, "grid", *common, teacher=False)  # only its space, for the cases
     cases = [defaults(job.cfg["search"], job.num_blocks, {**job.cfg["fixed"], "lr": lr, "temperature": t, "cuts": cuts})
              for lr, t, cuts in itertools.product(LRS, TEMPERATURES, PARTITIONS)]
-    grid_rows = tune_entry.search(job, cases)
+    grid_rows = searches.rows("grid", cases=cases)
     grid_epochs = sum(int(r["epochs"] or 0) for r in grid_rows)
     grid_best = max(float(r["val_acc"]) for r in grid_rows if r["status"] == "FINISHED")
     budget = int(args.budget_share * grid_epochs)
@@ -78,8 +106,7 @@ def main() -> None:
         samples = max(2, budget // per_trial)
         results[method] = []
         for seed in range(args.seeds):
-            rows = tune_entry.search(job_for(tmp, f"{method}-{seed}", *common, *extra, f"tune.seed={seed}",
-                                             f"tune.num_samples={samples}"))
+            rows = searches.rows(f"{method}-{seed}", *extra, f"tune.seed={seed}", f"tune.num_samples={samples}")
             points = [p for p in curve(rows) if p[0] <= budget]
             reach = next((e for e, b in curve(rows) if b >= grid_best - 0.5), None)
             results[method].append({"seed": seed, "trials": len(rows), "epochs": sum(int(r["epochs"] or 0) for r in rows),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -42,6 +44,25 @@ def connect(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
         raise ConfigError("mlflow.tracking_uri", f"cannot use MLflow at {tracking_uri} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:300]}); start the server or point mlflow.tracking_uri at a writable "
                           "sqlite:///PATH/mlflow.db.") from None
+
+
+def answers(tracking_uri: str, timeout_s: float = 1.0) -> bool:
+    """False when an http(s) tracking server does not even accept a connection: a check that costs at
+    most ``timeout_s`` instead of MLflow's HTTP retries (seconds each call). Other stores: True."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return True
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def require_answer(tracking_uri: str) -> None:
+    """Raise ConnectionError at once when ``answers`` is False (before a call MLflow would retry)."""
+    if not answers(tracking_uri):
+        raise ConnectionError(f"MLflow at {tracking_uri} does not accept connections")
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,6 +150,10 @@ class MLflowWriter:
             return True
         if not force and time.monotonic() < self._next_try:
             return False
+        if self.down and not answers(self.tracking_uri):  # still down: no need to pay for MLflow's retries
+            self._next_try = time.monotonic() + self.retry_interval_s
+            self._write_spool()
+            return False
         try:
             while self.pending:
                 try:
@@ -158,6 +183,11 @@ class MLflowWriter:
                   "every queued write is logged.", flush=True)
             self._down_since = None
         return True
+
+    @property
+    def down(self) -> bool:
+        """MLflow was unreachable at the last try."""
+        return self._down_since is not None
 
     def drain(self, wait_s: float, where: str = "") -> bool:
         """Flush, retrying for up to ``wait_s`` while MLflow is unreachable; warn about what is left."""

@@ -41,6 +41,7 @@ from .runtime import check_cluster_resources, concurrent_trials, init_ray, make_
 from .teacher import obtain_teacher
 from .tracking import (
     END_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params, reopen,
+    require_answer,
 )
 from .worker import tune_trial_loop
 
@@ -197,6 +198,7 @@ def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report
 def end_runs_left(client: MlflowClient, experiment_id: str, parent_id: str, reason: str) -> None:
     """Trial runs still RUNNING (interrupted or out of time) end KILLED, tagged with why."""
     try:
+        require_answer(client.tracking_uri)
         end_leftover_runs(client, experiment_id, parent_id, "KILLED", reason)
     except Exception as mlflow_exc:  # MLflow down as well: tune.resume=true ends them later
         print(f"[bkd] warning: could not mark this search's running trials KILLED in MLflow ({first_line(mlflow_exc)}).", flush=True)
@@ -207,6 +209,7 @@ def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool
     """(rows best first, val_acc curves by trial id, parameter names) of a finished Tuner.fit.
     Trials that never reported anything are not rows."""
     try:
+        require_answer(parent.tracking_uri)
         run_ids = child_runs(parent.client, parent.experiment_id, parent.parent_run_id)
     except Exception as exc:  # MLflow down past mlflow.end_wait_s: the table goes without run ids
         print(f"[bkd] warning: MLflow unreachable ({first_line(exc)}); the table lacks the MLflow run ids.", flush=True)
@@ -276,6 +279,7 @@ def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     model.load_state_dict(torch.load(student_file, map_location="cpu", weights_only=True))
     example = torch.zeros(1, *job.dataset["shape"])
     try:
+        require_answer(job.tracking_uri)
         uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg["mlflow"].get("registered_model"))
         print(f"MLflow model: {uri}" + (f" (registered as {job.cfg['mlflow']['registered_model']})"
                                         if job.cfg["mlflow"].get("registered_model") else ""))
