@@ -88,7 +88,7 @@ NUMBERS: dict[str, Number] = {
 
 SWITCHES: dict[str, bool] = {  # key -> may be null ("null: on for CUDA")
     "train.bf16": True, "train.compile": True, "train.cudnn_benchmark": True, "train.channels_last": False,
-    "tune.resume": False, "resources.use_gpu": False, "data.in_memory": False,
+    "tune.resume": False, "tune.reuse_actors": False, "resources.use_gpu": False, "data.in_memory": False,
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

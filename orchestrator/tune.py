@@ -61,6 +61,7 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
         tune.report({**record.metrics, RECORDED: 1})
         return
     params = case_of(config)
+    torch._dynamo.reset()  # a reused trial process (tune.reuse_actors) compiles this trial's model afresh
     if int(job.cfg["resources"]["workers_per_trial"]) == 1:
         tune_trial_loop({"job": job.to_dict(), "params": params, "mode": "distill", "teacher_state": teacher_state}, records)
         return
@@ -115,7 +116,7 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if cases is not None:
         return tune.Tuner(trainable, param_space={"case": tune.grid_search(cases)}, run_config=run_config,
-                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max",
+                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max", reuse_actors=bool(t["reuse_actors"]),
                                                       max_concurrent_trials=concurrent_trials(job)))
     sampler = optuna.samplers.RandomSampler(seed=int(t["seed"])) if t.get("searcher") == "random" else None  # None: TPE
     searcher = OptunaSearch(
@@ -127,7 +128,7 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
                                   grace_period=int(t["grace_period"]), reduction_factor=float(t["reduction_factor"]))
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
                                   num_samples=int(t["num_samples"]), max_concurrent_trials=concurrent_trials(job),
-                                  time_budget_s=t.get("time_budget_s"))
+                                  time_budget_s=t.get("time_budget_s"), reuse_actors=bool(t["reuse_actors"]))
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)
 
 
