@@ -92,21 +92,39 @@ def run_and_kill_after_epoch_1(tmp, argv, params: dict, actor_class: str, actors
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("rc", entry_point(train_entry.run, argv)))
     thread.start()
-    killed = None
+    victim, killed = None, False
     deadline = time.time() + 300
-    while killed is None and time.time() < deadline and thread.is_alive():
+    while not killed and time.time() < deadline and thread.is_alive():
+        if victim is None or not pid_exists(victim):  # found before epoch 1 ends: the state API is slow to ask
+            alive = [a["pid"] for a in list_actors(filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")],
+                                                   detail=True) if pid_exists(a["pid"])]  # the state API lags deaths
+            victim = alive[-1] if len(alive) >= actors_alive else None
         runs = this_trial()
-        if runs and "val_acc" in runs[0].data.metrics:
-            alive = list_actors(filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")], detail=True)
-            if len(alive) >= actors_alive:
-                killed = alive[-1]["pid"]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.5)
+        if victim is not None and runs and "val_acc" in runs[0].data.metrics:
+            try:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
+            except ProcessLookupError:
+                victim = None
+        time.sleep(0.3)
     thread.join(timeout=600)
     assert not thread.is_alive(), "the trial did not finish within 10 minutes of the kill"
-    assert killed is not None, f"no {actor_class} was found alive after the first epoch"
+    assert killed, f"no {actor_class} was killed after the first epoch"
     (run,) = this_trial()
     return outcome.get("rc"), run
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def trial_failures(tmp, name) -> list[str]:
+    """The errors Tune recorded for the trials of experiment ``name`` (a retried trial has one)."""
+    return [p.read_text() for p in (tmp / "ray" / name).glob("*/error.txt")]
 
 
 def logged_epochs(tmp, run) -> list[int]:
@@ -123,6 +141,7 @@ def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
     argv = base(tmp, "killworker", teacher) + ["data=mnist", f"data.root={root}", "train.epochs=8", "fixed.cuts=[3]"]
     rc, run = run_and_kill_after_epoch_1(tmp, argv, {"data": "mnist"}, "ImplicitFunc", actors_alive=1)
     assert rc == 0 and run.info.status == "FINISHED"
+    assert trial_failures(tmp, "killworker"), "the kill landed after the trial had ended: nothing was retried"
     assert logged_epochs(tmp, run) == list(range(1, 9)), "a restart from epoch 0 would log epoch 1 twice"
 
 

@@ -109,28 +109,31 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
         assert len(rank0) == len(rank1) == 24 and sorted(rank0 + rank1) == list(range(48)), (rank0, rank1)
 
 
-def rss_mb() -> float:
-    """This process's resident memory now (Linux)."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+def rss_mb(kind: str = "VmRSS") -> float:
+    """This process's resident memory now (Linux): all of it (VmRSS), its own heap (RssAnon), or the
+    shared memory it has touched (RssShmem: the object store's pages it read)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(f"{kind}:"))
     return int(line.split()[1]) / 1024
 
 
 def test_memory_stays_flat_while_an_epoch_streams(ray_cluster, tmp_path):
-    """3,000 images at 160 px (220 MB decoded as uint8): the consumer's RSS in the last quarter of the
-    epoch exceeds the second quarter's by less than a quarter of that (a loader that kept what it
-    decoded would grow by half of it), and the object store does not spill."""
+    """3,000 images at 160 px (220 MB decoded as uint8): the consumer's own memory (RssAnon) in the last
+    quarter of the epoch exceeds the second quarter's by less than half of that (measured: a streaming
+    epoch 0-60 MB, malloc keeping a few 20-MB batches; a loader that kept its batches ~750 MB), and the
+    object store does not spill. VmRSS would also count the object store's shared pages the process
+    has read (~130 MB by an epoch's end, bounded by the store), which is not a leak."""
     write_shards(tmp_path / "large", count=3000, classes=10)
     data_cfg = {"name": "parquet", "root": str(tmp_path / "large"), "image_size": 160, "shuffle_buffer": 256, "train_size": None}
     loader = StreamLoader(make_dataset(data_cfg, "train"), 3000, 64, True, torch.device("cpu"), 256)
     samples = []
     for x, _ in loader:
-        samples.append(rss_mb())
+        samples.append(rss_mb("RssAnon"))
     decoded_mb = 3000 * 3 * 160 * 160 / 2**20
     quarter = len(samples) // 4
     assert len(samples) == 3000 // 64
     # medians of the 2nd and the 4th quarter (batches come and go: single samples vary by ~60 MB)
     growth = statistics.median(samples[3 * quarter:]) - statistics.median(samples[quarter:2 * quarter])
-    assert growth < 0.25 * decoded_mb, f"RSS by batch (MB): {[round(s) for s in samples]}"
+    assert growth < 0.5 * decoded_mb, f"RssAnon by batch (MB): {[round(s) for s in samples]}"
     summary = ray._private.internal_api.memory_summary(stats_only=True)
     assert "Spilled" not in summary or "Spilled 0 MiB" in summary, summary
 
