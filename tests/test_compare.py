@@ -107,8 +107,11 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
 
 @pytest.mark.ray
 def test_confirm_seeds_trains_the_best_configuration_again(ray_cluster, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
     argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
-            "tune.name=conf", "teacher.epochs=1", "tune.num_samples=2", "train.epochs=2", "tune.scheduler=none",
+            "tune.name=conf", f"teacher.checkpoint={teacher}", "tune.num_samples=2", "train.epochs=2", "tune.scheduler=none",
             "tune.confirm_seeds=2"]
     assert entry_point(tune_entry.run, argv) == 0
     out = capsys.readouterr().out
