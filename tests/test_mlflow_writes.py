@@ -1,8 +1,12 @@
 """MLflowWriter against real stores: a write MLflow refuses is reported at once and left out (not
 taken for an outage); an unreachable server is an outage; a trial's repeated epochs are logged once."""
+import json
+import socket
+import time
+
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import MLflowWriter, Write, is_outage
+from orchestrator.tracking import MLflowWriter, Write, answers, is_outage
 
 from conftest import free_port
 
@@ -37,6 +41,27 @@ def test_an_unreachable_server_is_an_outage(tmp_path, monkeypatch):
         assert is_outage(exc), exc
     else:
         raise AssertionError("nothing listens on that port")
+
+
+def test_a_writer_waiting_out_an_outage_probes_instead_of_retrying_and_keeps_every_write(tmp_path, monkeypatch):
+    """While nothing listens, a try costs a TCP probe, not MLflow's HTTP retries, and every write
+    submitted meanwhile is in the spool file (a resume replays that file)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as orchestrator.tracking.connect sets it
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert not answers(uri) and answers(f"sqlite:///{tmp_path}/x.db")
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        assert answers(f"http://127.0.0.1:{listening.getsockname()[1]}")
+    spool = tmp_path / "spool.jsonl"
+    writer = MLflowWriter(uri, "0", None, retry_interval_s=0.01, spool=spool)
+    writer.submit(Write("tags", {"run_id": "r", "tags": {"a": 1}}))  # the first try meets the outage
+    assert writer.down
+    start = time.monotonic()
+    for step in range(1, 21):
+        time.sleep(0.01)  # past retry_interval_s: every submit tries again
+        writer.submit(Write("metrics", {"metrics": {"val_acc": step}, "step": step, "timestamp_ms": 0}, None))
+    assert time.monotonic() - start < 3, "a try during the outage paid MLflow's HTTP retries"
+    kept = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert len(kept) == 21 and kept[-1]["args"]["step"] == 20
 
 
 def test_a_trial_restarted_from_an_older_checkpoint_logs_each_epoch_once(tmp_path):

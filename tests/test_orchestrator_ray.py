@@ -1,4 +1,5 @@
 """End to end on a real local Ray cluster, real Optuna and a real MLflow sqlite store."""
+import json
 import re
 
 import pyarrow.parquet as pq
@@ -95,6 +96,8 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
             "mlflow_run_id"} <= set(table[0])
     assert {r["trial_id"] for r in table} == set(final_per_child)
     assert all(r["status"] == "FINISHED" for r in table)
+    pids = {json.loads(line)["pid"] for f in (workspace / "ray" / "e2e").glob("*/result.json") for line in f.read_text().splitlines()}
+    assert 1 <= len(pids) <= 2, "3 trials, 2 at a time: tune.reuse_actors (default) trains the third in a finished trial's process"
 
     first_row = re.search(r"^1\s+(\S+)\s+FINISHED", out, flags=re.M)
     assert first_row and first_row.group(1) == best_trial
