@@ -61,8 +61,8 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
         tune.report({**record.metrics, RECORDED: 1})
         return
     params = case_of(config)
-    torch._dynamo.reset()  # a reused trial process (tune.reuse_actors) compiles this trial's model afresh
-    if int(job.cfg["resources"]["workers_per_trial"]) == 1:
+    if int(job.cfg["resources"]["workers_per_trial"]) == 1:  # trains here: a reused process (tune.reuse_actors)
+        torch._dynamo.reset()  # compiles this trial's model afresh, as a new process would
         tune_trial_loop({"job": job.to_dict(), "params": params, "mode": "distill", "teacher_state": teacher_state}, records)
         return
     # rank 0 records the trial's end before its last report (Train's result keeps only checkpointed reports)

@@ -39,8 +39,8 @@ _REGISTRY: dict[str, Callable[..., BlockNet]] = {
     "ShuffleV2": shufflenet_v2,
     "ResNet18": _P(imagenet_resnet, "ResNet18"),
     "ResNet34": _P(imagenet_resnet, "ResNet34"),
-    "ResNet50_imagenet": _P(imagenet_resnet, "ResNet50_imagenet"),
-    "MobileNetV2_imagenet": mobilenetv2_imagenet,  # torchvision's layout, width 1.0; "MobileNetV2" is the CIFAR one  # torchvision's layout; "ResNet50" is the CIFAR one
+    "ResNet50_imagenet": _P(imagenet_resnet, "ResNet50_imagenet"),  # torchvision's layout; "ResNet50" is the CIFAR one
+    "MobileNetV2_imagenet": mobilenetv2_imagenet,  # torchvision's layout, width 1.0; "MobileNetV2" is the CIFAR one
     "tiny_cnn": tiny_cnn,
     "small_cnn": small_cnn,
     "tiny_resnet": tiny_resnet,
