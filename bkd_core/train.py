@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocknet import BlockNet
-from .data import BatchLoader, DataSplits
+from .data import BatchLoader, DataSplits, ImageDataset
 from .distiller import BlockKD, BlockKDOutput
 
 
@@ -252,11 +252,20 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def make_loaders(data: DataSplits, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
-    """Training loader (sharded, augmented) and evaluation loader (the whole test split)."""
+    """Training loader (sharded, augmented) and the selection split's loader (``data.val``, else the test split)."""
     train = BatchLoader(data.train, cfg.batch_size, train=True, augmentation=data.augmentation, device=device,
                         seed=cfg.seed, rank=rank, world_size=world_size, channels_last=bool(cfg.channels_last))
-    test = BatchLoader(data.test, max(cfg.batch_size, 256), train=False, device=device, channels_last=bool(cfg.channels_last))
-    return train, test
+    return train, eval_loader(data.selection, cfg, device)
+
+
+def eval_loader(dataset: ImageDataset, cfg: TrainConfig, device: torch.device) -> BatchLoader:
+    """An evaluation loader over a whole split (no shuffle, no augmentation)."""
+    return BatchLoader(dataset, max(cfg.batch_size, 256), train=False, device=device, channels_last=bool(cfg.channels_last))
+
+
+def score_on_test(module: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
+    """``evaluate`` on the test split, its keys renamed ``test_acc`` (student) and ``test_acc_stone_<cut>``."""
+    return {key.replace("val_acc", "test_acc", 1): value for key, value in evaluate(module, loader, bf16).items()}
 
 
 def fit(
@@ -268,7 +277,9 @@ def fit(
 ) -> dict[str, float]:
     """Train ``module`` (a ``BlockKD``/``LogitKD`` or a ``Supervised`` classifier) for ``cfg.epochs``.
 
-    Calls ``on_epoch(epoch, metrics)`` after every epoch and returns the last epoch's metrics.
+    Every epoch reports ``val_acc`` on ``data.val`` (``data.hold_out(0.1)`` makes one; without it, on
+    the test split). Calls ``on_epoch(epoch, metrics)`` after every epoch and returns the last epoch's
+    metrics, with ``test_acc`` (the final weights on the test split) when ``data.val`` is held out.
     """
     device = torch.device(device)
     cfg = cfg.resolved(device)
@@ -286,6 +297,8 @@ def fit(
         metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    if data.val is not None and data.val is not data.test:
+        metrics.update(score_on_test(module, eval_loader(data.test, cfg, device), bool(cfg.bf16)))
     return metrics
 
 

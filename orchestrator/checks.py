@@ -51,6 +51,9 @@ SECONDS = _real(lambda v: v >= 0, "a number of seconds >= 0")
 
 NUMBERS: dict[str, Number] = {
     "data.train_size": _int(lambda v: v >= 1, "an integer >= 1 (a number of training images), or null for all", nullable=True),
+    "data.val_fraction": _real(lambda v: 0 <= v <= 0.5, "a fraction of the training images in [0, 0.5] to hold out for "
+                               "selection (0: select on the test split)", nullable=True),
+    "data.split_seed": ANY_INT,
     "data.image_size": _int(lambda v: v >= 8, "an integer >= 8 (pixels)"),
     "data.cpus_per_trial": _real(lambda v: v > 0, "a number of CPUs > 0 for each trial's decode tasks (fractions are fine)"),
     "data.shuffle_buffer": _int(lambda v: v >= 0, "an integer >= 0 (rows; 0: no local shuffle)"),

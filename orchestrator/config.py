@@ -90,6 +90,16 @@ class Job:
         return self.cfg["pair"]["student"]
 
     @property
+    def selects_on_test(self) -> bool:
+        return self.dataset["selection"] == "test"
+
+    def split_sizes(self) -> dict[str, int]:
+        """``train_images``, ``val_images``, ``test_images``: the params every run logs."""
+        rows = self.dataset["rows"]
+        return {"train_images": rows["train"], "val_images": 0 if self.selects_on_test else rows["val"],
+                "test_images": rows["test"]}
+
+    @property
     def pair_name(self) -> str:
         return f"{self.teacher_model}->{self.student_model}"
 
@@ -98,6 +108,7 @@ class Job:
         d = self.cfg["data"]
         spec = {"model": self.teacher_model, "classes": self.num_classes, "channels": self.in_channels,
                 "data": d["name"], "root": d.get("root"), "train_size": d.get("train_size"),
+                "val": [val_fraction(d), d.get("split_seed") or 0],  # a teacher never trained on the val split
                 "teacher": {k: v for k, v in self.cfg["teacher"].items() if k != "checkpoint"}, "seed": self.cfg["train"]["seed"]}
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -105,15 +116,55 @@ class Job:
         return asdict(self)
 
 
-def load_dataset(data_cfg: dict[str, Any]) -> bkd_data.DataSplits:
-    """The dataset a config names, with ``train_size`` applied (used by validation and workers)."""
-    extra = {"image_size": data_cfg["image_size"]} if data_cfg["name"] in ("image_folder", "parquet") else {}
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def val_fraction(data_cfg: dict[str, Any]) -> float:
+    """The share of the training data held out for selection: ``data.val_fraction``; null: 0.1, or for
+    Parquet shards the split their ``prepare`` held out."""
+    value = data_cfg.get("val_fraction")
+    if value is not None:
+        return float(value)
     if data_cfg["name"] == "parquet":
-        extra["train_size"] = data_cfg.get("train_size")
+        return bkd_data.ShardLayout.of(data_cfg["root"]).val_fraction
+    return DEFAULT_VAL_FRACTION
+
+
+def selects_on_test(data_cfg: dict[str, Any]) -> bool:
+    """``data.val_fraction=0``: nothing held out, the search selects on the test split."""
+    return val_fraction(data_cfg) == 0
+
+
+def load_dataset(data_cfg: dict[str, Any]) -> bkd_data.DataSplits:
+    """The dataset a config names: ``val`` held out of the training data (``data.val_fraction``,
+    ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
+    (used by validation and workers)."""
+    extra = {"image_size": data_cfg["image_size"]} if data_cfg["name"] in ("image_folder", "parquet") else {}
     splits = bkd_data.load(data_cfg["name"], data_cfg.get("root"), **extra)
+    if data_cfg["name"] == "parquet":
+        if selects_on_test(data_cfg):
+            splits.val = None
+    else:
+        splits = splits.hold_out(val_fraction(data_cfg), int(data_cfg.get("split_seed") or 0))
     if data_cfg.get("train_size"):
         splits.train = splits.train.subset(int(data_cfg["train_size"]))
     return splits
+
+
+def shard_folders(data_cfg: dict[str, Any]) -> dict[str, str]:
+    """The shard folder of each split a streamed trial reads: train, val (the test folder when the
+    search selects on test) and test; a ConfigError when data.val_fraction does not match the shards."""
+    layout = bkd_data.ShardLayout.of(data_cfg["root"])
+    wanted = data_cfg.get("val_fraction")
+    if wanted is not None and float(wanted) > 0 and abs(float(wanted) - layout.val_fraction) > 1e-9:
+        had = (f"were prepared with val_fraction={layout.val_fraction:g}" if layout.val else
+               "hold no validation split (they were written before prepare held one out, or with val_fraction=0)")
+        raise ConfigError("data.val_fraction", f"{wanted} does not match the shards in {data_cfg['root']}, which {had}. "
+                          "Drop data.val_fraction to use the shards' split, set data.val_fraction=0 to select on the test "
+                          f"split, or write the shards again: python -m orchestrator.prepare source=SRC output={data_cfg['root']} "
+                          f"val_fraction={wanted}.")
+    val = layout.val if layout.val and not (wanted is not None and float(wanted) == 0) else layout.test
+    return {"train": layout.train, "val": val, "test": layout.test}
 
 
 def is_streamed(data_cfg: dict[str, Any]) -> bool:
@@ -127,9 +178,11 @@ class DataShape:
 
     num_classes: int
     in_channels: int
-    train: int  # training images (after data.train_size)
-    val: int
+    train: int  # training images (after the hold-out and data.train_size)
+    val: int  # images of the split that selects (the test split's when data.val_fraction=0)
+    test: int
     image_shape: list[int]  # [C, H, W] of a model input
+    folders: Optional[dict[str, str]] = None  # streamed shards: the folder of each split
 
 
 def describe_dataset(d: dict[str, Any]) -> DataShape:
@@ -137,17 +190,22 @@ def describe_dataset(d: dict[str, Any]) -> DataShape:
     datasets by loading them."""
     try:
         if is_streamed(d):
-            train, val = (bkd_data.ParquetImages(d["root"], split) for split in ("train", "val"))
+            folders = shard_folders(d)
+            train, val, test = (bkd_data.ParquetImages(d["root"], folders[split]) for split in ("train", "val", "test"))
             rows = min(len(train), int(d["train_size"])) if d.get("train_size") else len(train)
             size = int(d["image_size"])
-            return DataShape(len(train.classes), 3, rows, len(val), [3, size, size])
+            return DataShape(len(train.classes), 3, rows, len(val), len(test), [3, size, size], folders)
+        if d["name"] == "parquet":
+            shard_folders(d)  # data.val_fraction against the shards
         splits = load_dataset(d)
+    except ConfigError:
+        raise
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError("data.root", f"{exc}") from None
     except OSError as exc:  # a bucket that cannot be reached or read
         raise ConfigError("data.root", f"cannot read {d['root']}: {exc}. Check the URI and the credentials "
                           "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
-    return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.test),
+    return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test),
                      list(splits.test.images.shape[1:]))
 
 
@@ -245,7 +303,9 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     check_writable("output_dir", output_dir)
     t = c["tune"]
     name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, bool(t.get("resume")), command)
-    dataset = dataset_spec(d, shape.train, shape.val) | {"shape": shape.image_shape, "rows": {"train": shape.train, "val": shape.val}}
+    rows = {"train": shape.train, "val": shape.val, "test": shape.test}
+    dataset = dataset_spec(d, rows) | {"shape": shape.image_shape, "rows": rows, "folders": shape.folders,
+                                       "selection": "test" if selects_on_test(d) else "val"}
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name, dataset)
 

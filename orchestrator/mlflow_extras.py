@@ -18,11 +18,11 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
 
 
-def dataset_spec(data_cfg: Mapping[str, Any], train_images: int, test_images: int) -> dict[str, str]:
+def dataset_spec(data_cfg: Mapping[str, Any], rows: Mapping[str, int]) -> dict[str, str]:
     """Name, digest and source of a run's dataset, JSON-able (it travels in queued writes)."""
     name = str(data_cfg["name"]) + (f"[:{data_cfg['train_size']}]" if data_cfg.get("train_size") else "")
     spec = {"data": data_cfg["name"], "root": data_cfg.get("root"), "train_size": data_cfg.get("train_size"),
-            "train": train_images, "test": test_images}
+            "val_fraction": data_cfg.get("val_fraction"), "split_seed": data_cfg.get("split_seed"), **rows}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     return {"name": name, "digest": digest, "source": str(data_cfg.get("root") or f"bkd_core.data:{data_cfg['name']}")}
 

@@ -5,9 +5,11 @@ tasks: what ``bkd_core.data.ParquetImages`` streams.
     python -m orchestrator.prepare source=s3://bucket/imagenet output=s3://bucket/imagenet-parquet max_side=null
 
 Layout: ``SRC/train/<class>/<image>`` and ``SRC/val/<class>/<image>`` (any format PIL reads: JPEG,
-PNG, grayscale, CMYK, ...). Output: ``DST/train/part-*.parquet``, ``DST/val/part-*.parquet``
-(columns ``image``: bytes, ``label``: int32, ``path``: string), ``DST/classes.json`` and
-``DST/skipped.txt`` (every file that could not be read or decoded, and why). Images whose longest
+PNG, grayscale, CMYK, ...). Output: three splits of Parquet shards (columns ``image``: bytes,
+``label``: int32, ``path``: string): ``DST/train/`` (what trials learn from), ``DST/val/`` (a
+stratified ``val_fraction`` of SRC/train, chosen by ``split_seed``: what a search selects on) and
+``DST/test/`` (SRC/val, scored once at the end); ``DST/splits.json`` (the hold-out and row counts),
+``DST/classes.json`` and ``DST/skipped.txt`` (every file that could not be read or decoded, and why). Images whose longest
 side exceeds ``max_side`` (320) are re-encoded at that size as JPEG (quality 90): decoding then costs
 a fraction of the original's, at the price of detail beyond 320 px (README: what it costs). Run again
 after an interruption, it keeps every shard already written whole (its plan digest matches).
@@ -30,7 +32,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .checks import ConfigError, check_number
 from .config import absolute_path, compose
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")  # the source's folders
+OUTPUT_SPLITS = ("train", "val", "test")  # the shards' folders: SRC/train minus the held-out val, the held-out val, SRC/val
 PLAN_KEY = b"bkd.plan"  # the digest of a shard's planned files, in its Parquet metadata
 SKIPPED_KEY = b"bkd.skipped"
 ROW_GROUP = 256  # images per row group: the unit ParquetImages readers share
@@ -74,8 +77,9 @@ def check_writable(fs: pafs.FileSystem, base: str, uri: str) -> None:
                           "(AWS_* / GOOGLE_* variables; AWS_ENDPOINT_URL for an S3-compatible server).") from None
 
 
-def plan(source: str, images_per_shard: int) -> tuple[list[str], list[Shard]]:
-    """(classes, shards) of an image folder; a wrong layout or an unreachable source is a ConfigError."""
+def plan(source: str, images_per_shard: int, val_fraction: float = 0.1, split_seed: int = 0) -> tuple[list[str], list[Shard]]:
+    """(classes, shards) of an image folder: SRC/train split into ``train`` and a stratified held-out
+    ``val``, SRC/val as ``test``. A wrong layout or an unreachable source is a ConfigError."""
     fs, base = filesystem(source, "source")
     try:
         top = {info.base_name: info for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))}
@@ -104,9 +108,18 @@ def plan(source: str, images_per_shard: int) -> tuple[list[str], list[Shard]]:
     if unknown:
         raise ConfigError("source", f"{source}/val has classes that train/ lacks: {unknown[:5]}; every val class needs "
                           "training images.")
+    import torch  # here: the shard tasks import this module, and need no torch
+
+    from bkd_core.data import stratified_holdout
+
+    items = {split: sorted((path, classes.index(name)) for name, paths in files[split].items() for path in paths)
+             for split in SPLITS}
+    held = stratified_holdout(torch.tensor([label for _, label in items["train"]], dtype=torch.long), val_fraction, split_seed)
+    by_output = {"train": [item for item, h in zip(items["train"], held.tolist()) if not h],
+                 "val": [item for item, h in zip(items["train"], held.tolist()) if h], "test": items["val"]}
     shards = []
-    for split in SPLITS:
-        items = sorted((path, classes.index(name)) for name, paths in files[split].items() for path in paths)
+    for split, items_of_split in by_output.items():
+        items = items_of_split
         chunks = [items[i:i + images_per_shard] for i in range(0, len(items), images_per_shard)]
         shards += [Shard(split, i, len(chunks), chunk) for i, chunk in enumerate(chunks)]
     return classes, shards
@@ -173,7 +186,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
     import ray
     from tqdm import tqdm
 
-    classes, shards = plan(str(cfg["source"]), int(cfg["images_per_shard"]))
+    classes, shards = plan(str(cfg["source"]), int(cfg["images_per_shard"]), float(cfg["val_fraction"]), int(cfg["split_seed"]))
     dst_fs, dst = filesystem(str(cfg["output"]), "output")
     check_writable(dst_fs, dst, str(cfg["output"]))
     if not ray.is_initialized():
@@ -182,7 +195,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         join_or_start(cfg["ray"].get("address"), cfg["ray"].get("num_cpus"), log_to_driver=False)
     task = ray.remote(num_cpus=1)(write_shard)
     pending = [task.remote(str(cfg["source"]), str(cfg["output"]), s, cfg["max_side"], int(cfg["quality"])) for s in shards]
-    written = {split: 0 for split in SPLITS}
+    written = {split: 0 for split in OUTPUT_SPLITS}
     skipped: list[list[str]] = []
     reused = 0
     total = sum(len(s.items) for s in shards)
@@ -201,6 +214,11 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
                           f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); see {cfg['output']}/skipped.txt.")
     with dst_fs.open_output_stream(f"{dst}/classes.json") as out:
         out.write(json.dumps(classes).encode())
+    from bkd_core.data.parquet import SPLITS_FILE
+
+    with dst_fs.open_output_stream(f"{dst}/{SPLITS_FILE}") as out:  # what readers check data.val_fraction against
+        out.write(json.dumps({"val_fraction": float(cfg["val_fraction"]), "split_seed": int(cfg["split_seed"]),
+                              "val_from": "train", "test_from": "val", "rows": written}).encode())
     with dst_fs.open_output_stream(f"{dst}/skipped.txt") as out:
         out.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped)).encode())
     return {"classes": len(classes), "shards": len(shards), "reused_shards": reused, **written, "skipped": len(skipped)}
@@ -212,6 +230,9 @@ def check(cfg: dict[str, Any]) -> None:
                      integer=True)
     check_number("quality", cfg["quality"], lambda v: 1 <= v <= 100, "an integer in 1..100", integer=True)
     check_number("images_per_shard", cfg["images_per_shard"], lambda v: v >= 1, "an integer >= 1", integer=True)
+    check_number("val_fraction", cfg["val_fraction"], lambda v: 0 <= v <= 0.5,
+                 "a fraction of SRC/train in [0, 0.5] to hold out for selection (0: none; ImageNet: 0.008, about 10,000 images)")
+    check_number("split_seed", cfg["split_seed"], lambda v: True, "an integer", integer=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -229,7 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         key = getattr(exc, "key", "config")
         print(f"\nbkd: configuration error in `{key}`:\n  {str(exc).split(': ', 1)[-1]}\n", file=sys.stderr)
         return 2
-    print(f"[bkd] prepared {cfg.output}: {summary['train']} training and {summary['val']} val images of "
+    print(f"[bkd] prepared {cfg.output}: {summary['train']} training, {summary['val']} held-out val "
+          f"(val_fraction={cfg.val_fraction} of SRC/train) and {summary['test']} test images (SRC/val) of "
           f"{summary['classes']} classes in {summary['shards']} shards ({summary['reused_shards']} kept from an earlier run), "
           f"{summary['skipped']} files skipped (skipped.txt)")
     return 0

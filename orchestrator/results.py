@@ -15,7 +15,7 @@ def case_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(config["case"]) if isinstance(config.get("case"), Mapping) else dict(config)
 
 
-FINAL_METRICS = ("val_acc", "train_loss", "throughput_img_s")
+FINAL_METRICS = ("val_acc", "test_acc", "train_loss", "throughput_img_s")
 DIVERGED = "diverged"  # a trial's last result has diverged=1 when its training loss became NaN/inf
 
 
@@ -84,7 +84,7 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status
     for key in FINAL_METRICS:
         row[key] = float(metrics[key]) if key in metrics else float("nan")
     for key, value in metrics.items():
-        if key.startswith(("val_acc_stone_", "train_loss_")):
+        if key.startswith(("val_acc_stone_", "test_acc_stone_", "train_loss_")):
             row[key] = float(value)
     return row
 
@@ -129,17 +129,19 @@ def ranked(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], param_names: list[str]) -> str:
     """A plain-text table of the trials, best first, and what each status means."""
-    head = ["rank", "trial_id", "status", "epochs", "val_acc", "best_val_acc"] + param_names
+    head = ["rank", "trial_id", "status", "epochs", "val_acc", "best_val_acc", "test_acc"] + param_names
     lines = [head]
     for i, r in enumerate(ranked(rows), 1):
-        cells = [str(i), str(r["trial_id"]), r["status"], str(r["epochs"]), _fmt(r["val_acc"]), _fmt(r["best_val_acc"])]
+        cells = [str(i), str(r["trial_id"]), r["status"], str(r["epochs"]), _fmt(r["val_acc"]), _fmt(r["best_val_acc"]),
+                 _fmt(r.get("test_acc"))]
         lines.append(cells + [_fmt(r.get(p)) for p in param_names])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     seen = [s for s in STATUSES if any(r["status"] == s for r in rows)]
     legend = "; ".join(f"{s}: {STATUSES[s]}" for s in seen)
-    return "\n".join(text) + "\n(val_acc: final epoch, the weights kept; best_val_acc: best epoch)" + (f"\n({legend})" if legend else "")
+    return ("\n".join(text) + "\n(val_acc: held-out val split, final epoch, the weights kept, what ranks; best_val_acc: best "
+            "epoch; test_acc: the same weights on the test split, never used to rank)" + (f"\n({legend})" if legend else ""))
 
 
 def _fmt(value: Any) -> str:

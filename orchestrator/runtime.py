@@ -127,7 +127,8 @@ def scaling_config(job: Job) -> ray.train.ScalingConfig:
 
 
 def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher_state: Optional[dict] = None,
-                 report_to_tune: bool = False, record_as: Optional[tuple[str, str, str]] = None) -> TorchTrainer:
+                 report_to_tune: bool = False, record_as: Optional[tuple[str, str, str]] = None,
+                 test_epochs: Optional[list[int]] = None) -> TorchTrainer:
     """A TorchTrainer running ``train_loop_per_worker``; a stable ``name`` lets a retry resume its checkpoints.
     ``record_as`` (storage path, Tune experiment, trial id): rank 0 records the trial's end there."""
     run_config = ray.train.RunConfig(
@@ -143,11 +144,11 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
     )
     data: dict[str, Any] = {}
     if is_streamed(job.cfg["data"]):  # each worker reads an equal share of "train" (see streaming.trainer_datasets)
-        data = trainer_datasets(job.cfg["data"], int(params.get("seed", job.cfg["train"]["seed"])))
+        data = trainer_datasets(job.cfg["data"], job.dataset["folders"], int(params.get("seed", job.cfg["train"]["seed"])))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "params": params, "mode": mode, "teacher_state": teacher_state,
-                           "record_as": record_as},
+                           "record_as": record_as, "test_epochs": test_epochs or []},
         scaling_config=scaling_config(job),
         run_config=run_config,
         **data,

@@ -53,8 +53,9 @@ class Decode:
         return {"image": np.stack(images), "label": batch["label"].astype(np.int64)}
 
 
-def make_dataset(data_cfg: dict[str, Any], split: str, seed: int = 0) -> ray.data.Dataset:
-    """The decoded images of one split as a Ray Dataset (lazy: it runs when iterated)."""
+def make_dataset(data_cfg: dict[str, Any], folders: dict[str, str], split: str, seed: int = 0) -> ray.data.Dataset:
+    """The decoded images of one split (train, val or test; ``folders``: ``Job.dataset["folders"]``)
+    as a Ray Dataset (lazy: it runs when iterated)."""
     import pyarrow.fs as pafs
 
     root = str(data_cfg["root"]).rstrip("/")
@@ -63,18 +64,18 @@ def make_dataset(data_cfg: dict[str, Any], split: str, seed: int = 0) -> ray.dat
     # Ray 2.60's V2 reader starts actors that read the Parquet footers; each asks for a CPU, and on a
     # cluster whose CPUs the trials hold they wait about 10 s per epoch. The V1 reader reads them in its tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    dataset = ray.data.read_parquet(f"{path}/{split}", filesystem=filesystem,
+    dataset = ray.data.read_parquet(f"{path}/{folders[split]}", filesystem=filesystem,
                                     shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None).select_columns(["image", "label"])
     if train and data_cfg.get("train_size"):
         dataset = dataset.limit(int(data_cfg["train_size"]))
     return dataset.map_batches(Decode(int(data_cfg["image_size"]), train), batch_size=DECODE_BATCH, num_cpus=1)
 
 
-def trainer_datasets(data_cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+def trainer_datasets(data_cfg: dict[str, Any], folders: dict[str, str], seed: int) -> dict[str, Any]:
     """A multi-worker TorchTrainer's ``datasets`` and ``dataset_config``: each worker gets an equal,
-    disjoint share of "train" every epoch, and all of "val" (every rank evaluates the whole split)."""
-    return {"datasets": {"train": make_dataset(data_cfg, "train", seed), "val": make_dataset(data_cfg, "val")},
-            "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
+    disjoint share of "train" every epoch, and all of "val" and "test" (every rank evaluates the whole split)."""
+    datasets = {split: make_dataset(data_cfg, folders, split, seed if split == "train" else 0) for split in ("train", "val", "test")}
+    return {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
 
 
 @dataclass
@@ -118,15 +119,17 @@ class StreamLoader:
             yield normalise(batch["image"], self.mean, self.inv_std, self.channels_last), batch["label"]
 
 
-def stream_loaders(data_cfg: dict[str, Any], counts: dict[str, int], batch_size: int, device: torch.device,
-                   seed: int, channels_last: bool, world: int = 1, train_source: Optional[Any] = None,
-                   val_source: Optional[Any] = None) -> tuple[StreamLoader, StreamLoader]:
-    """Training and evaluation loaders of a trial (``counts``: rows per split after data.train_size, as
-    ``Job.dataset["rows"]``); without sources (a one-worker trial) the datasets are made here, in the trial."""
-    train_source = train_source if train_source is not None else make_dataset(data_cfg, "train", seed)
-    val_source = val_source if val_source is not None else make_dataset(data_cfg, "val")
+def stream_loaders(data_cfg: dict[str, Any], dataset: dict[str, Any], batch_size: int, device: torch.device,
+                   seed: int, channels_last: bool, world: int = 1,
+                   sources: Optional[dict[str, Any]] = None) -> tuple[StreamLoader, StreamLoader, StreamLoader]:
+    """Training, selection (val) and test loaders of a trial (``dataset``: ``Job.dataset``, with rows per
+    split after data.train_size and the shard folders); without ``sources`` (a one-worker trial) the
+    datasets are made here, in the trial."""
+    counts, folders = dataset["rows"], dataset["folders"]
+    sources = sources or {split: make_dataset(data_cfg, folders, split, seed if split == "train" else 0)
+                          for split in ("train", "val", "test")}
     buffer = int(data_cfg.get("shuffle_buffer") or 0)
-    train = StreamLoader(train_source, counts["train"] // world, batch_size, True, device, buffer,
-                         channels_last, seed)
-    val = StreamLoader(val_source, counts["val"], max(batch_size, 256), False, device, 0, channels_last)
-    return train, val
+    train = StreamLoader(sources["train"], counts["train"] // world, batch_size, True, device, buffer, channels_last, seed)
+    val, test = (StreamLoader(sources[split], counts[split], max(batch_size, 256), False, device, 0, channels_last)
+                 for split in ("val", "test"))
+    return train, val, test

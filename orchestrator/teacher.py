@@ -62,7 +62,7 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
                             tags={ROLE_TAG: "teacher", KEY_TAG: key})
     run_id = run.info.run_id
     log_params(client, run_id, {"model": job.teacher_model, "data": job.cfg["data"]["name"],
-                                **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data.")})
+                                **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data."), **job.split_sizes()})
     print(f"[bkd] training teacher {job.teacher_model} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
     out = Path(job.output_dir) / job.experiment_name
     writer = MLflowWriter(job.tracking_uri, experiment_id, None, job.cfg["mlflow"]["retry_interval_s"],
@@ -82,7 +82,8 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     out.mkdir(parents=True, exist_ok=True)
     path = out / "teacher.pt"
     torch.save(state, path)
-    print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%, saved to {path}", flush=True)
+    test = f", test_acc {result.metrics['test_acc']:.2f}%" if "test_acc" in result.metrics else ""
+    print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%{test}, saved to {path}", flush=True)
     for row in history:
         writer.submit(Write("metrics", {"run_id": run_id, "metrics": row, "step": int(row["epoch"]),
                                         "timestamp_ms": int(row["timestamp"] * 1000)}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -61,20 +62,51 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
         tune.report({**record.metrics, RECORDED: 1})
         return
     params = case_of(config)
+    test_epochs = [] if "case" in config else rung_epochs(job)  # listed cases run every epoch: no scheduler
     if int(job.cfg["resources"]["workers_per_trial"]) == 1:  # trains here: a reused process (tune.reuse_actors)
         torch._dynamo.reset()  # compiles this trial's model afresh, as a new process would
-        tune_trial_loop({"job": job.to_dict(), "params": params, "mode": "distill", "teacher_state": teacher_state}, records)
+        tune_trial_loop({"job": job.to_dict(), "params": params, "mode": "distill", "teacher_state": teacher_state,
+                         "test_epochs": test_epochs}, records)
         return
     # rank 0 records the trial's end before its last report (Train's result keeps only checkpointed reports)
     make_trainer(job, params, "distill", name=f"{job.experiment_name}-train-{trial_id}", teacher_state=teacher_state,
-                 report_to_tune=True, record_as=(job.storage_path, context.get_experiment_name(), trial_id)).fit()
+                 report_to_tune=True, record_as=(job.storage_path, context.get_experiment_name(), trial_id),
+                 test_epochs=test_epochs).fit()
+
+
+def rung_epochs(job: Job) -> list[int]:
+    """The epochs after which ASHA may stop a trial (its rungs, as Ray's ``AsyncHyperBandScheduler``
+    places them for one bracket): a trial scores its weights on the test split there and at its last
+    epoch, so that a trial stopped early has the test accuracy of the weights it ended with."""
+    t, epochs = job.cfg["tune"], int(job.cfg["train"]["epochs"])
+    if t["scheduler"] != "asha":
+        return []
+    grace, factor = int(t["grace_period"]), float(t["reduction_factor"])
+    if grace >= epochs:
+        return []
+    rungs = int(math.log(epochs / grace) / math.log(factor) + 1)
+    return sorted({min(epochs, math.ceil(grace * factor ** k - 1e-9)) for k in range(rungs)})
 
 
 def common_params(job: Job, teacher_source: str) -> dict[str, Any]:
     c = job.cfg
     return {"pair": job.pair_name, "teacher": job.teacher_model, "student": job.student_model, "data": c["data"]["name"],
             "epochs": c["train"]["epochs"], "batch_size": c["train"]["batch_size"], "search": c["search"].get("name"),
-            "workers_per_trial": c["resources"]["workers_per_trial"], "teacher_source": teacher_source}
+            "workers_per_trial": c["resources"]["workers_per_trial"], "teacher_source": teacher_source, **job.split_sizes()}
+
+
+SELECTION_TAG = "bkd.selection"  # val: the search selected on the held-out split; test: on the test split
+
+
+def selection_note(job: Job) -> str:
+    """Which split selects and which reports, in one sentence."""
+    rows = job.dataset["rows"]
+    if job.selects_on_test:
+        return (f"selection on the TEST split ({rows['test']} images; data.val_fraction=0): the best trial's accuracy is "
+                "chosen on the data it is reported on and is optimistic; hold out a val split (data.val_fraction=0.1) "
+                "for a figure you can trust")
+    return (f"selection on the held-out val split ({rows['val']} images of the training data); test_acc: the final "
+            f"weights on the test split ({rows['test']} images), never used to select")
 
 
 def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool) -> str:
@@ -86,8 +118,9 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
         reopen(client, run_id)
         print(f"[bkd] resuming {job.experiment_name}: parent MLflow run {run_id} ({ended} runs an earlier attempt left RUNNING marked KILLED)")
         return run_id
-    run = client.create_run(experiment_id, run_name=job.experiment_name, tags={ROLE_TAG: "search"})
-    log_params(client, run.info.run_id, flatten(job.cfg))
+    run = client.create_run(experiment_id, run_name=job.experiment_name,
+                            tags={ROLE_TAG: "search", SELECTION_TAG: job.dataset["selection"]})
+    log_params(client, run.info.run_id, flatten(job.cfg) | job.split_sizes())
     log_dataset(client, run.info.run_id, job.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.json")
@@ -146,6 +179,8 @@ def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report
     ``report`` (default ``summarize``), which may run more cases under the same parent run.
     Returns the rows ``report`` returns, best first."""
     client, experiment_id = connect(job.tracking_uri, job.cfg["mlflow"]["experiment"])
+    if job.selects_on_test:
+        print(f"[bkd] warning: {selection_note(job)}.", flush=True)
     init_ray(job)
     check_cluster_resources(job)
     teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
@@ -242,6 +277,9 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
     confirm = confirm_best(job, parent, best, param_names, run_cases) if best is not None else None
     write_parquet(rows, str(out / "trials.parquet"))
     print("\n" + format_table(rows, param_names))
+    print(f"\n[bkd] {selection_note(job)}.")
+    if best is not None:
+        print(f"[bkd] best trial {best['trial_id']}: val_acc {best['val_acc']:.2f}, test_acc {best.get('test_acc', float('nan')):.2f}")
     if confirm:
         print(confirm)
     if interrupted or STOP.received is not None:
@@ -267,7 +305,9 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
             parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
             log_best_model(job, parent, student)
         summary["best_val_acc"] = float(best["val_acc"])
-        summary.update({k: best[k] for k in ("confirm_val_acc_mean", "confirm_val_acc_std") if best.get(k) is not None})
+        if best.get("test_acc") is not None and best["test_acc"] == best["test_acc"]:
+            summary["best_test_acc"] = float(best["test_acc"])  # the test accuracy of the best-on-val trial
+        summary.update({k: best[k] for k in CONFIRM_COLUMNS if best.get(k) is not None})
     summary["trials_finished"] = sum(r["status"] == "FINISHED" for r in rows)
     parent.submit(Write("metrics", {"run_id": parent_id, "metrics": summary, "step": 0, "timestamp_ms": int(time.time() * 1000)}))
     return rows
@@ -289,9 +329,13 @@ def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
               f"it is at {student_file}.", flush=True)
 
 
+CONFIRM_COLUMNS = ("confirm_val_acc_mean", "confirm_val_acc_std", "confirm_test_acc_mean", "confirm_test_acc_std")
+
+
 def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_names: list[str], run_cases: RunCases) -> str:
-    """Train the best configuration again with ``tune.confirm_seeds`` fresh seeds (under the same parent
-    run); put their mean and std on ``best``; return the line that says how optimistic the search was."""
+    """Train the best configuration again with ``tune.confirm_seeds`` seeds the search never used (under
+    the same parent run); put their val and test means and stds on ``best``; return the lines that say
+    how optimistic the search's own figure was."""
     k = int(job.cfg["tune"].get("confirm_seeds") or 0)
     if k < 1:
         return ""
@@ -303,14 +347,20 @@ def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_nam
     if STOP.received is not None:
         return ""
     rows, _, _ = collect_rows(job, parent, results, False, name)
-    accs = [r["val_acc"] for r in rows if r["status"] == "FINISHED"]
-    if not accs:
+    done = [r for r in rows if r["status"] == "FINISHED"]
+    if not done:
         return f"[bkd] no confirmation run finished ({', '.join(r['status'] for r in rows)})"
-    best["confirm_val_acc_mean"], best["confirm_val_acc_std"] = mean_std(accs)
-    gap = best["val_acc"] - best["confirm_val_acc_mean"]
-    return (f"\nbest configuration on {len(accs)} fresh seeds: val_acc {best['confirm_val_acc_mean']:.2f} +- "
-            f"{best['confirm_val_acc_std']:.2f} (the search reported {best['val_acc']:.2f}: "
-            f"{'optimistic' if gap > 0 else 'pessimistic'} by {abs(gap):.2f} points)")
+    best["confirm_val_acc_mean"], best["confirm_val_acc_std"] = mean_std([r["val_acc"] for r in done])
+    tests = [r["test_acc"] for r in done if r.get("test_acc") is not None and r["test_acc"] == r["test_acc"]]
+    line = (f"\nbest configuration on {len(done)} fresh seeds: val_acc {best['confirm_val_acc_mean']:.2f} +- "
+            f"{best['confirm_val_acc_std']:.2f}")
+    if tests:
+        best["confirm_test_acc_mean"], best["confirm_test_acc_std"] = mean_std(tests)
+        line += f", test_acc {best['confirm_test_acc_mean']:.2f} +- {best['confirm_test_acc_std']:.2f}"
+    reference = best.get("confirm_test_acc_mean", best["confirm_val_acc_mean"])
+    gap = best["val_acc"] - reference
+    return (line + f"\n(the search reported val_acc {best['val_acc']:.2f} for it: {'optimistic' if gap > 0 else 'pessimistic'} "
+            f"by {abs(gap):.2f} points against the fresh seeds' {'test' if 'confirm_test_acc_mean' in best else 'val'} mean)")
 
 
 def export_student(records: TrialRecords, trial_id: str, out: Path) -> Optional[str]:

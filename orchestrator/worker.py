@@ -1,7 +1,9 @@
 """The training loop of one trial (or the teacher), on one DDP rank of a Ray Train run or directly
 inside a single-worker Tune trial.
 
-Every rank trains its shard and evaluates the whole test split; rank 0 saves a checkpoint (model +
+Every rank trains its shard and evaluates the whole held-out val split every epoch (``val_acc``: what
+selects), and the test split only at the epochs where the trial may end (``test_acc``: the epochs
+where ASHA may stop it, ``config["test_epochs"]``, and the last); rank 0 saves a checkpoint (model +
 connectors + optimizer + scheduler + epoch) every ``train.checkpoint_every_epochs`` epochs, at most one
 per ``train.checkpoint_min_interval_s`` and always after the last, so that a restarted worker group
 or a retried trial resumes there.
@@ -23,7 +25,8 @@ from ray import tune
 
 from bkd_core import BlockKD, LogitKD, models
 from bkd_core.train import (
-    NonFiniteLossError, Supervised, evaluate, make_loaders, make_optimizer, make_scheduler, step_module, train_epoch,
+    NonFiniteLossError, Supervised, eval_loader, evaluate, make_loaders, make_optimizer, make_scheduler, score_on_test, step_module,
+    train_epoch,
 )
 from search_spaces.space import parse_cuts, stone_weights
 
@@ -77,8 +80,8 @@ class Session:
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module]
     # records how the trial ended (status, metrics, history, final student weights) before its last report
     finish: Optional[Callable[[str, dict[str, Any], list, Optional[dict]], None]] = None
-    # streamed data (data.in_memory=false): this rank's (train, val) iterators, or (None, None) to make them here
-    streams: Callable[[], tuple[Any, Any]] = lambda: (None, None)
+    # streamed data (data.in_memory=false): this rank's train, val and test iterators, or None to make them here
+    streams: Callable[[], Optional[dict[str, Any]]] = lambda: None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -95,7 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       ray.train.Checkpoint.from_directory, lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
                       lambda module: ray.train.torch.prepare_model(module, move_to_device=False), finish)
     if is_streamed(config["job"]["cfg"]["data"]):  # the trainer's datasets: a disjoint share of "train" per worker
-        session.streams = lambda: (ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"))
+        session.streams = lambda: {split: ray.train.get_dataset_shard(split) for split in ("train", "val", "test")}
     train_loop(config, session)
 
 
@@ -126,13 +129,17 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     if is_streamed(data):
         from .streaming import stream_loaders
 
-        train_loader, test_loader = stream_loaders(data, job["dataset"]["rows"], cfg.batch_size, device, cfg.seed,
-                                                   bool(cfg.channels_last), world, *session.streams())
+        train_loader, val_loader, test_loader = stream_loaders(data, job["dataset"], cfg.batch_size, device, cfg.seed,
+                                                               bool(cfg.channels_last), world, session.streams())
         sample = torch.zeros(2, *job["dataset"]["shape"])
     else:
         splits = load_dataset(data)
-        train_loader, test_loader = make_loaders(splits, cfg, device, rank, world)
+        train_loader, val_loader = make_loaders(splits, cfg, device, rank, world)
+        test_loader = eval_loader(splits.test, cfg, device) if job["dataset"]["selection"] != "test" else val_loader
         sample = splits.train.images[:2].float()
+    # the test split scores the weights a trial may end with, never selects: with data.val_fraction=0 val_acc is the test's
+    test_epochs = {int(e) for e in config.get("test_epochs") or ()} | {cfg.epochs}
+    on_test = job["dataset"]["selection"] != "test"
     module = build_module(job, params, mode, config.get("teacher_state"), sample).to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
@@ -153,11 +160,15 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             if mode == "teacher":
                 raise
             metrics = {DIVERGED: 1}
-        metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
+        metrics.update(evaluate(module, val_loader, bool(cfg.bf16)))
+        if epoch in test_epochs and DIVERGED not in metrics:
+            metrics.update(score_on_test(module, test_loader, bool(cfg.bf16)) if on_test else
+                           {k.replace("val_acc", "test_acc", 1): v for k, v in metrics.items() if k.startswith("val_acc")})
         metrics.update(epoch=epoch, workers=world)
         if mode == "teacher" and rank == 0:  # the teacher is not a Tune trial: its progress is printed here
+            test = f", test_acc {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""
             print(f"[bkd] teacher epoch {epoch}/{cfg.epochs}: loss {metrics['train_loss']:.4f}, "
-                  f"val_acc {metrics['val_acc']:.2f}%", flush=True)
+                  f"val_acc {metrics['val_acc']:.2f}%{test}", flush=True)
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)} | {"timestamp": time.time()})
         if DIVERGED in metrics:
             # The trial ends here, not as an error: no retry would converge, and the searcher

@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_idx(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
+def write_idx(root: Path, n_train: int = 80, n_test: int = 32, seed: int = 0) -> Path:
     """Write a small MNIST-layout IDX gz dataset whose class is the brightest quadrant."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)

@@ -151,7 +151,7 @@ BAD_VALUES = [  # (override, the key named, a fragment of the fix)
     (["fixed.cuts=[1]", "fixed.w_3=0.5"], "fixed.w_3", "not in fixed.cuts"),
     (["search=kd", "fixed.cuts=[2]"], "fixed.cuts", "logit-only baseline"),
     (["search=dkd", "fixed.gamma=1"], "fixed.gamma", "use search=blockkd"),
-    (["train.batch_size=5000"], "train.batch_size", "at most 1348"),
+    (["train.batch_size=5000"], "train.batch_size", "at most 1214"),
     (["data.train_size=10"], "train.batch_size", "10 training images"),
     (["tune.nmu_samples=3"], "tune.nmu_samples", "did you mean `tune.num_samples`?"),
     (["fixed.temprature=3"], "fixed.temprature", "did you mean `temperature`?"),

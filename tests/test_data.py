@@ -117,7 +117,7 @@ def test_download_from_local_server_with_checksums(tmp_path, http_server):
     url, served = http_server
     sums = {p.name: sha(p) for p in served.iterdir()}
     splits = data.load("mnist", str(tmp_path / "dl"), download=True, base_url=url, checksums=sums)
-    assert len(splits.train) == 64 and sorted(p.name for p in (tmp_path / "dl").iterdir()) == sorted(sums)
+    assert len(splits.train) == 80 and sorted(p.name for p in (tmp_path / "dl").iterdir()) == sorted(sums)
 
 
 def test_download_checksum_mismatch_keeps_nothing(tmp_path, http_server):

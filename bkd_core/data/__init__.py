@@ -1,9 +1,9 @@
 """Data: in-memory uint8 datasets, readers for common layouts, a device-side batch loader, and
 ``ParquetImages``, an IterableDataset that streams images from Parquet shards."""
-from .datasets import Augmentation, DataSplits, ImageDataset
+from .datasets import Augmentation, DataSplits, ImageDataset, stratified_holdout
 from .download import download, fetch_files
 from .loader import BatchLoader, random_crop_flip
-from .parquet import IMAGENET_MEAN, IMAGENET_STD, ParquetImages, load_parquet_in_memory
+from .parquet import IMAGENET_MEAN, IMAGENET_STD, ParquetImages, ShardLayout, load_parquet_in_memory
 from .sources import load_cifar, load_digits, load_idx_dataset, load_image_folder
 
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder", "parquet")
@@ -27,6 +27,6 @@ def load(name: str, root: str | None = None, **kwargs) -> DataSplits:
 
 
 __all__ = [
-    "Augmentation", "BatchLoader", "IMAGENET_MEAN", "IMAGENET_STD", "load_parquet_in_memory", "DataSplits", "ImageDataset", "DATASETS", "ParquetImages", "load", "load_digits",
-    "load_idx_dataset", "load_cifar", "load_image_folder", "download", "fetch_files", "random_crop_flip",
+    "Augmentation", "BatchLoader", "IMAGENET_MEAN", "IMAGENET_STD", "load_parquet_in_memory", "DataSplits", "ImageDataset", "DATASETS", "ParquetImages", "ShardLayout", "load", "load_digits",
+    "load_idx_dataset", "load_cifar", "stratified_holdout", "load_image_folder", "download", "fetch_files", "random_crop_flip",
 ]

@@ -49,17 +49,60 @@ class ImageDataset:
         if count >= len(self):
             return self
         index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
-        return ImageDataset(self.images[index], self.labels[index], self.num_classes, self.mean, self.std, self.name)
+        return self.take(index)
+
+    def take(self, index: torch.Tensor, name: Optional[str] = None) -> "ImageDataset":
+        """The samples at ``index``, with this dataset's normalisation statistics."""
+        return ImageDataset(self.images[index], self.labels[index], self.num_classes, self.mean, self.std, name or self.name)
+
+    def normalised_as(self, other: "ImageDataset") -> "ImageDataset":
+        """This dataset with ``other``'s mean and std (evaluation splits use the training statistics)."""
+        return ImageDataset(self.images, self.labels, self.num_classes, other.mean, other.std, self.name)
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """A boolean mask of the held-out samples: ``round(fraction * n_c)`` of every class ``c``, chosen
+    by ``seed`` alone (the same samples for any training seed); every class keeps at least one
+    sample outside it."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1); got {fraction}.")
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        count = min(int(round(fraction * len(members))), len(members) - 1)
+        held[members[torch.randperm(len(members), generator=generator)[:count]]] = True
+    return held
 
 
 @dataclass
 class DataSplits:
-    """A train and a test split of one dataset, with its train-time augmentation."""
+    """The splits of one dataset, with its train-time augmentation: ``train`` (what a model learns
+    from), ``val`` (held out from the training data: what model selection uses; None until
+    ``hold_out``) and ``test`` (the dataset's own test split, scored once at the end)."""
 
     train: ImageDataset
     test: ImageDataset
     augmentation: Augmentation = field(default_factory=Augmentation)
     classes: Optional[list[str]] = None
+    val: Optional[ImageDataset] = None
+
+    def hold_out(self, fraction: float = 0.1, seed: int = 0) -> "DataSplits":
+        """These splits with ``val`` held out of ``train``: a stratified ``fraction`` of every class,
+        chosen by ``seed``. ``fraction=0`` holds nothing out: ``val`` is then the test split (selection
+        on the test split, as papers report; its figures are optimistic)."""
+        if fraction == 0:
+            return DataSplits(self.train, self.test, self.augmentation, self.classes, self.test)
+        held = stratified_holdout(self.train.labels, fraction, seed)
+        base = self.train.name.rsplit("/", 1)[0]
+        train = self.train.take(torch.nonzero(~held).flatten(), f"{base}/train")
+        val = self.train.take(torch.nonzero(held).flatten(), f"{base}/val")
+        return DataSplits(train, self.test, self.augmentation, self.classes, val)
+
+    @property
+    def selection(self) -> ImageDataset:
+        """The split that selects (per-epoch accuracy, early stopping): ``val``, else ``test``."""
+        return self.val if self.val is not None else self.test
 
     @property
     def num_classes(self) -> int:

@@ -13,7 +13,8 @@ and resized in one step, uint8 out. torch only; pyarrow is imported when a datas
             ...
 
 A shard layout: ``root/<split>/*.parquet`` with columns ``image`` (encoded bytes) and ``label``
-(int), and ``root/classes.json``. Each DataLoader worker of each DDP rank reads its own row groups
+(int), ``root/classes.json`` and ``root/splits.json``; the splits are ``train``, ``val`` (held out of
+the training images, for selection) and ``test`` (``ShardLayout`` reads which folder holds which). Each DataLoader worker of each DDP rank reads its own row groups
 (piece ``i`` of the epoch's order goes to reader ``i mod (world_size x num_workers)``), so an epoch
 yields every sample exactly once across all readers.
 """
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
@@ -38,6 +40,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALE = (0.08, 1.0)  # RandomResizedCrop's area range and aspect range, as in the ImageNet recipes
 RATIO = (3 / 4, 4 / 3)
 VAL_RESIZE = 8 / 7  # val: resize the short side to image_size * 8/7 (256 for 224), then centre-crop
+
+
+SPLITS_FILE = "splits.json"  # written by `python -m orchestrator.prepare`: how val was held out, rows per split
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which folder of a shard root holds each split. Shards written before held-out validation
+    (no splits.json) have ``train/`` and ``val/``, the latter the test split, and no held-out val."""
+
+    train: str
+    val: Optional[str]
+    test: str
+    val_fraction: float
+    split_seed: int
+
+    @classmethod
+    def of(cls, root: str) -> "ShardLayout":
+        import pyarrow.fs as pafs
+
+        root = str(root).rstrip("/")
+        fs, base = pafs.FileSystem.from_uri(root if "://" in root else f"file://{os.path.abspath(root)}")
+        try:
+            with fs.open_input_stream(f"{base}/{SPLITS_FILE}") as src:
+                info = json.loads(src.read().decode())
+        except (FileNotFoundError, OSError):
+            return cls("train", None, "val", 0.0, 0)
+        held = float(info.get("val_fraction", 0.0))
+        return cls("train", "val" if held > 0 else None, "test", held, int(info.get("split_seed", 0)))
 
 
 def random_resized_box(width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
@@ -182,7 +213,8 @@ class ParquetImages(IterableDataset):
 def load_parquet_in_memory(root: str, image_size: int, train_size: Optional[int] = None) -> "DataSplits":
     """The shards decoded once into RAM (``data.in_memory=true``: data that fits): every image
     resized and centre-cropped to ``image_size`` (the val transform), trained with the in-memory
-    path's device-side crop (padding image_size/8) and flip."""
+    path's device-side crop (padding image_size/8) and flip. ``val`` is the shards' held-out split
+    (None for shards without one)."""
     from .datasets import Augmentation, DataSplits, ImageDataset
 
     def read(split: str, limit: Optional[int]) -> ImageDataset:
@@ -197,4 +229,6 @@ def load_parquet_in_memory(root: str, image_size: int, train_size: Optional[int]
                             f"{os.path.basename(source.root)}/{split}")
 
     classes = ParquetImages(root, "train").classes
-    return DataSplits(read("train", train_size), read("val", None), Augmentation(crop_padding=image_size // 8, flip=True), classes)
+    layout = ShardLayout.of(root)
+    return DataSplits(read(layout.train, train_size), read(layout.test, None), Augmentation(crop_padding=image_size // 8, flip=True),
+                      classes, read(layout.val, None) if layout.val else None)

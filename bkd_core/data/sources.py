@@ -36,7 +36,8 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> DataSplits:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_test = int(len(labels) * test_fraction)
     test_idx, train_idx = order[:n_test], order[n_test:]
-    mean, std = (float(images.float().mean() / 255),), (float(images.float().std() / 255),)
+    train_images = images[train_idx].float()  # normalisation statistics of the training images only
+    mean, std = (float(train_images.mean() / 255),), (float(train_images.std() / 255),)
     make = lambda idx, split: ImageDataset(images[idx], labels[idx], 10, mean, std, f"digits/{split}")  # noqa: E731
     return DataSplits(make(train_idx, "train"), make(test_idx, "test"), Augmentation(crop_padding=1, flip=False), [str(i) for i in range(10)])
 
@@ -164,4 +165,5 @@ def load_image_folder(root: PathLike, image_size: int = 64, splits: tuple[str, s
         std = tuple(float(s) for s in data.float().std(dim=(0, 2, 3)) / 255)
         return ImageDataset(data, torch.tensor(labels), len(classes), mean, std, f"{root.name}/{split}")
 
-    return DataSplits(read(splits[0]), read(splits[1]), Augmentation(crop_padding=image_size // 8, flip=True), classes)
+    train = read(splits[0])  # the evaluation split is normalised with the training images' statistics
+    return DataSplits(train, read(splits[1]).normalised_as(train), Augmentation(crop_padding=image_size // 8, flip=True), classes)
