@@ -77,6 +77,8 @@ NUMBERS: dict[str, Number] = {
     "tune.seed": ANY_INT,
     "tune.max_failures": _int(lambda v: v >= -1, "an integer >= 0 (retries of a failed trial), or -1 for no limit"),
     "tune.confirm_seeds": _int(lambda v: v >= 0, "an integer >= 0 (0: no confirmation runs)"),
+    "compare.tune_trials": _int(lambda v: v >= 1, "an integer >= 1 (trials of each method's own search), or null for none",
+                                nullable=True),
     "compare.seeds": _int(lambda v: v >= 1, "an integer >= 1 (seeds per method; 5 give useful intervals)"),
     "resources.workers_per_trial": _int(lambda v: v >= 1, "an integer >= 1 (DDP workers per trial)"),
     "resources.cpus_per_worker": _real(lambda v: v > 0, "a number of CPUs > 0 (fractions such as 0.9 are fine)"),

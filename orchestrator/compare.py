@@ -5,14 +5,20 @@ under one MLflow parent run, and report means, 95 % intervals and differences pa
     python -m orchestrator.compare recipe=fashion_mnist data.root=PATH compare.seeds=5
     python -m orchestrator.compare compare.methods=[kd,dkd,blockkd] compare.fixed.blockkd.gamma=0
     python -m orchestrator.compare compare.from_search.blockkd=results/<search>   # its best configuration
+    python -m orchestrator.compare compare.tune_trials=16                         # every method tuned first
 
-Seed s gives every method the same student initialisation and the same data order.
+Seed s gives every method the same student initialisation and the same data order. The seeds are
+train.seed+1, +2, ...: never a seed a configuration was selected on. Statistics and verdicts use each
+run's final weights on the test split (``test_acc``); configurations come from the held-out val split.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -28,12 +34,13 @@ from .cli import entry_point
 from .config import Job
 from .results import write_parquet
 from .stats import Interval, paired_difference, verdict
-from .tune import RunCases, collect_rows, first_failure, search
+from .tune import RunCases, RunSearch, collect_rows, first_failure, search
 from .tracking import MLflowWriter, Write
 
 SPACES = Path(search_spaces.__file__).parent / "conf" / "search"
 DISPLAY = {"none": "The student alone", "kd": "KD", "dkd": "DKD", "blockkd": "Block-KD"}
-COLUMNS = ("method", "seed", "val_acc", "best_val_acc", "status", "epochs", "mlflow_run_id", "trial_id")
+COLUMNS = ("method", "seed", "test_acc", "val_acc", "best_val_acc", "status", "epochs", "mlflow_run_id", "trial_id")
+SPACE_DEFAULTS = "its search space's defaults"
 
 
 def display(method: str) -> str:
@@ -50,7 +57,7 @@ def load_space(method: str) -> dict[str, Any]:
 
 def best_of_search(source: str, method: str, job: Job) -> dict[str, Any]:
     """The best configuration of a finished search: a results folder (its trials.parquet) or an
-    MLflow parent run id (its ``best.*`` tags)."""
+    MLflow parent run id (its ``best.*`` tags); ``seed`` is the seed it was selected on."""
     key = f"compare.from_search.{method}"
     path = Path(source).expanduser()
     if path.is_dir() or path.suffix == ".parquet":
@@ -71,7 +78,9 @@ def best_of_search(source: str, method: str, job: Job) -> dict[str, Any]:
     best = {k[len("best."):]: v for k, v in tags.items() if k.startswith("best.") and k != "best.trial_id"}
     if not best:
         raise ConfigError(key, f"MLflow run {source} has no best.* tags: it is not a finished search's parent run.")
-    return {k: (v if k in ("cuts", "logit_loss") else _number(v)) for k, v in best.items()}
+    found = {k: (v if k in ("cuts", "logit_loss") else _number(v)) for k, v in best.items()}
+    seed = MlflowClient(job.tracking_uri).get_run(source).data.params.get("train.seed")
+    return found | ({"seed": int(seed)} if "seed" not in found and seed is not None else {})
 
 
 def _number(text: str) -> Any:
@@ -83,29 +92,76 @@ def _number(text: str) -> Any:
     return text
 
 
-def method_config(job: Job, method: str) -> dict[str, Any]:
-    """A method's configuration: its space's defaults, overridden by a search's best, then by compare.fixed."""
+@dataclass
+class MethodConfig:
+    """The configuration a method trains with in a comparison, and where it came from."""
+
+    method: str
+    config: dict[str, Any]
+    source: str
+    selected_on: set[int] = field(default_factory=set)  # seeds the configuration was selected on
+
+    def describe(self) -> str:
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.config.items() if k != "method")
+        return f"[bkd] {display(self.method)} ({self.method}): {values or 'no parameters'}  <- {self.source}"
+
+
+def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any], str]] = None) -> MethodConfig:
+    """A method's configuration: its space's defaults, overridden by a search's best (``searched``: the
+    best row of a ``compare.tune_trials`` search and its run id, else compare.from_search), then by
+    compare.fixed."""
     space = load_space(method)
     c = job.cfg["compare"]
     names = set(space.get("params") or {}) | ({"cuts"} if space.get("method", "blockkd") == "blockkd" else set())
     chosen: dict[str, Any] = {}
-    if (c.get("from_search") or {}).get(method):
-        found = best_of_search(str(c["from_search"][method]), method, job)
+    sources, selected_on = [], set()
+    found, where = (searched if searched else (None, ""))
+    if found is None and (c.get("from_search") or {}).get(method):
+        found, where = best_of_search(str(c["from_search"][method]), method, job), f"compare.from_search.{method}={c['from_search'][method]}"
         if space.get("method") != "blockkd" and found.get("cuts"):
             raise ConfigError(f"compare.from_search.{method}", f"that search trained stepping stones (cuts={found['cuts']}); "
                               f"{method} has none. Give a {method} search.")
+    if found is not None:
         chosen = {k: v for k, v in found.items() if k in names or (k.startswith("w_") and "cuts" in names)}
+        selected_on = {int(found["seed"])} if found.get("seed") is not None else set()
+        sources.append(f"the best of {where}")
     fixed = dict((c.get("fixed") or {}).get(method) or {})
     check_fixed({**chosen, **fixed}, space, job.num_blocks, prefix=f"compare.fixed.{method}.")
+    if fixed:
+        sources.append(f"compare.fixed.{method}: {', '.join(sorted(fixed))}")
     try:
         config = defaults(space, job.num_blocks, {**chosen, **fixed})
     except SearchSpaceError as exc:
         raise ConfigError(f"compare.fixed.{method}", str(exc)) from None
-    return {"method": method, **config}
+    sources.append(f"{SPACE_DEFAULTS} for the rest" if sources else SPACE_DEFAULTS)
+    return MethodConfig(method, {"method": method, **config}, "; ".join(sources), selected_on)
 
 
-def cases(job: Job) -> list[dict[str, Any]]:
-    """One case per (method, seed), seeds first so that early results cover every method."""
+def fresh_seeds(job: Job, count: int, used: set[int]) -> list[int]:
+    """``count`` seeds from train.seed+1 on, none of them ``used`` (a seed a configuration was selected on,
+    and train.seed, the seed searches train their trials with)."""
+    used = used | {int(job.cfg["train"]["seed"])}
+    seeds, seed = [], int(job.cfg["train"]["seed"]) + 1
+    while len(seeds) < count:
+        if seed not in used:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def method_search_job(job: Job, method: str) -> Job:
+    """The job of a method's own search (``compare.tune_trials``): its space, compare.fixed.<method> as
+    its fixed values, tune.num_samples trials, the comparison's teacher, data and val split."""
+    cfg = copy.deepcopy(job.cfg)
+    cfg["search"] = load_space(method)
+    cfg["fixed"] = dict((job.cfg["compare"].get("fixed") or {}).get(method) or {})
+    cfg["tune"]["num_samples"] = int(job.cfg["compare"]["tune_trials"])
+    cfg["tune"]["confirm_seeds"] = 0
+    return dataclasses.replace(job, cfg=cfg, experiment_name=f"{job.experiment_name}-search-{method}")
+
+
+def check_methods(job: Job) -> list[str]:
+    """compare.methods, baseline, fixed and from_search against each other."""
     c = job.cfg["compare"]
     methods = list(c.get("methods") or [])
     if not methods or len(set(methods)) != len(methods):
@@ -116,14 +172,50 @@ def cases(job: Job) -> list[dict[str, Any]]:
     unknown = set(c.get("fixed") or {}) - set(methods) | set(c.get("from_search") or {}) - set(methods)
     if unknown:
         raise ConfigError("compare.fixed", f"names methods {sorted(unknown)} that are not in compare.methods={methods}.")
-    configs = {m: method_config(job, m) for m in methods}
-    base = int(job.cfg["train"]["seed"])
-    return [{**configs[m], "seed": base + s} for s in range(int(c["seeds"])) for m in methods]
+    if c.get("tune_trials") and c.get("from_search"):
+        raise ConfigError("compare.tune_trials", "searches every method itself; drop compare.from_search (or "
+                          "compare.tune_trials=null to take those searches' best configurations).")
+    return methods
+
+
+def cases_of(job: Job, configs: dict[str, MethodConfig]) -> list[dict[str, Any]]:
+    """One case per (method, seed), seeds first so that early results cover every method; printed first."""
+    for m in configs.values():
+        print(m.describe(), flush=True)
+    seeds = fresh_seeds(job, int(job.cfg["compare"]["seeds"]), set().union(*(m.selected_on for m in configs.values())))
+    print(f"[bkd] seeds {', '.join(map(str, seeds))}: the same student initialisation and data order for every method", flush=True)
+    return [{**configs[m].config, "seed": seed} for seed in seeds for m in configs]
+
+
+def cases(job: Job) -> list[dict[str, Any]]:
+    """The cases of a comparison without searches: every method's configuration checked and printed."""
+    return cases_of(job, {m: method_config(job, m) for m in check_methods(job)})
+
+
+def tuned_cases(job: Job, run_search: RunSearch) -> list[dict[str, Any]]:
+    """compare.tune_trials: every method's own search (same trial budget, teacher and val split), then
+    its best configuration on fresh seeds."""
+    configs = {}
+    for method in check_methods(job):
+        if not (load_space(method).get("params") or {}):
+            configs[method] = method_config(job, method)  # nothing to search
+            continue
+        found = run_search(method_search_job(job, method), f"search-{method}")
+        best = next((r for r in found.rows if r["status"] == "FINISHED"), None)
+        if best is None:
+            raise RuntimeError(f"no trial of {method}'s search finished ({first_failure(found.rows)})")
+        print(f"[bkd] {method}: best of {len(found.rows)} trials, val_acc {best['val_acc']:.2f} (trial {best['trial_id']})", flush=True)
+        configs[method] = method_config(job, method, (best, f"{method}'s search of {len(found.rows)} trials (MLflow run {found.run_id})"))
+    return cases_of(job, configs)
+
+
+METRIC = "test_acc"  # what a comparison reports: each run's final weights on the test split
 
 
 def summaries(rows: list[dict[str, Any]], methods: list[str], baseline: Optional[str]) -> list[dict[str, Any]]:
-    """Per method: its interval over finished seeds and its paired difference to ``baseline``."""
-    acc = {m: {r["seed"]: r["val_acc"] for r in rows if r["method"] == m and r["status"] == "FINISHED"} for m in methods}
+    """Per method: its interval of test_acc over finished seeds and its paired difference to ``baseline``."""
+    acc = {m: {r["seed"]: r[METRIC] for r in rows if r["method"] == m and r["status"] == "FINISHED" and r.get(METRIC) is not None}
+           for m in methods}
     out = []
     for m in methods:
         values = list(acc[m].values())
@@ -153,7 +245,8 @@ def format_summary(summary: list[dict[str, Any]], baseline: Optional[str]) -> st
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     sentences = [s["verdict"] for s in summary if s.get("verdict")]
-    return "\n".join(text) + "\n(val_acc of the final epoch, %; intervals: Student t, 95 %)\n\n" + "\n".join(sentences)
+    return ("\n".join(text) + "\n(test_acc: the final weights on the test split, %; intervals: Student t, 95 %)\n\n"
+            + "\n".join(sentences))
 
 
 def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str) -> Figure:
@@ -165,19 +258,19 @@ def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], ti
         x = len(labels)
         labels.append(display(s["method"]))
         done = [r for r in rows if r["method"] == s["method"] and r["status"] == "FINISHED"]
-        ax.scatter([x + 0.08 * ((k % 5) - 2) for k in range(len(done))], [r["val_acc"] for r in done], s=22, alpha=0.7)
+        ax.scatter([x + 0.08 * ((k % 5) - 2) for k in range(len(done))], [r[METRIC] for r in done], s=22, alpha=0.7)
         i = s["interval"]
         if i is not None:
             err = [[i.mean - i.low], [i.high - i.mean]] if i.n > 1 else None
             ax.errorbar([x + 0.3], [i.mean], yerr=err, fmt="D", color="black", capsize=5,
                         label="mean, 95 % CI" if x == 0 else None)
-        stones = sorted({k for r in done for k in r if k.startswith("val_acc_stone_") and r[k] is not None})
+        stones = sorted({k for r in done for k in r if k.startswith("test_acc_stone_") and r[k] is not None})
         for key in stones:  # stepping stones N_i: the student's first i blocks + connector + teacher's rest
             x = len(labels)
             labels.append(f"{display(s['method'])}\nstone {key.rsplit('_', 1)[1]}")
             ax.scatter([x] * len(done), [r[key] for r in done], s=22, alpha=0.4, color="gray")
     ax.set_xticks(range(len(labels)), labels)
-    ax.set(ylabel="final val_acc (%)", title=title)
+    ax.set(ylabel="test_acc, final weights (%)", title=title)
     ax.grid(axis="y", alpha=0.3)
     if summary and summary[0]["interval"] is not None:
         ax.legend(loc="lower right")
@@ -209,9 +302,9 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     for s in summary:
         i, d, m = s["interval"], s.get("diff"), s["method"]
         if i is not None:
-            metrics[f"mean_val_acc.{m}"] = i.mean
+            metrics[f"mean_test_acc.{m}"] = i.mean
             if i.n > 1:
-                metrics[f"std_val_acc.{m}"] = i.std
+                metrics[f"std_test_acc.{m}"] = i.std
         if d is not None and d.n > 0:
             metrics[f"diff_vs_{baseline}.{m}"] = d.mean
             if d.n > 1:
@@ -226,7 +319,12 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
 
 def run(job: Job) -> int:
     """0 when every method finished at least one seed, else 1 (with the reason)."""
-    rows = search(job, cases(job), report)
+    if job.cfg["compare"].get("tune_trials"):
+        for method in check_methods(job):  # every method's compare.fixed checked before Ray starts
+            method_config(job, method)
+        rows = search(job, lambda run_search: tuned_cases(job, run_search), report)
+    else:
+        rows = search(job, cases(job), report)
     missing = [m for m in job.cfg["compare"]["methods"] if not any(r["method"] == m and r["status"] == "FINISHED" for r in rows)]
     if not missing:
         return 0

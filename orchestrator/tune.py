@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,7 +42,7 @@ from .stats import mean_std
 from .runtime import check_cluster_resources, concurrent_trials, init_ray, make_trainer, trial_resources
 from .teacher import obtain_teacher
 from .tracking import (
-    END_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params, reopen,
+    END_TAG, PARENT_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params, reopen,
     require_answer,
 )
 from .worker import tune_trial_loop
@@ -109,8 +110,9 @@ def selection_note(job: Job) -> str:
             f"weights on the test split ({rows['test']} images), never used to select")
 
 
-def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool) -> str:
-    """The search's parent MLflow run: new, or on resume the one recorded in the experiment folder."""
+def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool, parent_id: Optional[str] = None) -> str:
+    """The search's parent MLflow run: new, or on resume the one recorded in the experiment folder;
+    ``parent_id``: nested under that run (a search inside a comparison)."""
     marker = Path(job.storage_path) / job.experiment_name / PARENT_FILE
     if resume and marker.is_file():
         run_id = json.loads(marker.read_text())["run_id"]
@@ -118,8 +120,8 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool)
         reopen(client, run_id)
         print(f"[bkd] resuming {job.experiment_name}: parent MLflow run {run_id} ({ended} runs an earlier attempt left RUNNING marked KILLED)")
         return run_id
-    run = client.create_run(experiment_id, run_name=job.experiment_name,
-                            tags={ROLE_TAG: "search", SELECTION_TAG: job.dataset["selection"]})
+    tags = {ROLE_TAG: "search", SELECTION_TAG: job.dataset["selection"]} | ({PARENT_TAG: parent_id} if parent_id else {})
+    run = client.create_run(experiment_id, run_name=job.experiment_name, tags=tags)
     log_params(client, run.info.run_id, flatten(job.cfg) | job.split_sizes())
     log_dataset(client, run.info.run_id, job.dataset)
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,10 +176,24 @@ RunCases = Callable[[list[dict], str], Any]  # (cases, Tune experiment name) -> 
 Report = Callable[[Job, MLflowWriter, Any, bool, RunCases], list[dict[str, Any]]]
 
 
-def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report] = None) -> list[dict[str, Any]]:
+@dataclass
+class NestedSearch:
+    """A search run as a nested MLflow run of another job's parent (``compare.tune_trials``)."""
+
+    run_id: str
+    rows: list[dict[str, Any]]  # best first
+    param_names: list[str]
+
+
+RunSearch = Callable[[Job, str], NestedSearch]  # (the search's job, its label) -> its result
+Plan = Callable[[RunSearch], list[dict]]  # runs searches first, then returns the cases to train
+
+
+def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional[Report] = None) -> list[dict[str, Any]]:
     """The whole job: teacher, parent run, the Tune experiment (a search, or ``cases``), then
     ``report`` (default ``summarize``), which may run more cases under the same parent run.
-    Returns the rows ``report`` returns, best first."""
+    ``cases`` may be a plan: called with a function that runs a search as a nested run of this
+    job's parent, it returns the cases. Returns the rows ``report`` returns, best first."""
     client, experiment_id = connect(job.tracking_uri, job.cfg["mlflow"]["experiment"])
     if job.selects_on_test:
         print(f"[bkd] warning: {selection_note(job)}.", flush=True)
@@ -206,7 +222,36 @@ def search(job: Job, cases: Optional[list[dict]] = None, report: Optional[Report
         with STOP.graceful():
             return make_tuner(job, teacher_state, callback, more, name).fit()
 
+    def run_search(variant: Job, label: str) -> NestedSearch:
+        """``variant``'s search (its Tune experiment ``variant.experiment_name``) as a nested run of this parent."""
+        resume = bool(job.cfg["tune"].get("resume"))
+        run_id = parent_run(client, experiment_id, variant, resume=resume, parent_id=parent_id)
+        writer = MLflowWriter(job.tracking_uri, experiment_id, run_id, m["retry_interval_s"], spool=out / f"mlflow_pending_{label}.jsonl")
+        callback = MLflowTrialLogger(writer, common_params(variant, teacher_source), TrialRecords(job.storage_path, variant.experiment_name),
+                                     m["end_wait_s"], job.dataset)
+        print(f"\n[bkd] {label}: a search of {variant.cfg['tune']['num_samples']} trials (MLflow run {run_id})", flush=True)
+        with STOP.graceful():
+            results = make_tuner(variant, teacher_state, callback).fit()
+        if STOP.received is not None:
+            raise KeyboardInterrupt
+        rows, _, names = collect_rows(variant, writer, results, False)
+        folder = out / label
+        folder.mkdir(parents=True, exist_ok=True)
+        write_parquet(rows, str(folder / "trials.parquet"))
+        best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
+        if best is not None:
+            writer.submit(Write("tags", {"run_id": run_id, "tags": {f"best.{k}": best[k] for k in names if k in best}}))
+            writer.submit(Write("metrics", {"run_id": run_id, "metrics": {"best_val_acc": float(best["val_acc"])}, "step": 0,
+                                            "timestamp_ms": int(time.time() * 1000)}))
+        writer.submit(Write("artifact", {"run_id": run_id, "path": str(folder / "trials.parquet")}))
+        writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED" if best is not None else "FAILED",
+                                    "error": None if best is not None else first_failure(rows)}))
+        writer.drain(float(m["end_wait_s"]), f"The search's results are in {folder}.")
+        return NestedSearch(run_id, rows, names)
+
     try:
+        if callable(cases):
+            cases = cases(run_search)
         results = run_cases(cases, job.experiment_name)
         rows = (report or summarize)(job, parent, results, STOP.received is not None, run_cases)
         if STOP.received is not None:
@@ -261,7 +306,9 @@ def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool
             continue  # never started
         params = case_of(result.config or {})
         param_names += [k for k in params if k not in param_names]
-        rows.append(trial_row(result, params, run_ids.get(trial.trial_id), status, record))
+        row = trial_row(result, params, run_ids.get(trial.trial_id), status, record)
+        row.setdefault("seed", int(job.cfg["train"]["seed"]))  # the seed it trained with: compare never reuses it
+        rows.append(row)
         curves[trial.trial_id] = val_acc_curve(result, record)
     return ranked(rows), curves, param_names
 

@@ -49,3 +49,23 @@ def fashion_root() -> Path:
     if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real Fashion-MNIST not found at {FASHION} (a fresh clone has no ../shared)")
     return FASHION
+
+
+def write_unlearnable_test_folder(root: Path, classes: int = 3, train_per_class: int = 24, test_per_class: int = 30,
+                                  seed: int = 0) -> Path:
+    """An image folder whose class is the image's dominant colour channel in train/, and whose val/
+    (the test split) has the same kind of images under shuffled labels: a model can learn train/ and
+    score high on any split held out of it, and can only score chance on the test split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, per_class in (("train", train_per_class), ("val", test_per_class)):
+        for label in range(classes):
+            (root / split / f"class{label}").mkdir(parents=True, exist_ok=True)
+        for label in range(classes):
+            for i in range(per_class):
+                pixels = rng.integers(0, 70, (20, 20, 3), dtype=np.uint8)
+                pixels[..., label] = 230
+                folder = label if split == "train" else int(rng.integers(0, classes))
+                Image.fromarray(pixels).save(root / split / f"class{folder}" / f"{label}-{i}.png")
+    return root

@@ -80,8 +80,12 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
     assert entry_point(compare.run, argv, command="compare") == 0
     out = capsys.readouterr().out
     rows = pq.read_table(tmp_path / "out" / "cmp" / "compare.parquet").to_pylist()
-    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("none", "kd", "blockkd") for s in (0, 1)}
-    assert all(r["status"] == "FINISHED" and r["epochs"] == 2 and r["val_acc"] > 0 and r["mlflow_run_id"] for r in rows)
+    # seeds train.seed+1, +2: never train.seed, the seed a search trains its trials with
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("none", "kd", "blockkd") for s in (1, 2)}
+    assert all(r["status"] == "FINISHED" and r["epochs"] == 2 and r["val_acc"] > 0 and r["test_acc"] > 0 and r["mlflow_run_id"]
+               for r in rows)
+    assert "[bkd] KD (kd): lr=0.05, temperature=4, alpha=1, beta=1, logit_loss=kd, cuts=  <- its search space's defaults" in out
+    assert "compare.fixed.blockkd: cuts; its search space's defaults for the rest" in out
     assert set(compare.COLUMNS) <= set(rows[0])
     assert all(r["val_acc_stone_1"] is not None for r in rows if r["method"] == "blockkd")
     assert (tmp_path / "out" / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
@@ -93,11 +97,11 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
     assert sorted((c.data.params["method"], c.data.params["seed"]) for c in children) == sorted(
         (r["method"], str(r["seed"])) for r in rows)
     metrics = parent.data.metrics
-    acc = {(r["method"], r["seed"]): r["val_acc"] for r in rows}
+    acc = {(r["method"], r["seed"]): r["test_acc"] for r in rows}  # the statistics are the test split's
     for m in ("none", "kd", "blockkd"):
-        assert metrics[f"mean_val_acc.{m}"] == pytest.approx((acc[m, 0] + acc[m, 1]) / 2)
-        assert metrics[f"std_val_acc.{m}"] == pytest.approx(abs(acc[m, 0] - acc[m, 1]) / math.sqrt(2))
-    diffs = [acc["blockkd", s] - acc["kd", s] for s in (0, 1)]
+        assert metrics[f"mean_test_acc.{m}"] == pytest.approx((acc[m, 1] + acc[m, 2]) / 2)
+        assert metrics[f"std_test_acc.{m}"] == pytest.approx(abs(acc[m, 1] - acc[m, 2]) / math.sqrt(2))
+    diffs = [acc["blockkd", s] - acc["kd", s] for s in (1, 2)]
     assert metrics["diff_vs_kd.blockkd"] == pytest.approx(sum(diffs) / 2)
     assert metrics["diff_vs_kd_ci_low.blockkd"] < metrics["diff_vs_kd.blockkd"] < metrics["diff_vs_kd_ci_high.blockkd"]
     assert "diff_vs_kd.kd" not in metrics and "diff_vs_kd.none" in metrics
@@ -118,6 +122,7 @@ def test_confirm_seeds_trains_the_best_configuration_again(ray_cluster, tmp_path
     rows = pq.read_table(tmp_path / "out" / "conf" / "trials.parquet").to_pylist()
     best = rows[0]
     assert best["confirm_val_acc_mean"] is not None and best["confirm_val_acc_std"] is not None
+    assert best["confirm_test_acc_mean"] is not None and ("optimistic" in out or "pessimistic" in out)
     assert "best configuration on 2 fresh seeds" in out
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("bkd").experiment_id
@@ -128,3 +133,40 @@ def test_confirm_seeds_trains_the_best_configuration_again(ray_cluster, tmp_path
     assert len(children) == 4 and len(confirm) == 2
     assert all(c.data.params["cuts"] == str(best["cuts"]) and float(c.data.params["lr"]) == pytest.approx(best["lr"])
                for c in confirm)
+
+
+@pytest.mark.ray
+def test_compare_tune_trials_searches_every_method_then_trains_the_best_on_fresh_seeds(ray_cluster, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "tune.name=tuned", f"teacher.checkpoint={teacher}", "compare.methods=[kd,blockkd]", "compare.tune_trials=2",
+            "compare.seeds=2", "train.epochs=1", "compare.fixed.blockkd.cuts=[1,3]"]
+    assert entry_point(compare.run, argv, command="compare") == 0
+    out = capsys.readouterr().out
+    searched = {m: pq.read_table(tmp_path / "out" / "tuned" / f"search-{m}" / "trials.parquet").to_pylist() for m in ("kd", "blockkd")}
+    assert all(len(rows) == 2 for rows in searched.values())
+    rows = pq.read_table(tmp_path / "out" / "tuned" / "compare.parquet").to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "FINISHED" for r in rows)
+    assert not {r["seed"] for r in rows} & {r["seed"] for found in searched.values() for r in found}, "fresh seeds"
+    for method, found in searched.items():
+        best = next(r for r in found if r["status"] == "FINISHED")
+        assert all(r["lr"] == pytest.approx(best["lr"]) for r in rows if r["method"] == method), "the search's best trains"
+        assert f"the best of {method}'s search of 2 trials" in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("bkd").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.`mlflow.runName` = 'tuned'")
+    nested = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`bkd.role` = 'search'")
+    assert sorted(r.info.run_name for r in nested) == ["tuned-search-blockkd", "tuned-search-kd"]
+    for run in nested:
+        trials = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert len(trials) == 2 and run.info.status == "FINISHED" and "best_val_acc" in run.data.metrics
+    assert "mean_test_acc.blockkd" in parent.data.metrics and "diff_vs_kd.blockkd" in parent.data.metrics
+
+
+def test_bad_tune_trials_is_refused_before_ray(tmp_path, capsys):
+    base = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", f"output_dir={tmp_path}/out", f"ray.storage_path={tmp_path}/ray"]
+    assert entry_point(compare.run, base + ["compare.tune_trials=0"], command="compare") == 2
+    assert "configuration error in `compare.tune_trials`" in capsys.readouterr().err
+    assert not ray.is_initialized()

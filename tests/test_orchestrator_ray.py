@@ -16,6 +16,8 @@ from orchestrator import train as train_entry
 from orchestrator import tune as tune_entry
 from orchestrator.cli import entry_point
 
+from conftest import write_unlearnable_test_folder
+
 pytestmark = pytest.mark.ray
 
 
@@ -79,20 +81,28 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
         assert {"train_loss", "train_loss_task", "train_loss_distill", "throughput_img_s"} <= set(child.data.metrics)
         final_per_child[child.data.tags["bkd.trial_id"]] = history[-1].value
 
+        assert "test_acc" in child.data.metrics and child.data.params["val_images"] == "134"
     best_trial = max(final_per_child, key=final_per_child.get)  # ranked by the final epoch: student.pt's weights
     assert parent.data.metrics["best_val_acc"] == pytest.approx(final_per_child[best_trial])
+    assert parent.data.tags["bkd.selection"] == "val"
+    assert {k: parent.data.params[k] for k in ("train_images", "val_images", "test_images")} == \
+        {"train_images": "1214", "val_images": "134", "test_images": "449"}
+    assert teachers[0].data.params["val_images"] == "134" and "test_acc" in teachers[0].data.metrics
     importances = {k: v for k, v in parent.data.metrics.items() if k.startswith("importance.")}
     assert importances and sum(importances.values()) == pytest.approx(1.0), parent.data.metrics
     assert "parameter importance for val_acc" in out
     assert parent.data.tags["best.trial_id"] == best_trial and parent.data.params["train.epochs"] == "2"
-    assert student_accuracy(workspace / "out" / "e2e" / "student.pt") == pytest.approx(final_per_child[best_trial], abs=0.01)
+    best_row = next(r for r in pq.read_table(workspace / "out" / "e2e" / "trials.parquet").to_pylist() if r["trial_id"] == best_trial)
+    assert parent.data.metrics["best_test_acc"] == pytest.approx(best_row["test_acc"])
+    assert student_accuracy(workspace / "out" / "e2e" / "student.pt") == pytest.approx(best_row["test_acc"], abs=0.01)
+    assert "selection on the held-out val split (134 images" in out and f"val_acc {best_row['val_acc']:.2f}, test_acc" in out
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.parquet", "config.json", "best_student", "search.png"} <= artifacts
     assert (workspace / "out" / "e2e" / "search.png").read_bytes()[:4] == b"\x89PNG"
 
     table = pq.read_table(workspace / "out" / "e2e" / "trials.parquet").to_pylist()
     assert len(table) == 3
-    assert {"trial_id", "status", "temperature", "cuts", "best_val_acc", "val_acc", "wall_time_s", "started_at",
+    assert {"trial_id", "status", "temperature", "cuts", "best_val_acc", "val_acc", "test_acc", "wall_time_s", "started_at",
             "mlflow_run_id"} <= set(table[0])
     assert {r["trial_id"] for r in table} == set(final_per_child)
     assert all(r["status"] == "FINISHED" for r in table)
@@ -117,10 +127,32 @@ def test_asha_stops_bad_trials_and_the_search_finishes(ray_cluster, workspace, c
     rows = pq.read_table(workspace / "out" / "asha" / "trials.parquet").to_pylist()
     assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED", "STOPPED_EARLY"}, rows
     assert all(r["epochs"] < 3 for r in rows if r["status"] == "STOPPED_EARLY")
+    assert all(r["test_acc"] is not None for r in rows), "a stopped trial scored the weights it ended with on test"
     assert all(r["epochs"] == 3 for r in rows if r["status"] == "FINISHED")
     client, children = runs(workspace, "trial")
     stopped = [c for c in children if c.data.tags["bkd.trial_id"] in {r["trial_id"] for r in rows if r["status"] == "STOPPED_EARLY"}]
     assert stopped and all("stopped early by the scheduler" in c.data.tags["bkd.end_reason"] for c in stopped)
+
+
+def test_a_search_selects_on_the_held_out_split_and_reports_chance_on_an_unlearnable_test_split(ray_cluster, workspace, tmp_path):
+    folder = write_unlearnable_test_folder(tmp_path / "images")
+    argv = common(workspace, "honest") + ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.val_fraction=0.25",
+                                          "tune.num_samples=2", "train.epochs=3", "teacher.epochs=3", "train.batch_size=16",
+                                          "teacher.batch_size=16", "search=kd", "tune.scheduler=none"]
+    assert entry_point(tune_entry.run, argv) == 0
+    rows = pq.read_table(workspace / "out" / "honest" / "trials.parquet").to_pylist()
+    best = rows[0]
+    assert best["val_acc"] > 70 and best["test_acc"] < 60, rows  # chance: 33 %
+    # the old protocol (data.val_fraction=0) selects on the test split: warned, tagged, and its figure is the test's
+    argv = common(workspace, "on-test") + ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.val_fraction=0",
+                                           "tune.num_samples=1", "train.epochs=1", "teacher.epochs=1", "train.batch_size=16",
+                                           "teacher.batch_size=16", "search=kd"]
+    assert entry_point(tune_entry.run, argv) == 0
+    (row,) = pq.read_table(workspace / "out" / "on-test" / "trials.parquet").to_pylist()
+    assert row["val_acc"] == row["test_acc"]
+    client, parents = runs(workspace, "search")
+    parent = next(p for p in parents if p.info.run_name == "on-test")
+    assert parent.data.tags["bkd.selection"] == "test" and parent.data.params["val_images"] == "0"
 
 
 def test_train_two_workers_matches_one(ray_cluster, workspace, capsys):

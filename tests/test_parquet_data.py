@@ -69,21 +69,28 @@ def test_prepare_writes_shards_skips_bad_files_and_resumes(prepared):
     assert json.loads((dst / "classes.json").read_text()) == CLASSES
     skipped = (dst / "skipped.txt").read_text().splitlines()
     assert len(skipped) == 2 and any("truncated.jpg" in s for s in skipped) and any("notes.txt" in s for s in skipped)
-    train = pq.read_table(dst / "train").to_pylist()
-    assert len(train) == 3 * 6 and sorted({r["label"] for r in train}) == [0, 1, 2]
-    assert len(list((dst / "train").glob("*.parquet"))) == 4  # 20 files planned, 5 per shard
-    for row in train:
+    train, val = (pq.read_table(dst / split).to_pylist() for split in ("train", "val"))
+    # SRC/train: 7, 7 and 6 files per class (a truncated file, a text file); one of each class held out as val
+    assert len(train) + len(val) == 3 * 6 and sorted({r["label"] for r in train}) == [0, 1, 2]
+    assert 2 <= len(val) <= 3 and not {r["path"] for r in train} & {r["path"] for r in val}
+    assert all("/train/" in r["path"] for r in val), "val is held out of SRC/train"
+    assert len(list((dst / "train").glob("*.parquet"))) == 4  # 17 files planned, 5 per shard
+    for row in train + val:
         image = Image.open(io.BytesIO(row["image"]))
         assert max(image.size) <= 128 and image.format == "JPEG"
         assert CLASSES[row["label"]] in row["path"]
-    assert len(pq.read_table(dst / "val")) == 3 * 2
+    test = pq.read_table(dst / "test").to_pylist()
+    assert len(test) == 3 * 2 and all("/val/" in r["path"] for r in test), "SRC/val is the test split"
+    splits = json.loads((dst / "splits.json").read_text())
+    assert splits["val_fraction"] == 0.1 and splits["rows"] == {"train": len(train), "val": len(val), "test": 6}
+    shards = len(list(dst.glob("*/*.parquet")))
 
     first = (dst / "train" / "part-00000-of-00004.parquet").stat().st_mtime_ns
     (dst / "train" / "part-00003-of-00004.parquet").unlink()  # as if the run had been interrupted
     again = prepare(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
-    assert again.returncode == 0 and "(5 kept from an earlier run)" in again.stdout, again.stdout[-2000:]
+    assert again.returncode == 0 and f"({shards - 1} kept from an earlier run)" in again.stdout, again.stdout[-2000:]
     assert (dst / "train" / "part-00000-of-00004.parquet").stat().st_mtime_ns == first
-    assert len(pq.read_table(dst / "train")) == 18 and len((dst / "skipped.txt").read_text().splitlines()) == 2
+    assert len(pq.read_table(dst / "train")) == len(train) and len((dst / "skipped.txt").read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize("make, fragment", [
@@ -114,7 +121,7 @@ def test_parquet_images_in_a_dataloader_loop_see_every_image_once(prepared):
         assert right >= 0.7 * len(labels)  # the class is the dominant channel (not in the grayscale files)
         seen.append(labels)
         assert len(labels) == expected  # every image once per epoch across the 2 workers
-        assert sorted(labels) == [0] * 6 + [1] * 6 + [2] * 6  # the truncated file and the text file are not there
+        assert sorted(labels) == sorted(pq.read_table(dst / "train").column("label").to_pylist())  # not the bad files
     assert seen[0] != seen[1], "a new order each epoch"
     ranks = [ParquetImages(str(dst), "train", 32, train=False, rank=r, world_size=2) for r in (0, 1)]
     counts = [sum(1 for _ in r) for r in ranks]

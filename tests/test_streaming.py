@@ -26,15 +26,19 @@ from orchestrator import tune as tune_entry
 from orchestrator.cli import entry_point
 from orchestrator.streaming import StreamLoader, make_dataset, stream_loaders, trainer_datasets
 
-from conftest import BIN, free_port
+from conftest import BIN, free_port, write_unlearnable_test_folder
 from test_parquet_data import CLASSES, prepare, write_folder
 
 pytestmark = pytest.mark.ray
 
 
+FOLDERS = {"train": "train", "val": "val", "test": "val"}  # write_shards' layout: no held-out val, val/ is the test split
+
+
 def write_shards(root, count: int, classes: int, size=(400, 300), per_shard: int = 256) -> None:
-    """Shards as prepare writes them, made directly: ``count`` JPEGs whose label is their row index mod
-    ``classes`` (with classes == count, a label names its image)."""
+    """Shards in the layout of prepare before held-out validation (train/ and val/, no splits.json),
+    made directly: ``count`` JPEGs whose label is their row index mod ``classes`` (with classes ==
+    count, a label names its image)."""
     rng = np.random.default_rng(0)
     pool = []
     for i in range(8):
@@ -85,6 +89,22 @@ def test_tune_streams_shards_into_trials_and_keeps_cpus_free_for_their_data(shar
         assert run.data.metrics["val_acc"] >= 0 and run.data.params["data"] == "parquet"
     rows = pq.read_table(tmp_path / "out" / "stream" / "trials.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "FINISHED" and r["epochs"] == 2 for r in rows)
+    assert all(r["test_acc"] is not None for r in rows), "every trial scores its final weights on the test split"
+
+
+def test_a_streamed_search_selects_on_the_held_out_split_not_on_the_test_split(ray_cluster, tmp_path):
+    """Test labels shuffled: a search that selects on data held out of training sees its trials learn
+    (val_acc far above chance) and reports test_acc at chance; on the old protocol both were the test's."""
+    folder = write_unlearnable_test_folder(tmp_path / "images", train_per_class=30)
+    done = prepare(f"source={folder}", f"output={tmp_path / 'shards'}", "val_fraction=0.2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "tune.name=honest", "data=parquet", f"data.root={tmp_path / 'shards'}", "data.image_size=16", "tune.num_samples=1",
+            "train.epochs=3", "teacher.epochs=3", "train.batch_size=8", "teacher.batch_size=8", "fixed.lr=0.1", "search=kd",
+            ]
+    assert entry_point(tune_entry.run, argv) == 0
+    (row,) = pq.read_table(tmp_path / "out" / "honest" / "trials.parquet").to_pylist()
+    assert row["val_acc"] > 70 and row["test_acc"] < 60, row  # chance: 33 %
 
 
 def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_cluster, tmp_path):
@@ -93,8 +113,9 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
 
     def loop(config):  # the worker side of a multi-worker trial: its share of the trainer's datasets
         rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-        train, _ = stream_loaders(config["data"], {"train": 48, "val": 8}, 4, torch.device("cpu"), 0, False, world,
-                                  ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"))
+        dataset = {"rows": {"train": 48, "val": 8, "test": 8}, "folders": FOLDERS}
+        train, _, _ = stream_loaders(config["data"], dataset, 4, torch.device("cpu"), 0, False, world,
+                                     {split: ray.train.get_dataset_shard(split) for split in ("train", "val", "test")})
         for epoch in (1, 2):
             train.set_epoch(epoch)
             labels = [int(v) for _, y in train for v in y]
@@ -102,7 +123,7 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
 
     trainer = TorchTrainer(loop, train_loop_config={"data": data_cfg, "out": str(tmp_path)},
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),  # 1 CPU left for the data
-                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")), **trainer_datasets(data_cfg, 0))
+                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")), **trainer_datasets(data_cfg, FOLDERS, 0))
     assert trainer.fit().error is None
     for epoch in (1, 2):
         rank0, rank1 = (json.loads((tmp_path / f"{epoch}-{rank}.json").read_text()) for rank in (0, 1))
@@ -124,7 +145,7 @@ def test_memory_stays_flat_while_an_epoch_streams(ray_cluster, tmp_path):
     has read (~130 MB by an epoch's end, bounded by the store), which is not a leak."""
     write_shards(tmp_path / "large", count=3000, classes=10)
     data_cfg = {"name": "parquet", "root": str(tmp_path / "large"), "image_size": 160, "shuffle_buffer": 256, "train_size": None}
-    loader = StreamLoader(make_dataset(data_cfg, "train"), 3000, 64, True, torch.device("cpu"), 256)
+    loader = StreamLoader(make_dataset(data_cfg, FOLDERS, "train"), 3000, 64, True, torch.device("cpu"), 256)
     samples = []
     for x, _ in loader:
         samples.append(rss_mb("RssAnon"))
@@ -191,15 +212,27 @@ def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, ray_cluste
     uri = f"{bucket}/shards"
     done = prepare(f"source={write_folder(tmp_path / 'images')}", f"output={uri}", "max_side=64", env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(ParquetImages(uri, "train")) == 18 and ParquetImages(uri, "train").classes == CLASSES
+    assert ParquetImages(uri, "train").classes == CLASSES
     data_cfg = {"name": "parquet", "root": uri, "image_size": 24, "shuffle_buffer": 4, "train_size": None}
-    train, val = stream_loaders(data_cfg, {"train": 18, "val": 6}, 4, torch.device("cpu"), 0, False)
-    assert sum(y.shape[0] for _, y in train) == 16 and sum(y.shape[0] for _, y in val) == 6
-    x, _ = next(iter(val))
-    assert x.shape == (6, 3, 24, 24) and x.dtype == torch.float32  # val batches: max(batch, 256)
+    rows = {split: len(ParquetImages(uri, split)) for split in ("train", "val", "test")}
+    assert rows["train"] + rows["val"] == 18 and rows["test"] == 6
+    train, val, test = stream_loaders(data_cfg, {"rows": rows, "folders": {s: s for s in rows}}, 4, torch.device("cpu"), 0, False)
+    assert sum(y.shape[0] for _, y in train) == rows["train"] // 4 * 4 and sum(y.shape[0] for _, y in test) == 6
+    assert sum(y.shape[0] for _, y in val) == rows["val"]
+    x, _ = next(iter(test))
+    assert x.shape == (6, 3, 24, 24) and x.dtype == torch.float32  # evaluation batches: max(batch, 256)
     argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
             "data=parquet", f"data.root={bucket}/nothing-here"]
     assert entry_point(tune_entry.run, argv) == 2
+
+
+def test_a_val_fraction_the_shards_were_not_prepared_with_is_refused(shards, tmp_path, capsys):
+    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "data=parquet", f"data.root={shards}", "data.val_fraction=0.2"]
+    assert entry_point(tune_entry.run, argv) == 2
+    err = capsys.readouterr().err
+    assert "configuration error in `data.val_fraction`" in err and "prepared with val_fraction=0.1" in err, err
+    assert "val_fraction=0.2" in err and "orchestrator.prepare" in err
 
 
 def test_an_unreachable_bucket_is_one_paragraph_and_exit_2(tmp_path):
@@ -217,6 +250,8 @@ def test_imagenet_recipe_composes_over_shards_without_decoding_them(tmp_path):
     job = validate(compose(["recipe=imagenet", f"data.root={tmp_path / 'shards'}", f"ray.storage_path={tmp_path}/ray",
                             f"output_dir={tmp_path}/out"]))
     assert (job.teacher_model, job.student_model, job.num_classes) == ("ResNet34", "ResNet18", 4)
-    assert job.dataset["rows"] == {"train": 1100, "val": 110} and job.dataset["shape"] == [3, 224, 224]
+    # shards written before held-out validation: val/ is the test split, and the search selects on it (with a warning)
+    assert job.dataset["rows"] == {"train": 1100, "val": 110, "test": 110} and job.dataset["shape"] == [3, 224, 224]
+    assert job.selects_on_test and job.dataset["folders"] == {"train": "train", "val": "val", "test": "val"}
     t = job.cfg["train"]
     assert (t["epochs"], t["batch_size"], t["milestones"], t["weight_decay"], job.cfg["fixed"]["lr"]) == (100, 512, [0.3, 0.6, 0.9], 1e-4, 0.2)

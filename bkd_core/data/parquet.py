@@ -102,9 +102,12 @@ def decode_crop(data: bytes, size: int, train: bool, rng: random.Random) -> torc
     if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 of the size when the crop allows
         need = (math.ceil(width * size / (box[2] - box[0])), math.ceil(height * size / (box[3] - box[1])))
         image.draft("RGB", need)
-    scale = image.size[0] / width
+    # the draft decode rounds each side on its own: map the box into the decoded image's coordinates per axis
+    sx, sy = image.size[0] / width, image.size[1] / height
+    left, top = max(0.0, box[0] * sx), max(0.0, box[1] * sy)
+    right, bottom = min(float(image.size[0]), box[2] * sx), min(float(image.size[1]), box[3] * sy)
     image = image.convert("RGB")
-    image = image.resize((size, size), Image.BILINEAR, box=tuple(c * scale for c in box))
+    image = image.resize((size, size), Image.BILINEAR, box=(left, top, max(right, left + 1e-3), max(bottom, top + 1e-3)))
     if train and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
