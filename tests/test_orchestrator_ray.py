@@ -134,23 +134,26 @@ def test_asha_stops_bad_trials_and_the_search_finishes(ray_cluster, workspace, c
     assert stopped and all("stopped early by the scheduler" in c.data.tags["bkd.end_reason"] for c in stopped)
 
 
-def test_a_search_selects_on_the_held_out_split_and_reports_chance_on_an_unlearnable_test_split(ray_cluster, workspace, tmp_path):
-    folder = write_unlearnable_test_folder(tmp_path / "images")
-    argv = common(workspace, "honest") + ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.val_fraction=0.25",
+def test_a_search_selects_on_the_held_out_split_and_reports_chance_on_an_unlearnable_test_split(ray_cluster, tmp_path, capsys):
+    """Its own workspace: its teachers (another dataset) are not the shared workspace's."""
+    folder, ws = write_unlearnable_test_folder(tmp_path / "images"), tmp_path / "ws"
+    argv = common(ws, "honest") + ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.val_fraction=0.25",
                                           "tune.num_samples=2", "train.epochs=3", "teacher.epochs=3", "train.batch_size=16",
                                           "teacher.batch_size=16", "search=kd", "tune.scheduler=none"]
     assert entry_point(tune_entry.run, argv) == 0
-    rows = pq.read_table(workspace / "out" / "honest" / "trials.parquet").to_pylist()
+    rows = pq.read_table(ws / "out" / "honest" / "trials.parquet").to_pylist()
     best = rows[0]
     assert best["val_acc"] > 70 and best["test_acc"] < 60, rows  # chance: 33 %
     # the old protocol (data.val_fraction=0) selects on the test split: warned, tagged, and its figure is the test's
-    argv = common(workspace, "on-test") + ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.val_fraction=0",
+    argv = common(ws, "on-test") + ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.val_fraction=0",
                                            "tune.num_samples=1", "train.epochs=1", "teacher.epochs=1", "train.batch_size=16",
                                            "teacher.batch_size=16", "search=kd"]
     assert entry_point(tune_entry.run, argv) == 0
-    (row,) = pq.read_table(workspace / "out" / "on-test" / "trials.parquet").to_pylist()
+    (row,) = pq.read_table(ws / "out" / "on-test" / "trials.parquet").to_pylist()
     assert row["val_acc"] == row["test_acc"]
-    client, parents = runs(workspace, "search")
+    out = capsys.readouterr().out
+    assert "warning: selection on the TEST split" in out and out.count("selection on the TEST split") == 2  # start, summary
+    client, parents = runs(ws, "search")
     parent = next(p for p in parents if p.info.run_name == "on-test")
     assert parent.data.tags["bkd.selection"] == "test" and parent.data.params["val_images"] == "0"
 
