@@ -165,3 +165,19 @@ def test_loader_normalises_shards_and_reshuffles():
     assert not torch.equal(first, torch.cat([y for _, y in a]))
     with pytest.raises(ValueError, match="fewer than batch_size"):
         BatchLoader(ds, 64, train=True)
+
+
+def test_image_folder_keeps_the_aspect_ratio(tmp_path):
+    """A wide image: its central square is kept (a circle stays a circle), not the whole image squashed."""
+    from PIL import Image, ImageDraw
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        image = Image.new("L", (90, 30), 0)
+        ImageDraw.Draw(image).rectangle((0, 0, 29, 29), fill=255)  # the left third white: outside the central square
+        ImageDraw.Draw(image).ellipse((30, 0, 59, 29), fill=128)
+        image.save(tmp_path / split / "a" / "wide.png")
+    (x,) = data.load("image_folder", str(tmp_path), image_size=16).train.images
+    # squashed, the white left third would fill columns 0-5 with 255; cropped, only the filter's edge reaches column 0
+    assert x.shape == (3, 16, 16) and int(x[0, 0, 0]) < 100 and int(x[0, 15, 0]) < 100 and int(x.max()) < 160
+    assert int(x[0, 8, 8]) == 128 and int(x[0, 0, 15]) == 0  # the circle's centre, a corner outside it

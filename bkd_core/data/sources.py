@@ -129,7 +129,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def load_image_folder(root: PathLike, image_size: int = 64, splits: tuple[str, str] = ("train", "val")) -> DataSplits:
-    """``root/<split>/<class>/<image>`` decoded once, resized to ``image_size`` and kept as uint8."""
+    """``root/<split>/<class>/<image>`` decoded once and kept as uint8 ``image_size`` squares: the short
+    side resized to ``image_size``, then the centre cropped (torchvision's Resize + CenterCrop; the
+    aspect ratio is kept)."""
     try:
         from PIL import Image
     except ImportError as exc:
@@ -153,7 +155,10 @@ def load_image_folder(root: PathLike, image_size: int = 64, splits: tuple[str, s
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 try:
-                    img = Image.open(path).convert("RGB").resize((image_size, image_size))
+                    img = Image.open(path).convert("RGB")
+                    side = min(img.size)  # the central square, resized once
+                    box = ((img.size[0] - side) / 2, (img.size[1] - side) / 2, (img.size[0] + side) / 2, (img.size[1] + side) / 2)
+                    img = img.resize((image_size, image_size), Image.BILINEAR, box=box)
                 except OSError as exc:
                     raise ValueError(f"cannot decode image {path}: {exc}.") from exc
                 images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
