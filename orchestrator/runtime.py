@@ -141,6 +141,8 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
             controller_failure_limit=int(job.cfg["resources"].get("max_worker_group_start_failures", -1)),
         ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        # tune.console=bkd: Ray Train's own INFO lines (worker group starts, checkpoints, reports) stay in its log files
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if job.cfg["tune"].get("console") == "ray" else "WARNING"),
     )
     data: dict[str, Any] = {}
     if is_streamed(job.cfg["data"]):  # each worker reads an equal share of "train" (see streaming.trainer_datasets)

@@ -29,7 +29,7 @@ import torch
 
 from bkd_core.data import IMAGENET_MEAN, IMAGENET_STD
 from bkd_core.data.loader import normalise
-from bkd_core.data.parquet import decode_crop
+from bkd_core.data.parquet import decode_crop, skip_budget, too_many_skipped
 
 from .config import is_streamed
 
@@ -42,15 +42,26 @@ def data_cpus(data_cfg: dict[str, Any]) -> float:
 
 
 class Decode:
-    """A batch of encoded images -> uint8 [B, 3, S, S] and int64 labels (a Ray Data map function)."""
+    """A batch of encoded images -> uint8 [B, 3, S, S], int64 labels and ``bad`` (1 for an image that
+    does not decode: zeros in its place, one warning naming it; the trial drops and counts it). A Ray
+    Data map function."""
 
     def __init__(self, image_size: int, train: bool) -> None:
         self.image_size, self.train = image_size, train
         self.rng = random.Random()  # fresh crops every epoch (tasks run again per epoch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [decode_crop(data, self.image_size, self.train, self.rng).numpy() for data in batch["image"]]
-        return {"image": np.stack(images), "label": batch["label"].astype(np.int64)}
+        images = np.zeros((len(batch["image"]), 3, self.image_size, self.image_size), dtype=np.uint8)
+        bad = np.zeros(len(images), dtype=np.uint8)
+        for i, data in enumerate(batch["image"]):
+            try:
+                images[i] = decode_crop(data, self.image_size, self.train, self.rng).numpy()
+            except Exception as exc:  # PIL raises several types for corrupt data
+                bad[i] = 1
+                source = str(batch["path"][i]) if "path" in batch else f"label {batch['label'][i]}"
+                print(f"[bkd] warning: skipped an image that does not decode ({source}: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''})", flush=True)
+        return {"image": images, "label": batch["label"].astype(np.int64), "bad": bad}
 
 
 def make_dataset(data_cfg: dict[str, Any], folders: dict[str, str], split: str, seed: int = 0) -> ray.data.Dataset:
@@ -64,11 +75,21 @@ def make_dataset(data_cfg: dict[str, Any], folders: dict[str, str], split: str, 
     # Ray 2.60's V2 reader starts actors that read the Parquet footers; each asks for a CPU, and on a
     # cluster whose CPUs the trials hold they wait about 10 s per epoch. The V1 reader reads them in its tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
+    columns = ["image", "label"] + (["path"] if has_source_paths(filesystem, f"{path}/{folders[split]}") else [])
     dataset = ray.data.read_parquet(f"{path}/{folders[split]}", filesystem=filesystem,
-                                    shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None).select_columns(["image", "label"])
+                                    shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None).select_columns(columns)
     if train and data_cfg.get("train_size"):
         dataset = dataset.limit(int(data_cfg["train_size"]))
     return dataset.map_batches(Decode(int(data_cfg["image_size"]), train), batch_size=DECODE_BATCH, num_cpus=1)
+
+
+def has_source_paths(filesystem: Any, folder: str) -> bool:
+    """Whether the shards name each image's source file (prepare writes a ``path`` column)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    found = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(folder)) if f.path.endswith(".parquet"))
+    return bool(found) and "path" in pq.read_schema(filesystem.open_input_file(found[0])).names
 
 
 def trainer_datasets(data_cfg: dict[str, Any], folders: dict[str, str], seed: int) -> dict[str, Any]:
@@ -93,6 +114,7 @@ class StreamLoader:
     channels_last: bool = False
     seed: int = 0
     epoch: int = 0
+    skipped: int = 0  # images of the last epoch that did not decode
 
     def __post_init__(self) -> None:
         shape = (1, 3, 1, 1)
@@ -113,10 +135,20 @@ class StreamLoader:
         batches = self.source.iter_torch_batches(
             batch_size=self.batch_size, drop_last=self.train, device=self.device,
             local_shuffle_buffer_size=shuffle or None, local_shuffle_seed=self.seed * 1_000_003 + self.epoch if shuffle else None)
+        self.skipped = 0  # images of this epoch that did not decode (dropped from their batches)
         for count, batch in enumerate(batches):
             if self.train and count >= len(self):  # equal step counts on every DDP rank
                 break
-            yield normalise(batch["image"], self.mean, self.inv_std, self.channels_last), batch["label"]
+            images, labels = batch["image"], batch["label"]
+            if "bad" in batch and bool(batch["bad"].any()):
+                keep = batch["bad"] == 0
+                self.skipped += int((~keep).sum())
+                if self.skipped > skip_budget(self.rows):
+                    raise too_many_skipped(self.skipped, self.rows, "this trial's shards", "named in the warnings above")
+                images, labels = images[keep], labels[keep]
+                if not len(labels):
+                    continue
+            yield normalise(images, self.mean, self.inv_std, self.channels_last), labels
 
 
 def stream_loaders(data_cfg: dict[str, Any], dataset: dict[str, Any], batch_size: int, device: torch.device,

@@ -156,6 +156,8 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         try:
             metrics = train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)
             metrics["throughput_img_s"] *= world
+            if hasattr(train_loader, "skipped"):  # streamed: images of this epoch that did not decode (this rank)
+                metrics["data_skipped"] = train_loader.skipped
         except NonFiniteLossError:
             if mode == "teacher":
                 raise

@@ -138,3 +138,36 @@ def test_val_transform_is_the_center_crop_of_the_resized_short_side():
     import random
     out = decode_crop(data.getvalue(), 64, False, random.Random(0))
     assert out.shape == (3, 64, 64) and out[:, :, :28].float().mean() < 10 and out[:, :, 36:].float().mean() > 245
+
+
+def write_with_corrupt_rows(root: Path, good: int, corrupt: int) -> None:
+    """One shard of ``good`` PNGs and ``corrupt`` rows whose bytes are no image, spread through it."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(good):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        rows.append(buffer.getvalue())
+    for k in range(corrupt):
+        rows.insert((k * 7 + 3) % len(rows), b"\x89PNG\r\n\x1a\n not really")
+    (root / "train").mkdir(parents=True)
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"image": rows, "label": [i % 3 for i in range(len(rows))]}), root / "train" / "part-0.parquet",
+                   row_group_size=16)
+    (root / "classes.json").write_text(json.dumps(CLASSES))
+
+
+def test_a_corrupt_row_is_skipped_counted_and_named(tmp_path, capsys):
+    write_with_corrupt_rows(tmp_path, good=120, corrupt=1)
+    dataset = ParquetImages(str(tmp_path), "train", image_size=16, train=True, shuffle_buffer=8)
+    assert sum(1 for _ in dataset) == 120 and dataset.skipped == 1
+    assert "skipped an image that does not decode" in capsys.readouterr().out and "row 3" in dataset.first_skip
+
+
+def test_more_than_one_percent_corrupt_fails_the_epoch_with_one_paragraph(tmp_path):
+    from bkd_core.data.parquet import UndecodableImages
+
+    write_with_corrupt_rows(tmp_path, good=60, corrupt=3)
+    with pytest.raises(UndecodableImages, match=r"could not be decoded \(more than 1%; first: .*part-0.parquet row 3.*prepare"):
+        list(ParquetImages(str(tmp_path), "train", image_size=16, train=False))

@@ -27,7 +27,7 @@ from orchestrator.cli import entry_point
 from orchestrator.streaming import StreamLoader, make_dataset, stream_loaders, trainer_datasets
 
 from conftest import BIN, free_port, write_unlearnable_test_folder
-from test_parquet_data import CLASSES, prepare, write_folder
+from test_parquet_data import CLASSES, prepare, write_folder, write_with_corrupt_rows
 
 pytestmark = pytest.mark.ray
 
@@ -128,6 +128,13 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
     for epoch in (1, 2):
         rank0, rank1 = (json.loads((tmp_path / f"{epoch}-{rank}.json").read_text()) for rank in (0, 1))
         assert len(rank0) == len(rank1) == 24 and sorted(rank0 + rank1) == list(range(48)), (rank0, rank1)
+
+
+def test_the_ray_data_feed_drops_and_counts_a_corrupt_row(ray_cluster, tmp_path):
+    write_with_corrupt_rows(tmp_path / "shards", good=120, corrupt=1)
+    data_cfg = {"name": "parquet", "root": str(tmp_path / "shards"), "image_size": 16, "shuffle_buffer": 0, "train_size": None}
+    loader = StreamLoader(make_dataset(data_cfg, FOLDERS, "train"), 121, 16, False, torch.device("cpu"))
+    assert sum(y.shape[0] for _, y in loader) == 120 and loader.skipped == 1
 
 
 def rss_mb(kind: str = "VmRSS") -> float:

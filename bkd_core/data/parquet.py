@@ -113,9 +113,30 @@ def decode_crop(data: bytes, size: int, train: bool, rng: random.Random) -> torc
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+MAX_SKIPPED = 0.01  # share of an epoch's images that may fail to decode before the epoch fails
+
+
+class UndecodableImages(RuntimeError):
+    """More than ``MAX_SKIPPED`` of an epoch's images could not be decoded: the shards are corrupt."""
+
+
+def skip_budget(rows: int) -> int:
+    """How many undecodable images an epoch of ``rows`` images tolerates (at least one)."""
+    return max(1, int(MAX_SKIPPED * rows))
+
+
+def too_many_skipped(skipped: int, rows: int, where: str, first: str) -> UndecodableImages:
+    return UndecodableImages(
+        f"{skipped} of {rows} images of this epoch could not be decoded (more than {MAX_SKIPPED:.0%}; first: {first}); "
+        f"the shards in {where} look corrupt. Write them again with `python -m orchestrator.prepare` (it decodes every "
+        "image once and lists the files it skips in skipped.txt).")
+
+
 class ParquetImages(IterableDataset):
     """``(uint8 [3, S, S], label)`` from the shards of ``root/split``; ``root`` is a local folder or
-    a URI pyarrow opens (``s3://bucket/prefix``, ``gs://...``)."""
+    a URI pyarrow opens (``s3://bucket/prefix``, ``gs://...``). A row whose image does not decode is
+    skipped with one warning naming its shard and row (``skipped`` counts them per epoch and reader);
+    more than 1 % of a reader's epoch raises ``UndecodableImages``."""
 
     def __init__(self, root: str, split: str, image_size: int = 224, train: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1000, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
@@ -128,6 +149,7 @@ class ParquetImages(IterableDataset):
         self.epoch = 0
         self._shards: Optional[list[str]] = None
         self._units: Optional[list[tuple[str, int]]] = None
+        self.skipped, self.first_skip = 0, ""  # undecodable images of the last epoch (this reader)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -193,24 +215,52 @@ class ParquetImages(IterableDataset):
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + index)
         fs, _ = self._filesystem()
-        buffer: list[tuple[bytes, int]] = []
+        buffer: list[tuple[bytes, int, str]] = []  # encoded bytes: images are decoded as they leave it
         files: dict[str, Any] = {}
-        for path, group in order[index::count]:
+        mine = order[index::count]
+        rows = self._rows_of(mine, files, fs)  # this reader's epoch, from the shards' metadata
+        budget, where = skip_budget(rows), f"{self.root}/{self.split}"
+        self.skipped, self.first_skip = 0, ""
+        for path, group in mine:
+            table = files[path].read_row_group(group, columns=["image", "label"])
+            start = sum(files[path].metadata.row_group(g).num_rows for g in range(group))
+            for offset, (data, label) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
+                buffer.append((data, int(label), f"{path} row {start + offset}"))
+                if len(buffer) < max(1, self.shuffle_buffer):
+                    continue
+                item = buffer.pop(rng.randrange(len(buffer)) if self.shuffle_buffer else 0)
+                decoded = self._decode(item, rng)
+                if decoded is not None:
+                    yield decoded
+                elif self.skipped > budget:
+                    raise too_many_skipped(self.skipped, rows, where, self.first_skip)
+        rng.shuffle(buffer)
+        for item in buffer:
+            decoded = self._decode(item, rng)
+            if decoded is not None:
+                yield decoded
+            elif self.skipped > budget:
+                raise too_many_skipped(self.skipped, rows, where, self.first_skip)
+
+    def _rows_of(self, units: list[tuple[str, int]], files: dict[str, Any], fs: Any) -> int:
+        import pyarrow.parquet as pq
+
+        for path, _ in units:
             if path not in files:
                 files[path] = pq.ParquetFile(fs.open_input_file(path))
-            table = files[path].read_row_group(group, columns=["image", "label"])
-            for batch in table.to_batches():
-                for data, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    if not self.shuffle_buffer:
-                        yield decode_crop(data, self.image_size, self.train, rng), int(label)
-                        continue
-                    buffer.append((data, int(label)))
-                    if len(buffer) >= self.shuffle_buffer:
-                        data, label = buffer.pop(rng.randrange(len(buffer)))
-                        yield decode_crop(data, self.image_size, self.train, rng), label
-        rng.shuffle(buffer)
-        for data, label in buffer:
-            yield decode_crop(data, self.image_size, self.train, rng), label
+        return sum(files[path].metadata.row_group(group).num_rows for path, group in units)
+
+    def _decode(self, item: tuple[bytes, int, str], rng: random.Random) -> Optional[tuple[torch.Tensor, int]]:
+        """The decoded sample, or None (counted in ``skipped``, with one warning) for an image that does not decode."""
+        data, label, where = item
+        try:
+            return decode_crop(data, self.image_size, self.train, rng), label
+        except Exception as exc:  # PIL raises several types for corrupt data
+            self.skipped += 1
+            message = f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self.first_skip = self.first_skip or message
+            print(f"[bkd] warning: skipped an image that does not decode ({message})", flush=True)
+            return None
 
 
 def load_parquet_in_memory(root: str, image_size: int, train_size: Optional[int] = None) -> "DataSplits":
