@@ -67,6 +67,8 @@ class BlockNet(nn.Module):
         blocks: Sequence[AttrPaths],
         head: Sequence[str],
         stem: Sequence[str] = (),
+        *,
+        sample_input: torch.Tensor,
     ) -> "BlockNet":
         """Wrap an existing model by attribute paths, sharing (not copying) its modules.
 
@@ -74,6 +76,9 @@ class BlockNet(nn.Module):
         modules are folded into block 1; ``head`` modules run last (flattened before a Linear).
         Example (torchvision ResNet): ``stem=["conv1", "bn1", "relu", "maxpool"],
         blocks=["layer1", "layer2", "layer3", "layer4"], head=["avgpool", "fc"]``.
+        Running the listed modules in order must compute what ``model`` computes: checked on
+        ``sample_input`` in eval mode (``graph_split.check_same_output``), a ``SplitError`` otherwise
+        (a forward with functional ops between modules: ``graph_split.split_model`` cuts along it).
         """
         if len(blocks) == 0:
             raise ValueError("BlockNet.from_module needs at least one block path in blocks=[...].")
@@ -90,7 +95,16 @@ class BlockNet(nn.Module):
         # every tensor's name in ``model``: a state_dict saved from the original model loads into the BlockNet
         original = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
         net.source_names = {name: original[id(t)] for name, t in net.state_dict(keep_vars=True).items() if id(t) in original}
+        from .graph_split import check_same_output
+
+        check_same_output(model, net, sample_input)
         return net
+
+    def source_state_dict(self) -> dict:
+        """This BlockNet's weights under the wrapped model's own names (what ``model.load_state_dict``
+        takes); under this BlockNet's names for a model built as a BlockNet."""
+        names = getattr(self, "source_names", None) or {}
+        return {names.get(key, key): value for key, value in self.state_dict().items()}
 
     def from_source_names(self, state: dict) -> dict:
         """``state`` with the wrapped model's names (e.g. a torchvision checkpoint) renamed to this

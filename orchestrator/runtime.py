@@ -31,10 +31,25 @@ def init_ray(job: Job) -> None:
     poll = str(job.cfg["ray"].get("train_poll_interval_s", 0.1))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", poll)  # a local cluster started here
     runtime_env: dict[str, Any] = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}
-    if job.cfg["tune"].get("console") != "ray":  # workers keep Ray's own INFO lines in its log files
+    quiet = job.cfg["tune"].get("console") != "ray"
+    if quiet:  # workers keep Ray's own INFO lines in its log files
         runtime_env["worker_process_setup_hook"] = "orchestrator.runtime.quiet_worker"
-    join_or_start(address, job.cfg["ray"].get("num_cpus"), log_to_driver=True, runtime_env=runtime_env)
+        # a Train worker's print() as itself, once (Train's print patch would log it again through its own handlers)
+        runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    join_or_start(address, job.cfg["ray"].get("num_cpus"), log_to_driver=True, runtime_env=runtime_env,
+                  logging_level=logging.WARNING if quiet else logging.INFO)
     STOP.claim()  # ray.init replaced our SIGTERM handler with its own
+
+
+def quiet_driver() -> None:
+    """tune.console=bkd in the driver: Tune's start-of-experiment table, Optuna's and MLflow's INFO lines
+    go unprinted (bkd prints its own progress and where the results are)."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's legacy reporter, silent at verbose=0 (the new one prints a table)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def join_or_start(address: Optional[str], num_cpus: Optional[int], **kwargs: Any) -> None:

@@ -59,14 +59,15 @@ class TorchvisionStyle(nn.Module):
 
 def test_from_module_shares_weights_and_matches_forward():
     model = TorchvisionStyle().eval()
-    net = BlockNet.from_module(model, stem=["conv1", "bn1", "relu"], blocks=["layer1", "layer2"], head=["avgpool", "fc"]).eval()
     x = torch.randn(2, 3, 16, 16)
+    net = BlockNet.from_module(model, stem=["conv1", "bn1", "relu"], blocks=["layer1", "layer2"], head=["avgpool", "fc"],
+                               sample_input=x).eval()
     assert torch.allclose(net(x), model(x))
     assert net.blocks[1] is model.layer2
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters())
     assert [f.shape[1] for f in net.features(x)] == [16, 32]
     with pytest.raises(ValueError, match="layer9"):
-        BlockNet.from_module(model, blocks=["layer9"], head=["fc"])
+        BlockNet.from_module(model, blocks=["layer9"], head=["fc"], sample_input=x)
 
 
 def test_imagenet_resnet18_is_four_blocks():

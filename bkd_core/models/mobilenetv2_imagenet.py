@@ -56,4 +56,5 @@ class MobileNetV2ImageNet(nn.Module):
 
 def mobilenetv2_imagenet(num_classes: int, in_channels: int = 3) -> BlockNet:
     return BlockNet.from_module(MobileNetV2ImageNet(num_classes, in_channels),
-                                blocks=[[f"features.{i}" for i in block] for block in BLOCKS], head=["pool", "classifier.0", "classifier.1"])
+                                blocks=[[f"features.{i}" for i in block] for block in BLOCKS], head=["pool", "classifier.0", "classifier.1"],
+                                sample_input=torch.zeros(1, in_channels, 32, 32))

@@ -99,4 +99,5 @@ def imagenet_resnet(name: str, num_classes: int, in_channels: int = 3) -> BlockN
         stem=["conv1", "bn1", "relu", "maxpool"],
         blocks=["layer1", "layer2", "layer3", "layer4"],
         head=["avgpool", "fc"],
+        sample_input=torch.zeros(1, in_channels, 32, 32),
     )
