@@ -77,6 +77,7 @@ def split_model(model: nn.Module, cuts: Sequence[str], sample: Optional[torch.Te
     pieces = [_piece(traced, nodes, part, k, ends[k - 1] if k else None, ends[k] if k < len(ends) else None, cuts, label)
               for k in range(len(ends) + 1)]
     net = BlockNet(pieces[:-1], pieces[-1])
+    net.block_ends = list(cuts)  # the module each block ends at, for messages
     original = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
     net.source_names = {n: original[id(t)] for n, t in net.state_dict(keep_vars=True).items() if id(t) in original}
     if sample is not None:

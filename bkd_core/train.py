@@ -324,6 +324,9 @@ def load_state_checked(model: nn.Module, source: Union[str, Path, dict], what: s
     if not isinstance(source, dict):
         raise ValueError(f"{what} holds a {type(source).__name__}, not a state_dict (save model.state_dict()).")
     source = source.get("state_dict", source)
+    for prefix in ("module.", "model."):  # saved from a DDP wrapper, or a Lightning-style holder
+        if source and all(k.startswith(prefix) for k in source) and not any(k.startswith(prefix) for k in model.state_dict()):
+            source = {k[len(prefix):]: v for k, v in source.items()}
     if isinstance(model, BlockNet):  # a checkpoint of the wrapped model (e.g. torchvision's ResNets) loads too
         source = model.from_source_names(source)
     own = model.state_dict()

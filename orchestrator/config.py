@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bkd_core import data as bkd_data
-from bkd_core import models
 from bkd_core.losses import LOGIT_LOSSES
 from bkd_core.train import TrainConfig
 from search_spaces.space import SearchSpaceError, partitions
 
 from .checks import ConfigError, check_fixed, check_number, check_values, did_you_mean
 from .mlflow_extras import dataset_spec
+from .model_spec import block_names, spec_name
 
 __all__ = ["ConfigError", "Job", "check_number", "compose", "validate"]
 
@@ -101,7 +101,7 @@ class Job:
 
     @property
     def pair_name(self) -> str:
-        return f"{self.teacher_model}->{self.student_model}"
+        return f"{spec_name(self.teacher_model)}->{spec_name(self.student_model)}"
 
     def teacher_key(self) -> str:
         """Identifies a teacher training: same key, same teacher (reused instead of retrained)."""
@@ -239,10 +239,6 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     check_values(c)  # every number, switch and choice, before anything uses them
 
-    for role in ("teacher", "student"):
-        name = c["pair"][role]
-        if name not in models.names():
-            raise ConfigError(f"pair.{role}", f"unknown model {name!r}; valid: {', '.join(models.names())}.")
     d = c["data"]
     if d["name"] not in bkd_data.DATASETS:
         raise ConfigError("data.name", f"unknown dataset {d['name']!r}; valid: {', '.join(bkd_data.DATASETS)}.")
@@ -256,16 +252,20 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
             raise ConfigError("data.root", f"directory {d['root']} does not exist; point data.root at the {d['name']} files.")
     shape = describe_dataset(d)
 
-    teacher = models.create(c["pair"]["teacher"], shape.num_classes, shape.in_channels)
-    student = models.create(c["pair"]["student"], shape.num_classes, shape.in_channels)
+    teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape) for role in ("teacher", "student"))
     search = c["search"]
     method = search.get("method", "blockkd")
     if method not in ("blockkd", "logit", "none"):
         raise ConfigError("search.method", f"unknown method {method!r}; use blockkd, logit or none (the student alone).")
     if method == "blockkd" and teacher.num_blocks != student.num_blocks:
+        ends = {role: block_names(c["pair"][role], net, c["pair"].get(f"{role}_blocks")) for role, net in
+                (("teacher", teacher), ("student", student))}
         raise ConfigError(
-            "pair", f"teacher {c['pair']['teacher']} has {teacher.num_blocks} blocks and student {c['pair']['student']} has "
-            f"{student.num_blocks}: Block-KD needs the same count; pick a pair from conf/pair or a logit baseline (search=kd).")
+            "pair", f"teacher {spec_name(c['pair']['teacher'])} has {teacher.num_blocks} blocks (ending at {', '.join(ends['teacher'])}) "
+            f"and student {spec_name(c['pair']['student'])} has {student.num_blocks} (ending at {', '.join(ends['student'])}): "
+            "Block-KD needs the same count. Name as many block ends for each with pair.teacher_blocks=[...] and "
+            "pair.student_blocks=[...] (modules whose outputs end a block, in forward order), pick a pair from conf/pair, "
+            "or use a logit baseline (search=kd).")
     try:
         options = partitions(search, student.num_blocks)
     except SearchSpaceError as exc:
@@ -308,6 +308,13 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
                                        "selection": "test" if selects_on_test(d) else "val"}
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name, dataset)
+
+
+def build_model(c: dict[str, Any], role: str, num_classes: int, in_channels: int, image_shape: list[int]) -> Any:
+    """``pair.<role>`` as a checked BlockNet (``orchestrator.model_spec``): the same in the driver and every worker."""
+    from .model_spec import build
+
+    return build(c["pair"][role], num_classes, in_channels, image_shape, f"pair.{role}", c["pair"].get(f"{role}_blocks"))
 
 
 def check_batch_fits(c: dict[str, Any], train_images: int) -> None:
@@ -356,7 +363,7 @@ def check_writable(key: str, path: str) -> None:
 def default_experiment_name(c: dict[str, Any], storage: str, resume: bool, command: str = "tune") -> str:
     """``bkd-<search>-<pair>-<data>-<time>``; on resume, the latest existing one with that prefix."""
     kind = c["search"].get("name", "search") if command == "tune" else command
-    prefix = f"bkd-{kind}-{c['pair']['teacher']}-{c['pair']['student']}-{c['data']['name']}"
+    prefix = f"bkd-{kind}-{spec_name(c['pair']['teacher'])}-{spec_name(c['pair']['student'])}-{c['data']['name']}"
     if resume and "://" not in storage and Path(storage).is_dir():
         found = sorted(p.name for p in Path(storage).iterdir() if p.name.startswith(prefix + "-"))
         if found:

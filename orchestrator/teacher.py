@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from bkd_core import models
 from bkd_core.train import load_state_checked
 
 from .cli import entry_point
-from .config import ConfigError, Job
+from .config import ConfigError, Job, build_model
+from .model_spec import spec_name
 from .runtime import check_cluster_resources, init_ray, make_trainer
 from .tracking import ROLE_TAG, MLflowWriter, Write, connect, flatten, log_params
 from .worker import MODEL_FILE, read_history
@@ -26,7 +26,7 @@ ARTIFACT = "teacher/teacher.pt"
 
 
 def _empty_teacher(job: Job) -> torch.nn.Module:
-    return models.create(job.teacher_model, job.num_classes, job.in_channels)
+    return build_model(job.cfg, "teacher", job.num_classes, job.in_channels, job.dataset["shape"])
 
 
 def load_uri(job: Job, uri: str) -> dict[str, torch.Tensor]:
@@ -58,12 +58,12 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     as its own MLflow run; returns (state, run id). An MLflow outage after training delays the
     logging (up to ``mlflow.end_wait_s``), never the search."""
     key = job.teacher_key()
-    run = client.create_run(experiment_id, run_name=f"teacher-{job.teacher_model}-{job.cfg['data']['name']}",
+    run = client.create_run(experiment_id, run_name=f"teacher-{spec_name(job.teacher_model)}-{job.cfg['data']['name']}",
                             tags={ROLE_TAG: "teacher", KEY_TAG: key})
     run_id = run.info.run_id
-    log_params(client, run_id, {"model": job.teacher_model, "data": job.cfg["data"]["name"],
+    log_params(client, run_id, {"model": str(job.teacher_model), "data": job.cfg["data"]["name"],
                                 **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data."), **job.split_sizes()})
-    print(f"[bkd] training teacher {job.teacher_model} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
+    print(f"[bkd] training teacher {spec_name(job.teacher_model)} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
     out = Path(job.output_dir) / job.experiment_name
     writer = MLflowWriter(job.tracking_uri, experiment_id, None, job.cfg["mlflow"]["retry_interval_s"],
                           spool=out / "mlflow_pending_teacher.jsonl")

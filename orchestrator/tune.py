@@ -22,7 +22,6 @@ import optuna
 import torch
 from mlflow.tracking import MlflowClient
 
-from bkd_core import models
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -30,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search_spaces.space import suggest
 
 from .cli import entry_point
-from .config import Job
+from .config import Job, build_model
 from .importance import format_importances, param_importances
 from .mlflow_extras import log_dataset, log_student_model
 from .interrupts import STOP
@@ -91,7 +90,7 @@ def rung_epochs(job: Job) -> list[int]:
 
 def common_params(job: Job, teacher_source: str) -> dict[str, Any]:
     c = job.cfg
-    return {"pair": job.pair_name, "teacher": job.teacher_model, "student": job.student_model, "data": c["data"]["name"],
+    return {"pair": job.pair_name, "teacher": str(job.teacher_model), "student": str(job.student_model), "data": c["data"]["name"],
             "epochs": c["train"]["epochs"], "batch_size": c["train"]["batch_size"], "search": c["search"].get("name"),
             "workers_per_trial": c["resources"]["workers_per_trial"], "teacher_source": teacher_source, **job.split_sizes()}
 
@@ -363,8 +362,8 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
 def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     """The best student as an MLflow model on the parent run (registered as mlflow.registered_model if set).
     Not queued: during an outage it is skipped with a warning (student.pt and its artifact stay)."""
-    model = models.create(job.student_model, job.num_classes, job.in_channels)
-    model.load_state_dict(torch.load(student_file, map_location="cpu", weights_only=True))
+    model = build_model(job.cfg, "student", job.num_classes, job.in_channels, job.dataset["shape"])
+    model.load_state_dict(model.from_source_names(torch.load(student_file, map_location="cpu", weights_only=True)))
     example = torch.zeros(1, *job.dataset["shape"])
     try:
         require_answer(job.tracking_uri)

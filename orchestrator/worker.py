@@ -23,14 +23,14 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from bkd_core import BlockKD, LogitKD, models
+from bkd_core import BlockKD, LogitKD
 from bkd_core.train import (
     NonFiniteLossError, Supervised, eval_loader, evaluate, make_loaders, make_optimizer, make_scheduler, score_on_test, step_module,
     train_epoch,
 )
 from search_spaces.space import parse_cuts, stone_weights
 
-from .config import is_streamed, load_dataset, train_config
+from .config import build_model, is_streamed, load_dataset, train_config
 from .records import DIVERGED as DIVERGED_STATUS, FINISHED, TrialRecords
 from .results import DIVERGED
 
@@ -41,13 +41,13 @@ HISTORY_FILE = "history.json"  # every epoch's metrics so far (Train V2 results 
 
 def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
     """``Supervised(teacher)`` for teacher training, else ``BlockKD``/``LogitKD`` with the frozen teacher."""
-    n, c = job["num_classes"], job["in_channels"]
+    n, c, shape = job["num_classes"], job["in_channels"], job["dataset"]["shape"]
     torch.manual_seed(trial_seed(job, params))  # the same seed: the same student initialisation in every method
-    teacher = models.create(job["cfg"]["pair"]["teacher"], n, c)
+    teacher = build_model(job["cfg"], "teacher", n, c, shape)
     if mode == "teacher":
         return Supervised(teacher)
-    teacher.load_state_dict(teacher_state)
-    student = models.create(job["cfg"]["pair"]["student"], n, c)
+    teacher.load_state_dict(teacher.from_source_names(teacher_state))  # teacher.pt holds the model's own names
+    student = build_model(job["cfg"], "student", n, c, shape)
     if params.get("method") == "none" or job["cfg"]["search"].get("method") == "none":
         return Supervised(student)  # the student alone: compare's baseline without a teacher
     loss_kwargs = {k: float(params[k]) for k in ("dkd_alpha", "dkd_beta") if k in params}
@@ -179,8 +179,8 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
                 session.finish(DIVERGED_STATUS, metrics, history, None)
             session.report(metrics, None)
             return
-        if epoch == cfg.epochs and session.finish and rank == 0:
-            session.finish(FINISHED, metrics, history, module.student.state_dict())
+        if epoch == cfg.epochs and session.finish and rank == 0:  # the student under its own class's names
+            session.finish(FINISHED, metrics, history, module.student.source_state_dict())
         due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval
         if rank != 0 or not (due or epoch == cfg.epochs):
             session.report(metrics, None)
@@ -224,4 +224,4 @@ def save_state(folder: str, module: torch.nn.Module, optimizer: torch.optim.Opti
     trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
     torch.save({"module": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch}, os.path.join(folder, STATE_FILE))
-    torch.save(module.student.state_dict(), os.path.join(folder, MODEL_FILE))
+    torch.save(module.student.source_state_dict(), os.path.join(folder, MODEL_FILE))  # the model's own names

@@ -1,0 +1,119 @@
+"""Users' own models on the command line: a module in the working directory (Ray workers import
+it), ``module:factory`` and Hydra ``_target_`` specs, blocks cut along the forward graph, the
+student saved under its own class's names, bad specs refused with exit 2 before Ray starts."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import ray
+import torch
+
+from orchestrator import tune as tune_entry
+from orchestrator.cli import entry_point
+
+from conftest import REPO
+
+MODULE = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class Stage(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)))
+
+
+    class Net(nn.Module):
+        """torchvision's ResNet names; the forward pools with a functional op and scales between blocks."""
+
+        def __init__(self, width=8, num_classes=10, in_channels=1):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1)
+            self.layer1, self.layer2, self.layer3 = Stage(width, width, 1), Stage(width, 2 * width, 2), Stage(2 * width, 2 * width, 2)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)  # never runs: the forward max-pools
+            self.fc = nn.Linear(2 * width, num_classes)
+
+        def forward(self, x):
+            x = self.layer1(F.relu(self.conv1(x)))
+            x = self.layer3(self.layer2(x) * 0.5)
+            return self.fc(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
+
+
+    def teacher(num_classes, in_channels):
+        return Net(16, num_classes, in_channels)
+
+
+    def not_a_model(num_classes, in_channels):
+        return 3
+
+
+    class Skip(nn.Module):
+        def __init__(self, num_classes=10, in_channels=1):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(in_channels, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 1, 1), nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.fc((self.b(y) + y).mean((2, 3)) + x.mean())
+''')
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user's working directory holding their own models."""
+    (tmp_path / "mymodels.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("mymodels", None)
+    return tmp_path
+
+
+def common(ws):
+    return [f"mlflow.tracking_uri=sqlite:///{ws}/m.db", f"ray.storage_path={ws}/ray", f"output_dir={ws}/out"]
+
+
+@pytest.mark.parametrize("override, key, fragment", [
+    (["pair.teacher=nosuchmodule:net"], "pair.teacher", "cannot import module 'nosuchmodule'"),
+    (["pair.teacher=mymodels:missing"], "pair.teacher", "has no callable 'missing'"),
+    (["pair.teacher=mymodels:not_a_model"], "pair.teacher", "returned a int, not an nn.Module"),
+    (["pair.teacher=resnet_999"], "pair.teacher", "unknown model 'resnet_999'"),
+    (["pair.student={_target_:mymodels.Skip}", "pair.student_blocks=[a,b]"], "pair.student_blocks", "crosses the cut"),
+    (["pair.student={_target_:mymodels.Skip}"], "pair.student", "no usual block layout"),
+    (["pair.student={_target_:mymodels.Net,width:4,num_classes:3}"], "pair.student", "gives 3 logits"),
+    (["pair.teacher=mymodels:teacher", "pair.teacher_blocks=[layer1,layer2]"], "pair",
+     "has 2 blocks (ending at layer1, layer2) and student tiny_cnn has 3"),
+])
+def test_bad_model_specs_exit_2_before_ray(project, override, key, fragment, capsys):
+    before = ray.is_initialized()
+    assert entry_point(tune_entry.run, common(project) + override) == 2
+    err = capsys.readouterr().err
+    assert f"configuration error in `{key}`" in err and fragment in err, err
+    assert ray.is_initialized() == before
+
+
+@pytest.mark.ray
+def test_a_search_trains_the_users_own_models_from_the_working_directory(project):
+    """Through the command line, as a user runs it: Ray workers import mymodels themselves."""
+    argv = [sys.executable, "-m", "orchestrator.tune", "pair.teacher=mymodels:teacher",
+            "pair.student={_target_:mymodels.Net,width:8,num_classes:10,in_channels:1}", "ray.address=local", "ray.num_cpus=2",
+            "tune.num_samples=2", "train.epochs=2", "teacher.epochs=2", "tune.name=own", *common(project)]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(project)}
+    done = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sys.path.insert(0, str(project))
+    import mymodels
+
+    student = mymodels.Net(8, 10, 1)
+    student.load_state_dict(torch.load(project / "out" / "own" / "student.pt", weights_only=True), strict=True)
+    teacher = mymodels.teacher(10, 1)
+    teacher.load_state_dict(torch.load(project / "out" / "own" / "teacher.pt", weights_only=True), strict=True)
+    from bkd_core.data import BatchLoader, load
+
+    splits = load("digits")
+    x, y = next(iter(BatchLoader(splits.test, 449, train=False)))
+    assert (teacher.eval()(x).argmax(1) == y).float().mean() > 0.5, "the teacher's own class, its trained weights"
