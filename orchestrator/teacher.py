@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from bkd_core.train import load_state_checked
 
 from .cli import entry_point
-from .config import ConfigError, Job, build_model
+from .config import ConfigError, Job, build_model, is_streamed, load_dataset
 from .model_spec import spec_name
 from .runtime import check_cluster_resources, init_ray, make_trainer
 from .tracking import ROLE_TAG, MLflowWriter, Write, connect, flatten, log_params
@@ -104,6 +104,24 @@ def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[
         return load_uri(job, f"runs:/{run_id}/{ARTIFACT}"), f"runs:/{run_id}/{ARTIFACT}"
     state, run_id = train_teacher(job, client, experiment_id)
     return state, f"runs:/{run_id}/{ARTIFACT}"
+
+
+def score_teacher(job: Job, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A teacher's ``teacher_val_acc`` and ``teacher_test_acc``, scored once in the driver before any
+    trial (in-memory data; {} for streamed data): a checkpoint trained with other preprocessing or
+    another class order shows here, not after the search."""
+    if is_streamed(job.cfg["data"]):
+        return {}
+    from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate
+
+    splits = load_dataset(job.cfg["data"])
+    model = _empty_teacher(job)
+    model.load_state_dict(model.from_source_names(state))
+    cfg, cpu = TrainConfig(batch_size=256, channels_last=False), torch.device("cpu")
+    scores = {"teacher_val_acc": evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))["val_acc"]}
+    scores["teacher_test_acc"] = evaluate(Supervised(model), eval_loader(splits.test, cfg, cpu))["val_acc"]
+    print(f"[bkd] teacher: val_acc {scores['teacher_val_acc']:.2f}%, test_acc {scores['teacher_test_acc']:.2f}%", flush=True)
+    return scores
 
 
 def run(job: Job) -> str:

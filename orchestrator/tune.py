@@ -39,9 +39,10 @@ from .records import RECORDED, TrialRecords
 from .results import case_of, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
 from .stats import mean_std
 from .runtime import check_cluster_resources, concurrent_trials, init_ray, make_trainer, trial_resources
-from .teacher import obtain_teacher
+from .teacher import obtain_teacher, score_teacher
 from .tracking import (
-    END_TAG, PARENT_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line, log_params, reopen,
+    END_TAG, PARENT_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line,
+    log_metrics, log_params, reopen,
     require_answer,
 )
 from .worker import tune_trial_loop
@@ -123,9 +124,14 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool,
     run = client.create_run(experiment_id, run_name=job.experiment_name, tags=tags)
     log_params(client, run.info.run_id, flatten(job.cfg) | job.split_sizes())
     log_dataset(client, run.info.run_id, job.dataset)
+    from .describe import table
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.json")
         Path(path).write_text(json.dumps(job.cfg, indent=2))
+        client.log_artifact(run.info.run_id, path)
+        path = os.path.join(tmp, "describe.txt")  # the pair as blocks: shapes, parameters, multiply-adds, connectors
+        Path(path).write_text(table(job) + "\n")
         client.log_artifact(run.info.run_id, path)
     if "://" not in job.storage_path:
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +205,10 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
     init_ray(job)
     check_cluster_resources(job)
     teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
+    teacher_scores = score_teacher(job, teacher_state)
     parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg["tune"].get("resume")))
+    if teacher_scores:
+        log_metrics(client, parent_id, teacher_scores, 0, int(time.time() * 1000))
     m, out = job.cfg["mlflow"], Path(job.output_dir) / job.experiment_name
     trial_writer = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"],
                                 spool=out / "mlflow_pending_trials.jsonl")

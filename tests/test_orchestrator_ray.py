@@ -84,7 +84,7 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
         assert "test_acc" in child.data.metrics and child.data.params["val_images"] == "134"
     best_trial = max(final_per_child, key=final_per_child.get)  # ranked by the final epoch: student.pt's weights
     assert parent.data.metrics["best_val_acc"] == pytest.approx(final_per_child[best_trial])
-    assert parent.data.tags["bkd.selection"] == "val"
+    assert parent.data.tags["bkd.selection"] == "val" and {"teacher_val_acc", "teacher_test_acc"} <= set(parent.data.metrics)
     assert {k: parent.data.params[k] for k in ("train_images", "val_images", "test_images")} == \
         {"train_images": "1214", "val_images": "134", "test_images": "449"}
     assert teachers[0].data.params["val_images"] == "134" and "test_acc" in teachers[0].data.metrics

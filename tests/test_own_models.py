@@ -117,3 +117,15 @@ def test_a_search_trains_the_users_own_models_from_the_working_directory(project
     splits = load("digits")
     x, y = next(iter(BatchLoader(splits.test, 449, train=False)))
     assert (teacher.eval()(x).argmax(1) == y).float().mean() > 0.5, "the teacher's own class, its trained weights"
+
+
+def test_describe_prints_the_pair_as_blocks_before_any_training(project, capsys):
+    from orchestrator import describe
+
+    argv = common(project) + ["pair.teacher=mymodels:teacher", "pair.student={_target_:mymodels.Net,width:8}"]
+    assert entry_point(describe.run, argv) == 0
+    out = capsys.readouterr().out
+    assert "block  teacher ends at  teacher output" in out
+    assert out.count("layer2") == 2 and "32x4x4" in out and "16x4x4" in out and "Connector 576 params" in out
+    assert "student Net: 4,362" in out  # its parameters, counted over the blocks and the head
+    assert entry_point(describe.run, common(project) + ["pair.teacher=nosuchmodule:net"]) == 2
