@@ -309,24 +309,69 @@ def print_progress(epoch: int, metrics: dict[str, float]) -> None:
           f"({metrics['throughput_img_s']:.0f} img/s)", flush=True)
 
 
-def load_state_checked(model: nn.Module, source: Union[str, Path, dict], what: str = "teacher checkpoint") -> None:
-    """Load a state_dict file into ``model``, with an error that lists missing, unexpected and mis-shaped keys."""
-    if not isinstance(source, dict):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"{what} {path} does not exist; give the path of a state_dict saved with torch.save.")
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for corrupt files
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ValueError(f"{what} {path} is not a readable torch state_dict ({type(exc).__name__}: {first}); give a "
-                             "file saved with torch.save(model.state_dict(), PATH).") from exc
+@dataclass
+class PretrainedLoad:
+    """What ``load_pretrained`` did: keys loaded, replaced (their shape differs, e.g. a classifier for
+    other classes: left at their fresh initialisation), left (not in the checkpoint) and unused."""
+
+    loaded: list[str]
+    replaced: list[str]
+    left: list[str]
+    unused: list[str]
+
+    def summary(self) -> str:
+        part = lambda keys: f"{len(keys)}" + (f" ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "")  # noqa: E731
+        return (f"{len(self.loaded)} tensors loaded, {part(self.replaced)} replaced (another shape: fresh), "
+                f"{part(self.left)} left at their initialisation (not in the checkpoint), {part(self.unused)} unused")
+
+
+def read_state(path: Union[str, Path], what: str) -> dict:
+    """A state_dict file, as saved (see ``unwrap_state`` for the usual wrappers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist; give the path of a state_dict saved with torch.save.")
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{what} {path} is not a readable torch state_dict ({type(exc).__name__}: {first}); give a "
+                         "file saved with torch.save(model.state_dict(), PATH).") from exc
     if not isinstance(source, dict):
         raise ValueError(f"{what} holds a {type(source).__name__}, not a state_dict (save model.state_dict()).")
+    return source
+
+
+def unwrap_state(source: dict, model: nn.Module) -> dict:
+    """A state_dict out of the usual wrappers: ``{"state_dict": ...}`` and a ``module.`` (DDP) or
+    ``model.`` (Lightning-style holder) prefix that ``model``'s own names do not have."""
     source = source.get("state_dict", source)
-    for prefix in ("module.", "model."):  # saved from a DDP wrapper, or a Lightning-style holder
+    for prefix in ("module.", "model."):
         if source and all(k.startswith(prefix) for k in source) and not any(k.startswith(prefix) for k in model.state_dict()):
             source = {k[len(prefix):]: v for k, v in source.items()}
+    return source
+
+
+def load_pretrained(model: nn.Module, path: Union[str, Path], what: str = "pretrained weights") -> PretrainedLoad:
+    """Start ``model`` from a checkpoint of (a variant of) its class: every tensor whose name and shape
+    fit is loaded; the rest (e.g. a classifier for another number of classes) keeps its initialisation."""
+    source = unwrap_state(read_state(path, what), model)
+    if isinstance(model, BlockNet):
+        source = model.from_source_names(source)
+    own = model.state_dict()
+    fits = {k: v for k, v in source.items() if k in own and hasattr(v, "shape") and tuple(v.shape) == tuple(own[k].shape)}
+    names = getattr(model, "source_names", {})
+    report = PretrainedLoad([names.get(k, k) for k in fits], [names.get(k, k) for k in own if k in source and k not in fits],
+                            [names.get(k, k) for k in own if k not in source], [k for k in source if k not in own])
+    if not fits:
+        raise ValueError(f"{what} {path} shares no tensor (name and shape) with the model: {report.summary()}; give a "
+                         "checkpoint of the same architecture.")
+    model.load_state_dict(fits, strict=False)
+    return report
+
+
+def load_state_checked(model: nn.Module, source: Union[str, Path, dict], what: str = "teacher checkpoint") -> None:
+    """Load a state_dict file into ``model``, with an error that lists missing, unexpected and mis-shaped keys."""
+    source = unwrap_state(read_state(source, what) if not isinstance(source, dict) else source, model)
     if isinstance(model, BlockNet):  # a checkpoint of the wrapped model (e.g. torchvision's ResNets) loads too
         source = model.from_source_names(source)
     own = model.state_dict()

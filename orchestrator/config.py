@@ -277,6 +277,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
         raise ConfigError("search.params.logit_loss", f"unknown logit loss {bad}; valid: {', '.join(LOGIT_LOSSES)}.")
     check_fixed(c.get("fixed") or {}, search, student.num_blocks)
 
+    check_pretrained(c, "teacher", teacher)
+    check_pretrained(c, "student", student)
     checkpoint = c["teacher"].get("checkpoint")
     if checkpoint and need_teacher_checkpoint_check and "://" not in str(checkpoint) and not str(checkpoint).startswith("runs:"):
         c["teacher"]["checkpoint"] = absolute_path(checkpoint)
@@ -308,6 +310,24 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
                                        "selection": "test" if selects_on_test(d) else "val"}
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name, dataset)
+
+
+def check_pretrained(c: dict[str, Any], role: str, model: Any) -> None:
+    """``teacher.init`` / ``student.init``: made absolute, loaded once here, and what it loads printed."""
+    path = (c.get(role) or {}).get("init")
+    if not path:
+        return
+    if role == "teacher" and c["teacher"].get("checkpoint"):
+        raise ConfigError("teacher.init", "and teacher.checkpoint are both set: teacher.checkpoint is a trained teacher (used as "
+                          "it is), teacher.init a starting point fine-tuned for teacher.epochs; keep one.")
+    c[role]["init"] = absolute_path(str(path))
+    from bkd_core.train import load_pretrained
+
+    try:
+        report = load_pretrained(model, c[role]["init"], what=f"{role}.init")
+    except ValueError as exc:
+        raise ConfigError(f"{role}.init", str(exc)) from None
+    print(f"[bkd] {role}.init={path}: {report.summary()}", flush=True)
 
 
 def build_model(c: dict[str, Any], role: str, num_classes: int, in_channels: int, image_shape: list[int]) -> Any:

@@ -29,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search_spaces.space import suggest
 
 from .cli import entry_point
-from .config import Job, build_model
+from .config import Job
 from .importance import format_importances, param_importances
 from .mlflow_extras import log_dataset, log_student_model
 from .interrupts import STOP
@@ -371,8 +371,11 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
 def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     """The best student as an MLflow model on the parent run (registered as mlflow.registered_model if set).
     Not queued: during an outage it is skipped with a warning (student.pt and its artifact stay)."""
-    model = build_model(job.cfg, "student", job.num_classes, job.in_channels, job.dataset["shape"])
-    model.load_state_dict(model.from_source_names(torch.load(student_file, map_location="cpu", weights_only=True)))
+    from .model_spec import instantiate
+
+    model = instantiate(job.student_model, job.num_classes, job.in_channels, "pair.student")  # the user's own class
+    state = torch.load(student_file, map_location="cpu", weights_only=True)
+    model.load_state_dict(model.from_source_names(state) if hasattr(model, "from_source_names") else state, strict=True)
     example = torch.zeros(1, *job.dataset["shape"])
     try:
         require_answer(job.tracking_uri)

@@ -25,8 +25,8 @@ from ray import tune
 
 from bkd_core import BlockKD, LogitKD
 from bkd_core.train import (
-    NonFiniteLossError, Supervised, eval_loader, evaluate, make_loaders, make_optimizer, make_scheduler, score_on_test, step_module,
-    train_epoch,
+    NonFiniteLossError, Supervised, eval_loader, evaluate, load_pretrained, make_loaders, make_optimizer, make_scheduler,
+    score_on_test, step_module, train_epoch,
 )
 from search_spaces.space import parse_cuts, stone_weights
 
@@ -45,9 +45,13 @@ def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher
     torch.manual_seed(trial_seed(job, params))  # the same seed: the same student initialisation in every method
     teacher = build_model(job["cfg"], "teacher", n, c, shape)
     if mode == "teacher":
+        if job["cfg"]["teacher"].get("init"):  # fine-tune from pretrained weights (checked and reported by validation)
+            load_pretrained(teacher, job["cfg"]["teacher"]["init"], "teacher.init")
         return Supervised(teacher)
     teacher.load_state_dict(teacher.from_source_names(teacher_state))  # teacher.pt holds the model's own names
     student = build_model(job["cfg"], "student", n, c, shape)
+    if (job["cfg"].get("student") or {}).get("init"):
+        load_pretrained(student, job["cfg"]["student"]["init"], "student.init")
     if params.get("method") == "none" or job["cfg"]["search"].get("method") == "none":
         return Supervised(student)  # the student alone: compare's baseline without a teacher
     loss_kwargs = {k: float(params[k]) for k in ("dkd_alpha", "dkd_beta") if k in params}

@@ -96,16 +96,50 @@ def test_bad_model_specs_exit_2_before_ray(project, override, key, fragment, cap
     assert ray.is_initialized() == before
 
 
+def pretrained(project, classes=5):
+    """A checkpoint of the user's teacher class trained for another number of classes, in a DDP wrapper's names."""
+    import mymodels
+
+    torch.manual_seed(1)
+    path = project / "pretrained.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in mymodels.teacher(classes, 1).state_dict().items()}}, path)
+    return path
+
+
+def test_pretrained_starts_load_what_fits_and_replace_the_classifier(project, capsys):
+    from orchestrator.config import compose, validate
+
+    path = pretrained(project)
+    job = validate(compose(common(project) + ["pair.teacher=mymodels:teacher", f"teacher.init={path}", "pair.student=mymodels:teacher",
+                                              f"student.init={path}"]))
+    out = capsys.readouterr().out
+    assert f"teacher.init={path}: 20 tensors loaded, 2 (fc.weight, fc.bias) replaced" in out, out
+    assert f"student.init={path}: 20 tensors loaded" in out and job.cfg["teacher"]["init"] == str(path)
+    assert entry_point(tune_entry.run, common(project) + [f"teacher.init={project / 'nope.pt'}"]) == 2
+    assert "configuration error in `teacher.init`" in capsys.readouterr().err
+    assert entry_point(tune_entry.run, common(project) + [f"teacher.init={path}", f"teacher.checkpoint={path}"]) == 2
+    assert "keep one" in capsys.readouterr().err
+
+
 @pytest.mark.ray
-def test_a_search_trains_the_users_own_models_from_the_working_directory(project):
-    """Through the command line, as a user runs it: Ray workers import mymodels themselves."""
-    argv = [sys.executable, "-m", "orchestrator.tune", "pair.teacher=mymodels:teacher",
-            "pair.student={_target_:mymodels.Net,width:8,num_classes:10,in_channels:1}", "ray.address=local", "ray.num_cpus=2",
-            "tune.num_samples=2", "train.epochs=2", "teacher.epochs=2", "tune.name=own", *common(project)]
+def test_a_search_and_a_comparison_train_the_users_own_models_from_the_working_directory(project):
+    """Through the command line, as a user runs it: Ray workers import mymodels themselves; the teacher
+    fine-tunes from a 5-class checkpoint of its class."""
+    path = pretrained(project)
+    models = ["pair.teacher=mymodels:teacher", "pair.student={_target_:mymodels.Net,width:8,num_classes:10,in_channels:1}",
+              f"teacher.init={path}", "ray.address=local", "ray.num_cpus=2", "train.epochs=2", "teacher.epochs=2", *common(project)]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(project)}
+    argv = [sys.executable, "-m", "orchestrator.tune", *models, "tune.num_samples=2", "tune.name=own"]
     done = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    sys.path.insert(0, str(project))
+    assert "2 (fc.weight, fc.bias) replaced" in done.stdout
+    argv = [sys.executable, "-m", "orchestrator.compare", *models, "compare.methods=[kd,blockkd]", "compare.seeds=1", "tune.name=own-cmp"]
+    done = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "reusing teacher from MLflow run" in done.stdout
+    import pyarrow.parquet as pq
+    rows = pq.read_table(project / "out" / "own-cmp" / "compare.parquet").to_pylist()
+    assert {r["method"] for r in rows} == {"kd", "blockkd"} and all(r["status"] == "FINISHED" for r in rows)
     import mymodels
 
     student = mymodels.Net(8, 10, 1)
