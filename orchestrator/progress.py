@@ -8,6 +8,7 @@ from typing import Any
 from ray.tune import Callback
 
 from .records import RECORDED
+from .tracking import trial_error
 
 ENDED = ("TERMINATED", "ERROR")
 
@@ -29,7 +30,9 @@ class ProgressPrinter(Callback):
         self._line(trials, f"{trial.trial_id} {how}, val_acc {last.get('val_acc', float('nan')):.2f}", ending=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trials, f"{trial.trial_id} FAILED", ending=trial)
+        cause = trial_error(trial)
+        self._line(trials, f"{trial.trial_id} FAILED: {cause} (traceback: {getattr(trial, 'error_file', None) or 'the trial log'})",
+                   ending=trial)
 
     def _line(self, trials: list, event: str, starting: int = 0, ending: Any = None) -> None:
         """``starting``: 1 while the trial that starts is not RUNNING yet; ``ending``: the trial that

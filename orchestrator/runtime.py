@@ -50,6 +50,13 @@ def quiet_driver() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("mlflow", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a failed trial: bkd prints its cause in one line; the traceback stays in the trial's error.txt and MLflow (bkd.error)
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(drop_trial_tracebacks)
+
+
+def drop_trial_tracebacks(record: logging.LogRecord) -> bool:
+    """A logging filter: Tune's "Trial task failed" record (pages of traceback) is not printed."""
+    return not str(record.msg).startswith("Trial task failed for trial")
 
 
 def join_or_start(address: Optional[str], num_cpus: Optional[int], **kwargs: Any) -> None:

@@ -155,6 +155,9 @@ def write_with_corrupt_rows(root: Path, good: int, corrupt: int) -> None:
 
     pq.write_table(pa.table({"image": rows, "label": [i % 3 for i in range(len(rows))]}), root / "train" / "part-0.parquet",
                    row_group_size=16)
+    (root / "val").mkdir()
+    good_rows = [r for r in rows if not r.endswith(b"not really")][:12]
+    pq.write_table(pa.table({"image": good_rows, "label": [i % 3 for i in range(len(good_rows))]}), root / "val" / "part-0.parquet")
     (root / "classes.json").write_text(json.dumps(CLASSES))
 
 

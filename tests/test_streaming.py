@@ -137,6 +137,20 @@ def test_the_ray_data_feed_drops_and_counts_a_corrupt_row(ray_cluster, tmp_path)
     assert sum(y.shape[0] for _, y in loader) == 120 and loader.skipped == 1
 
 
+def test_a_trial_on_corrupt_shards_fails_with_one_line_naming_the_cause(ray_cluster, tmp_path, capsys):
+    write_with_corrupt_rows(tmp_path / "shards", good=60, corrupt=6)
+    torch.manual_seed(0)
+    torch.save(models.create("tiny_resnet", len(CLASSES), 3).state_dict(), tmp_path / "teacher.pt")
+    argv = [f"teacher.checkpoint={tmp_path / 'teacher.pt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out", "data=parquet", f"data.root={tmp_path / 'shards'}",
+            "data.image_size=16", "tune.num_samples=1", "train.epochs=1", "train.batch_size=8", "tune.max_failures=0", "search=kd"]
+    assert entry_point(tune_entry.run, argv) == 1
+    captured = capsys.readouterr()
+    failed = [line for line in captured.out.splitlines() if " FAILED: " in line]
+    assert len(failed) == 1 and "could not be decoded" in failed[0] and "error.txt" in failed[0], captured.out[-3000:]
+    assert "Trial task failed for trial" not in captured.out + captured.err
+
+
 def rss_mb(kind: str = "VmRSS") -> float:
     """This process's resident memory now (Linux): all of it (VmRSS), its own heap (RssAnon), or the
     shared memory it has touched (RssShmem: the object store's pages it read)."""
