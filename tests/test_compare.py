@@ -64,6 +64,15 @@ def test_bad_compare_input_is_refused_before_ray(argv, key, fragment, tmp_path, 
     assert not ray.is_initialized()
 
 
+def with_random_teacher(tmp_path, name):
+    """The overrides of a run named ``name`` in ``tmp_path`` whose teacher is a random tiny_resnet (no teacher run)."""
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
+    return [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            f"tune.name={name}", f"teacher.checkpoint={teacher}"]
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(address="local", num_cpus=2, log_to_driver=False)
@@ -73,11 +82,7 @@ def ray_cluster():
 
 @pytest.mark.ray
 def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
-    teacher = tmp_path / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
-    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
-            "tune.name=cmp", f"teacher.checkpoint={teacher}", "compare.seeds=2", "train.epochs=2",
+    argv = with_random_teacher(tmp_path, "cmp") + ["compare.seeds=2", "train.epochs=2",
             "compare.fixed.blockkd.cuts=[1,3]"]
     assert entry_point(compare.run, argv, command="compare") == 0
     out = capsys.readouterr().out
@@ -113,11 +118,7 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
 
 @pytest.mark.ray
 def test_confirm_seeds_trains_the_best_configuration_again(ray_cluster, tmp_path, capsys):
-    teacher = tmp_path / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
-    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
-            "tune.name=conf", f"teacher.checkpoint={teacher}", "tune.num_samples=2", "train.epochs=2", "tune.scheduler=none",
+    argv = with_random_teacher(tmp_path, "conf") + ["tune.num_samples=2", "train.epochs=2", "tune.scheduler=none",
             "tune.confirm_seeds=2"]
     assert entry_point(tune_entry.run, argv) == 0
     out = capsys.readouterr().out
@@ -139,11 +140,7 @@ def test_confirm_seeds_trains_the_best_configuration_again(ray_cluster, tmp_path
 
 @pytest.mark.ray
 def test_compare_tune_trials_searches_every_method_then_trains_the_best_on_fresh_seeds(ray_cluster, tmp_path, capsys):
-    teacher = tmp_path / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
-    argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
-            "tune.name=tuned", f"teacher.checkpoint={teacher}", "compare.methods=[kd,blockkd]", "compare.tune_trials=2",
+    argv = with_random_teacher(tmp_path, "tuned") + ["compare.methods=[kd,blockkd]", "compare.tune_trials=2",
             "compare.seeds=2", "train.epochs=1", "compare.fixed.blockkd.cuts=[1,3]"]
     assert entry_point(compare.run, argv, command="compare") == 0
     out = capsys.readouterr().out
