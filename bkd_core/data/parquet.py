@@ -113,6 +113,7 @@ def decode_crop(data: bytes, size: int, train: bool, rng: random.Random) -> torc
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+ROWS_PER_GROUP = 256  # what prepare writes per row group (readers share row groups)
 MAX_SKIPPED = 0.01  # share of an epoch's images that may fail to decode before the epoch fails
 
 
@@ -207,40 +208,36 @@ class ParquetImages(IterableDataset):
         return self._units
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        import pyarrow.parquet as pq
-
         index, count = self._reader()
         order = list(self.units())
-        if self.train:  # row-group order per epoch, the same on every reader, then a local buffer
+        if self.train:  # row-group order per epoch, the same on every reader, then shuffled windows of row groups
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + index)
         fs, _ = self._filesystem()
-        buffer: list[tuple[bytes, int, str]] = []  # encoded bytes: images are decoded as they leave it
-        files: dict[str, Any] = {}
         mine = order[index::count]
+        files: dict[str, Any] = {}
         rows = self._rows_of(mine, files, fs)  # this reader's epoch, from the shards' metadata
         budget, where = skip_budget(rows), f"{self.root}/{self.split}"
         self.skipped, self.first_skip = 0, ""
-        for path, group in mine:
-            table = files[path].read_row_group(group, columns=["image", "label"])
-            start = sum(files[path].metadata.row_group(g).num_rows for g in range(group))
-            for offset, (data, label) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
-                buffer.append((data, int(label), f"{path} row {start + offset}"))
-                if len(buffer) < max(1, self.shuffle_buffer):
-                    continue
-                item = buffer.pop(rng.randrange(len(buffer)) if self.shuffle_buffer else 0)
-                decoded = self._decode(item, rng)
+        # Shuffle within windows of row groups holding at least shuffle_buffer rows: the window's encoded
+        # rows stay in Arrow buffers (a fixed few MB each), each image becomes Python bytes only to be decoded.
+        per_window = max(1, math.ceil(self.shuffle_buffer / ROWS_PER_GROUP)) if self.shuffle_buffer else 1
+        for first in range(0, len(mine), per_window):
+            window = []
+            for path, group in mine[first:first + per_window]:
+                table = files[path].read_row_group(group, columns=["image", "label"], use_threads=False)
+                offset = sum(files[path].metadata.row_group(g).num_rows for g in range(group))
+                window.append((table.column(0), table.column(1), path, offset))
+            picks = [(w, r) for w, (_, labels, _, _) in enumerate(window) for r in range(len(labels))]
+            if self.shuffle_buffer:
+                rng.shuffle(picks)
+            for w, r in picks:
+                images, labels, path, offset = window[w]
+                decoded = self._decode((images[r].as_py(), int(labels[r].as_py()), f"{path} row {offset + r}"), rng)
                 if decoded is not None:
                     yield decoded
                 elif self.skipped > budget:
                     raise too_many_skipped(self.skipped, rows, where, self.first_skip)
-        rng.shuffle(buffer)
-        for item in buffer:
-            decoded = self._decode(item, rng)
-            if decoded is not None:
-                yield decoded
-            elif self.skipped > budget:
-                raise too_many_skipped(self.skipped, rows, where, self.first_skip)
 
     def _rows_of(self, units: list[tuple[str, int]], files: dict[str, Any], fs: Any) -> int:
         import pyarrow.parquet as pq

@@ -1,0 +1,115 @@
+"""Peak memory of the README's ``ParquetImages`` + DataLoader loop, small against large shards.
+
+    python bench/parquet_memory.py --root /tmp/pmem --sizes 240 4800 --workers 2 --image-size 224
+
+Writes shards of 320x240 JPEGs (what ``prepare`` stores at its default max_side) for each size, then
+runs one epoch of the loop per size in a fresh process and prints the peak resident memory of that
+process and its DataLoader workers (summed over /proc, sampled every 50 ms), and the growth between
+the sizes (the shuffle buffer, 1,000 rows, fills only for the larger one).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def write_shards(root: Path, count: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    if (root / "train").is_dir():
+        return
+    rng = np.random.default_rng(0)
+    pool = []
+    for _ in range(16):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(out, format="JPEG", quality=90)
+        pool.append(out.getvalue())
+    (root / "train").mkdir(parents=True)
+    for start in range(0, count, 1024):
+        rows = range(start, min(count, start + 1024))
+        table = pa.table({"image": [pool[i % len(pool)] for i in rows], "label": [i % 10 for i in rows]})
+        pq.write_table(table, root / "train" / f"part-{start:06d}.parquet", row_group_size=256)
+    (root / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (Linux /proc)."""
+    total, pids = 0, {pid}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    pids.add(int(entry))
+            except OSError:
+                pass
+    for p in pids:
+        try:
+            line = next(l for l in Path(f"/proc/{p}/status").read_text().splitlines() if l.startswith("VmRSS:"))
+            total += int(line.split()[1])
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+LOOP = """
+import sys, torch
+from torch.utils.data import DataLoader
+from bkd_core.data import ParquetImages
+train = ParquetImages(sys.argv[1], "train", image_size=int(sys.argv[2]), train=True)
+loader = DataLoader(train, batch_size=64, num_workers=int(sys.argv[3]))
+train.set_epoch(0)
+seen = sum(int(y.shape[0]) for _, y in loader)
+print(seen)
+"""
+
+
+def measure(root: Path, image_size: int, workers: int) -> tuple[float, int, float]:
+    """(peak MB of the loop's process tree, images seen, seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(root), str(image_size), str(workers)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    peak = [0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    out, _ = proc.communicate()
+    thread.join()
+    return peak[0], int(out.strip() or 0), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="/tmp/bkd-parquet-memory")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[240, 4800])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args()
+    results = {}
+    for count in args.sizes:
+        root = Path(args.root) / str(count)
+        write_shards(root, count)
+        peak, seen, seconds = measure(root, args.image_size, args.workers)
+        results[count] = peak
+        print(f"{count:6d} images: peak RSS {peak:7.1f} MB (loop + {args.workers} workers), {seen} seen in {seconds:.1f} s")
+    first, last = args.sizes[0], args.sizes[-1]
+    print(f"growth {first} -> {last} images: {results[last] - results[first]:+.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
