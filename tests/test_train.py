@@ -116,3 +116,14 @@ def test_evaluate_runs_student_and_stones_but_not_the_teacher():
         hits = sum(int((kd(x, y).student_logits.argmax(1) == y).sum()) for x, y in loader)
     assert len(teacher_calls) == len(loader)
     assert accs["val_acc"] == pytest.approx(100.0 * hits / len(splits.test.labels))
+
+
+def test_checkpoints_in_the_usual_wrappers_load(tmp_path):
+    """A DDP-saved (module.) or Lightning-style (model.) state_dict, inside {"state_dict": ...} or not."""
+    model = models.create("tiny_resnet", 10, 1)
+    state = model.state_dict()
+    for i, saved in enumerate(({f"module.{k}": v for k, v in state.items()}, {"state_dict": {f"model.{k}": v for k, v in state.items()}})):
+        torch.save(saved, tmp_path / f"{i}.pt")
+        fresh = models.create("tiny_resnet", 10, 1)
+        train.load_state_checked(fresh, tmp_path / f"{i}.pt")
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
