@@ -140,8 +140,9 @@ def format_table(rows: list[dict[str, Any]], param_names: list[str]) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     seen = [s for s in STATUSES if any(r["status"] == s for r in rows)]
     legend = "; ".join(f"{s}: {STATUSES[s]}" for s in seen)
-    return ("\n".join(text) + "\n(val_acc: held-out val split, final epoch, the weights kept, what ranks; best_val_acc: best "
-            "epoch; test_acc: the same weights on the test split, never used to rank)" + (f"\n({legend})" if legend else ""))
+    return ("\n".join(text) + "\n(val_acc: the selection split (held-out val; test with data.val_fraction=0), final epoch, the "
+            "weights kept, what ranks; best_val_acc: best epoch; test_acc: the same weights on the test split)"
+            + (f"\n({legend})" if legend else ""))
 
 
 def _fmt(value: Any) -> str:
