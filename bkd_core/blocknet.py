@@ -92,13 +92,17 @@ class BlockNet(nn.Module):
                 modules = [_get_attr(model, p) for p in stem] + modules
             built.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
         net = cls(built, Head([_get_attr(model, p) for p in head]))
-        # every tensor's name in ``model``: a state_dict saved from the original model loads into the BlockNet
-        original = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
-        net.source_names = {name: original[id(t)] for name, t in net.state_dict(keep_vars=True).items() if id(t) in original}
+        net.remember_source(model)
         from .graph_split import check_same_output
 
         check_same_output(model, net, sample_input)
         return net
+
+    def remember_source(self, model: nn.Module) -> None:
+        """Record each of this BlockNet's tensors' name in ``model``, the module it shares them with: a
+        state_dict of the original model loads into the BlockNet, and the BlockNet saves under its names."""
+        original = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
+        self.source_names = {name: original[id(t)] for name, t in self.state_dict(keep_vars=True).items() if id(t) in original}
 
     def source_state_dict(self) -> dict:
         """This BlockNet's weights under the wrapped model's own names (what ``model.load_state_dict``

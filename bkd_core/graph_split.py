@@ -10,8 +10,9 @@ pieces compute what the model computes.
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -56,6 +57,8 @@ def split_model(model: nn.Module, cuts: Sequence[str], sample: Optional[torch.Te
         raise SplitError(f"{label}: no cuts given; name the modules whose outputs end a block, e.g. [layer1, layer2, layer3].")
     traced = trace(model, cuts, label)
     nodes = list(traced.graph.nodes)
+    if sum(n.op == "placeholder" for n in nodes) != 1:
+        raise SplitError(f"{label}: its forward takes more than one input; a classifier takes one image batch.")
     position = {node: i for i, node in enumerate(nodes)}
     ends = []
     for cut in cuts:
@@ -78,8 +81,7 @@ def split_model(model: nn.Module, cuts: Sequence[str], sample: Optional[torch.Te
               for k in range(len(ends) + 1)]
     net = BlockNet(pieces[:-1], pieces[-1])
     net.block_ends = list(cuts)  # the module each block ends at, for messages
-    original = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
-    net.source_names = {n: original[id(t)] for n, t in net.state_dict(keep_vars=True).items() if id(t) in original}
+    net.remember_source(model)
     if sample is not None:
         check_same_output(model, net, sample, label)
     return net
@@ -106,35 +108,34 @@ def _piece(traced: fx.GraphModule, nodes: list[fx.Node], part: dict[fx.Node, int
     for node in nodes:
         if part[node] != k or node.op == "get_attr":
             continue
-        if node.op == "placeholder":
-            if len([n for n in nodes if n.op == "placeholder"]) > 1:
-                raise SplitError(f"{label}: its forward takes more than one input; a classifier takes one image batch.")
-            env[node] = graph.placeholder("x")
-            continue
-        if node.op == "output":
-            env[node] = graph.node_copy(node, value)
-            continue
-        env[node] = graph.node_copy(node, value)
+        env[node] = graph.placeholder("x") if node.op == "placeholder" else graph.node_copy(node, value)
     if end is not None:
         graph.output(env[end])
     graph.lint()
     return fx.GraphModule(traced, graph, class_name=f"Block{k + 1}" if end is not None else "Head")
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for a probe forward; every submodule's own mode restored after."""
+    modes = [[m.training for m in module.modules()] for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, saved in zip(modules, modes):
+            for m, mode in zip(module.modules(), saved):
+                m.training = mode
+
+
 def check_same_output(model: nn.Module, net: nn.Module, sample: torch.Tensor, name: str = "") -> float:
     """The largest |net(x) - model(x)| on ``sample`` in eval mode; raises ``SplitError`` above the
     tolerance (``ATOL + RTOL * max|model(x)|``). Training modes are restored."""
     label = name or type(model).__name__
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    net.eval()
-    try:
-        with torch.no_grad():
-            expected, got = model(sample), net(sample)
-    finally:
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
-        net.train(modes[0])
+    with evaluating(model, net):
+        expected, got = model(sample), net(sample)
     if not isinstance(expected, torch.Tensor):
         raise SplitError(f"{label}: its forward returns a {type(expected).__name__}, not a logits tensor.")
     if got.shape != expected.shape:
@@ -174,16 +175,12 @@ def _resolution_cuts(model: nn.Module, features: nn.Sequential, sample: torch.Te
     sizes: list[Any] = [None] * len(features)
     hooks = [child.register_forward_hook(lambda _m, _i, out, i=i: sizes.__setitem__(i, tuple(out.shape[2:])))
              for i, child in enumerate(features)]
-    modes = [m.training for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             model(sample)
     finally:
         for hook in hooks:
             hook.remove()
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
     cuts = [f"features.{i}" for i in range(len(features) - 1) if sizes[i] != sizes[i + 1]]
     cuts.append(f"features.{len(features) - 1}")
     if len(cuts) < 2:
@@ -191,12 +188,14 @@ def _resolution_cuts(model: nn.Module, features: nn.Sequential, sample: torch.Te
     return cuts
 
 
-def wrap(model: nn.Module, sample: torch.Tensor, cuts: Optional[Sequence[str]] = None, name: str = "") -> BlockNet:
-    """``model`` as a checked ``BlockNet``: a BlockNet as it is (checked against nothing), anything else
-    cut at ``cuts`` or at ``find_cuts``' boundaries along its own forward graph."""
+def wrap(model: nn.Module, sample: torch.Tensor, cuts: Optional[Sequence[str]] = None, name: str = "",
+         check: bool = True) -> BlockNet:
+    """``model`` as a ``BlockNet``: a BlockNet as it is, anything else cut at ``cuts`` or at
+    ``find_cuts``' boundaries along its own forward graph, and checked on ``sample`` (``check=False``:
+    where the same model was checked already, e.g. in every worker after the driver)."""
     if isinstance(model, BlockNet):
         return model
-    return split_model(model, list(cuts) if cuts else find_cuts(model, sample), sample, name)
+    return split_model(model, list(cuts) if cuts else find_cuts(model, sample), sample if check else None, name)
 
 
 __all__ = ["ATOL", "RTOL", "SplitError", "check_same_output", "find_cuts", "split_model", "trace", "wrap"]

@@ -265,7 +265,12 @@ def eval_loader(dataset: ImageDataset, cfg: TrainConfig, device: torch.device) -
 
 def score_on_test(module: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
     """``evaluate`` on the test split, its keys renamed ``test_acc`` (student) and ``test_acc_stone_<cut>``."""
-    return {key.replace("val_acc", "test_acc", 1): value for key, value in evaluate(module, loader, bf16).items()}
+    return as_test(evaluate(module, loader, bf16))
+
+
+def as_test(accuracies: dict[str, float]) -> dict[str, float]:
+    """``evaluate``'s ``val_acc*`` keys as ``test_acc*``: the same numbers when they come from the test split."""
+    return {key.replace("val_acc", "test_acc", 1): value for key, value in accuracies.items() if key.startswith("val_acc")}
 
 
 def fit(
@@ -287,14 +292,14 @@ def fit(
     module.to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
-    train_loader, test_loader = make_loaders(data, cfg, device)
+    train_loader, val_loader = make_loaders(data, cfg, device)
     optimizer = make_optimizer(unwrap(module).trainable_parameters(), cfg, device)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     step = step_module(module, cfg, device)
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
         metrics = {"epoch": epoch, **train_epoch(step, train_loader, optimizer, scheduler, cfg, epoch)}
-        metrics.update(evaluate(module, test_loader, bool(cfg.bf16)))
+        metrics.update(evaluate(module, val_loader, bool(cfg.bf16)))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     if data.val is not None and data.val is not data.test:

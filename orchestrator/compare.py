@@ -71,7 +71,8 @@ def best_of_search(source: str, method: str, job: Job) -> dict[str, Any]:
         return {k: v for k, v in rows[0].items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
     from mlflow.tracking import MlflowClient
     try:
-        tags = MlflowClient(job.tracking_uri).get_run(source).data.tags
+        data = MlflowClient(job.tracking_uri).get_run(source).data
+        tags = data.tags
     except Exception as exc:
         raise ConfigError(key, f"{source!r} is neither a results folder nor an MLflow run at {job.tracking_uri} "
                           f"({type(exc).__name__}); give results/<experiment> or the search's parent run id.") from None
@@ -79,7 +80,7 @@ def best_of_search(source: str, method: str, job: Job) -> dict[str, Any]:
     if not best:
         raise ConfigError(key, f"MLflow run {source} has no best.* tags: it is not a finished search's parent run.")
     found = {k: (v if k in ("cuts", "logit_loss") else _number(v)) for k, v in best.items()}
-    seed = MlflowClient(job.tracking_uri).get_run(source).data.params.get("train.seed")
+    seed = data.params.get("train.seed")  # the seed the search's trials trained with
     return found | ({"seed": int(seed)} if "seed" not in found and seed is not None else {})
 
 
@@ -192,6 +193,10 @@ def cases(job: Job) -> list[dict[str, Any]]:
     return cases_of(job, {m: method_config(job, m) for m in check_methods(job)})
 
 
+class NoConfiguration(RuntimeError):
+    """A method's own search (compare.tune_trials) finished no trial: there is nothing to compare."""
+
+
 def tuned_cases(job: Job, run_search: RunSearch) -> list[dict[str, Any]]:
     """compare.tune_trials: every method's own search (same trial budget, teacher and val split), then
     its best configuration on fresh seeds."""
@@ -203,7 +208,8 @@ def tuned_cases(job: Job, run_search: RunSearch) -> list[dict[str, Any]]:
         found = run_search(method_search_job(job, method), f"search-{method}")
         best = next((r for r in found.rows if r["status"] == "FINISHED"), None)
         if best is None:
-            raise RuntimeError(f"no trial of {method}'s search finished ({first_failure(found.rows)})")
+            raise NoConfiguration(f"no trial of {method}'s search finished ({first_failure(found.rows)}); the comparison "
+                                  f"stops before its seeds. Its trials are in {Path(job.output_dir) / job.experiment_name / f'search-{method}'}.")
         print(f"[bkd] {method}: best of {len(found.rows)} trials, val_acc {best['val_acc']:.2f} (trial {best['trial_id']})", flush=True)
         configs[method] = method_config(job, method, (best, f"{method}'s search of {len(found.rows)} trials (MLflow run {found.run_id})"))
     return cases_of(job, configs)
@@ -322,7 +328,11 @@ def run(job: Job) -> int:
     if job.cfg["compare"].get("tune_trials"):
         for method in check_methods(job):  # every method's compare.fixed checked before Ray starts
             method_config(job, method)
-        rows = search(job, lambda run_search: tuned_cases(job, run_search), report)
+        try:
+            rows = search(job, lambda run_search: tuned_cases(job, run_search), report)
+        except NoConfiguration as exc:  # the parent run is FAILED with this reason; one line, exit 1
+            print(f"[bkd] {exc}", file=sys.stderr, flush=True)
+            return 1
     else:
         rows = search(job, cases(job), report)
     missing = [m for m in job.cfg["compare"]["methods"] if not any(r["method"] == m and r["status"] == "FINISHED" for r in rows)]

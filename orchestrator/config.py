@@ -140,6 +140,8 @@ def load_dataset(data_cfg: dict[str, Any]) -> bkd_data.DataSplits:
     ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
     (used by validation and workers)."""
     extra = {"image_size": data_cfg["image_size"]} if data_cfg["name"] in ("image_folder", "parquet") else {}
+    if data_cfg["name"] == "parquet":  # the shards hold val apart: decode no more training images than used
+        extra["train_size"] = data_cfg.get("train_size")
     splits = bkd_data.load(data_cfg["name"], data_cfg.get("root"), **extra)
     if data_cfg["name"] == "parquet":
         if selects_on_test(data_cfg):
@@ -252,7 +254,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
             raise ConfigError("data.root", f"directory {d['root']} does not exist; point data.root at the {d['name']} files.")
     shape = describe_dataset(d)
 
-    teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape) for role in ("teacher", "student"))
+    teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
+                        for role in ("teacher", "student"))
     search = c["search"]
     method = search.get("method", "blockkd")
     if method not in ("blockkd", "logit", "none"):
@@ -330,11 +333,13 @@ def check_pretrained(c: dict[str, Any], role: str, model: Any) -> None:
     print(f"[bkd] {role}.init={path}: {report.summary()}", flush=True)
 
 
-def build_model(c: dict[str, Any], role: str, num_classes: int, in_channels: int, image_shape: list[int]) -> Any:
-    """``pair.<role>`` as a checked BlockNet (``orchestrator.model_spec``): the same in the driver and every worker."""
+def build_model(c: dict[str, Any], role: str, num_classes: int, in_channels: int, image_shape: list[int],
+                check: bool = False) -> Any:
+    """``pair.<role>`` as a BlockNet (``orchestrator.model_spec``), cut the same way in the driver and every
+    worker; ``check``: prove the cut on a sample (validation does, once, before Ray starts)."""
     from .model_spec import build
 
-    return build(c["pair"][role], num_classes, in_channels, image_shape, f"pair.{role}", c["pair"].get(f"{role}_blocks"))
+    return build(c["pair"][role], num_classes, in_channels, image_shape, f"pair.{role}", c["pair"].get(f"{role}_blocks"), check)
 
 
 def check_batch_fits(c: dict[str, Any], train_images: int) -> None:

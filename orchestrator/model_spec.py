@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bkd_core import BlockNet, models
-from bkd_core.graph_split import SplitError, wrap
+from bkd_core.graph_split import SplitError, evaluating, wrap
 
 from .checks import ConfigError
 
@@ -77,19 +77,21 @@ def instantiate(spec: Spec, num_classes: int, in_channels: int, key: str) -> nn.
 
 
 def build(spec: Spec, num_classes: int, in_channels: int, image_shape: Sequence[int], key: str,
-          blocks: Optional[Sequence[str]] = None) -> BlockNet:
-    """The model a spec names as a checked BlockNet (a zoo model as it is)."""
+          blocks: Optional[Sequence[str]] = None, check: bool = True) -> BlockNet:
+    """The model a spec names as a BlockNet (a zoo model as it is), checked to compute what the model
+    computes and to give ``num_classes`` logits (``check=False`` where validation checked it already)."""
     model = instantiate(spec, num_classes, in_channels, key)
     sample = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(0))
     if isinstance(model, BlockNet) and not blocks:
         return model
     try:
-        net = wrap(model, sample, blocks, name=f"{key}={spec_name(spec)}")
+        net = wrap(model, sample, blocks, name=f"{key}={spec_name(spec)}", check=check)
     except SplitError as exc:
         raise ConfigError(f"{key}_blocks" if blocks else key, f"{exc}") from None
-    with torch.no_grad():
-        classes = net.eval()(sample).shape[-1]
-    net.train()
+    if not check:
+        return net
+    with evaluating(net):
+        classes = net(sample).shape[-1]
     if classes != num_classes:
         raise ConfigError(key, f"{spec_name(spec)} gives {classes} logits, and the dataset has {num_classes} classes; build it "
                           f"with num_classes={num_classes}.")

@@ -24,12 +24,13 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import ray
 import ray.data
+from ray.data.collate_fn import DefaultCollateFn
 import ray.train
 import torch
 
 from bkd_core.data import IMAGENET_MEAN, IMAGENET_STD
 from bkd_core.data.loader import normalise
-from bkd_core.data.parquet import decode_crop, skip_budget, too_many_skipped
+from bkd_core.data.parquet import decode_or_warn, skip_budget, too_many_skipped
 
 from .config import is_streamed
 
@@ -54,13 +55,12 @@ class Decode:
         images = np.zeros((len(batch["image"]), 3, self.image_size, self.image_size), dtype=np.uint8)
         bad = np.zeros(len(images), dtype=np.uint8)
         for i, data in enumerate(batch["image"]):
-            try:
-                images[i] = decode_crop(data, self.image_size, self.train, self.rng).numpy()
-            except Exception as exc:  # PIL raises several types for corrupt data
+            name = lambda: str(batch["path"][i]) if "path" in batch else f"an image of label {batch['label'][i]}"  # noqa: E731
+            image = decode_or_warn(data, self.image_size, self.train, self.rng, name)
+            if image is None:
                 bad[i] = 1
-                source = str(batch["path"][i]) if "path" in batch else f"label {batch['label'][i]}"
-                print(f"[bkd] warning: skipped an image that does not decode ({source}: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''})", flush=True)
+            else:
+                images[i] = image.numpy()
         return {"image": images, "label": batch["label"].astype(np.int64), "bad": bad}
 
 
@@ -99,6 +99,25 @@ def trainer_datasets(data_cfg: dict[str, Any], folders: dict[str, str], seed: in
     return {"datasets": datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}
 
 
+class DropUndecodable(DefaultCollateFn):
+    """Ray Data's own collation, first leaving out (and counting) the rows ``Decode`` could not decode:
+    on the host, in Ray's prefetch thread, so the trial never reads a flag back from its device."""
+
+    def __init__(self, combine_chunks: bool) -> None:
+        super().__init__(combine_chunks=combine_chunks)
+        self.skipped = 0
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow.compute as pc
+
+        bad = batch["bad"]
+        if pc.any(pc.not_equal(bad, 0)).as_py():
+            keep = pc.equal(bad, 0)
+            self.skipped += len(bad) - pc.sum(keep.cast("int64")).as_py()
+            batch = batch.filter(keep)
+        return super().__call__(batch.drop_columns(["bad"]))
+
+
 @dataclass
 class StreamLoader:
     """``BatchLoader``'s interface over a Ray Data stream: ``len``, ``set_epoch``, and (x, y) batches,
@@ -132,23 +151,19 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shuffle = self.shuffle_buffer if self.train else 0
+        dropped = DropUndecodable(combine_chunks=self.device.type == "cpu")  # as Ray's default collation chooses
         batches = self.source.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=self.train, device=self.device,
+            batch_size=self.batch_size, drop_last=self.train, device=self.device, collate_fn=dropped,
             local_shuffle_buffer_size=shuffle or None, local_shuffle_seed=self.seed * 1_000_003 + self.epoch if shuffle else None)
-        self.skipped = 0  # images of this epoch that did not decode (dropped from their batches)
         for count, batch in enumerate(batches):
             if self.train and count >= len(self):  # equal step counts on every DDP rank
                 break
-            images, labels = batch["image"], batch["label"]
-            if "bad" in batch and bool(batch["bad"].any()):
-                keep = batch["bad"] == 0
-                self.skipped += int((~keep).sum())
-                if self.skipped > skip_budget(self.rows):
-                    raise too_many_skipped(self.skipped, self.rows, "this trial's shards", "named in the warnings above")
-                images, labels = images[keep], labels[keep]
-                if not len(labels):
-                    continue
-            yield normalise(images, self.mean, self.inv_std, self.channels_last), labels
+            self.skipped = dropped.skipped  # images of this epoch that did not decode (left out of their batches)
+            if self.skipped > skip_budget(self.rows):
+                raise too_many_skipped(self.skipped, self.rows, "this trial's shards", "named in the warnings above")
+            if batch["label"].shape[0]:
+                yield normalise(batch["image"], self.mean, self.inv_std, self.channels_last), batch["label"]
+        self.skipped = dropped.skipped
 
 
 def stream_loaders(data_cfg: dict[str, Any], dataset: dict[str, Any], batch_size: int, device: torch.device,

@@ -112,14 +112,14 @@ def score_teacher(job: Job, state: dict[str, torch.Tensor]) -> dict[str, float]:
     another class order shows here, not after the search."""
     if is_streamed(job.cfg["data"]):
         return {}
-    from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate
+    from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate, score_on_test
 
     splits = load_dataset(job.cfg["data"])
     model = _empty_teacher(job)
     model.load_state_dict(model.from_source_names(state))
     cfg, cpu = TrainConfig(batch_size=256, channels_last=False), torch.device("cpu")
-    scores = {"teacher_val_acc": evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))["val_acc"]}
-    scores["teacher_test_acc"] = evaluate(Supervised(model), eval_loader(splits.test, cfg, cpu))["val_acc"]
+    scores = {"teacher_val_acc": evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))["val_acc"],
+              "teacher_test_acc": score_on_test(Supervised(model), eval_loader(splits.test, cfg, cpu))["test_acc"]}
     print(f"[bkd] teacher: val_acc {scores['teacher_val_acc']:.2f}%, test_acc {scores['teacher_test_acc']:.2f}%", flush=True)
     return scores
 

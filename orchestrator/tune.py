@@ -240,12 +240,16 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
         print(f"\n[bkd] {label}: a search of {variant.cfg['tune']['num_samples']} trials (MLflow run {run_id})", flush=True)
         with STOP.graceful():
             results = make_tuner(variant, teacher_state, callback).fit()
-        if STOP.received is not None:
-            raise KeyboardInterrupt
-        rows, _, names = collect_rows(variant, writer, results, False)
+        interrupted = STOP.received is not None
+        rows, _, names = collect_rows(variant, writer, results, interrupted)
         folder = out / label
         folder.mkdir(parents=True, exist_ok=True)
-        write_parquet(rows, str(folder / "trials.parquet"))
+        write_parquet(rows, str(folder / "trials.parquet"))  # kept when interrupted too: tune.resume=true continues
+        if interrupted:  # its run and its running trials end KILLED here (the comparison's parent ends them one level up)
+            end_runs_left(client, experiment_id, run_id, f"interrupted ({STOP.name or 'SIGINT'})")
+            writer.submit(Write("end", {"run_id": run_id, "status": "KILLED", "error": None}))
+            writer.drain(0.0)
+            raise KeyboardInterrupt
         best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
         if best is not None:
             writer.submit(Write("tags", {"run_id": run_id, "tags": {f"best.{k}": best[k] for k in names if k in best}}))

@@ -25,7 +25,7 @@ from ray import tune
 
 from bkd_core import BlockKD, LogitKD
 from bkd_core.train import (
-    NonFiniteLossError, Supervised, eval_loader, evaluate, load_pretrained, make_loaders, make_optimizer, make_scheduler,
+    NonFiniteLossError, Supervised, as_test, eval_loader, evaluate, load_pretrained, make_loaders, make_optimizer, make_scheduler,
     score_on_test, step_module, train_epoch,
 )
 from search_spaces.space import parse_cuts, stone_weights
@@ -130,6 +130,9 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     if world > 1 and job["cfg"]["train"].get("compile_mode") is None:
         cfg.compile_mode = "default"  # CUDA graphs are measured for one process per GPU, not under DDP's gradient hooks
     data = job["cfg"]["data"]
+    # the test split scores the weights a trial may end with, never selects: with data.val_fraction=0 val_acc is the test's
+    on_test = job["dataset"]["selection"] != "test"
+    test_epochs = {int(e) for e in config.get("test_epochs") or ()} | {cfg.epochs}
     if is_streamed(data):
         from .streaming import stream_loaders
 
@@ -139,11 +142,8 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     else:
         splits = load_dataset(data)
         train_loader, val_loader = make_loaders(splits, cfg, device, rank, world)
-        test_loader = eval_loader(splits.test, cfg, device) if job["dataset"]["selection"] != "test" else val_loader
+        test_loader = eval_loader(splits.test, cfg, device) if on_test else val_loader
         sample = splits.train.images[:2].float()
-    # the test split scores the weights a trial may end with, never selects: with data.val_fraction=0 val_acc is the test's
-    test_epochs = {int(e) for e in config.get("test_epochs") or ()} | {cfg.epochs}
-    on_test = job["dataset"]["selection"] != "test"
     module = build_module(job, params, mode, config.get("teacher_state"), sample).to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
@@ -168,8 +168,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             metrics = {DIVERGED: 1}
         metrics.update(evaluate(module, val_loader, bool(cfg.bf16)))
         if epoch in test_epochs and DIVERGED not in metrics:
-            metrics.update(score_on_test(module, test_loader, bool(cfg.bf16)) if on_test else
-                           {k.replace("val_acc", "test_acc", 1): v for k, v in metrics.items() if k.startswith("val_acc")})
+            metrics.update(score_on_test(module, test_loader, bool(cfg.bf16)) if on_test else as_test(metrics))
         metrics.update(epoch=epoch, workers=world)
         if mode == "teacher" and rank == 0:  # the teacher is not a Tune trial: its progress is printed here
             test = f", test_acc {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""

@@ -26,7 +26,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -111,6 +111,16 @@ def decode_crop(data: bytes, size: int, train: bool, rng: random.Random) -> torc
     if train and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def decode_or_warn(data: bytes, size: int, train: bool, rng: random.Random, where: Callable[[], str]) -> Optional[torch.Tensor]:
+    """``decode_crop``, or None with one warning naming the image (``where()``) when it does not decode."""
+    try:
+        return decode_crop(data, size, train, rng)
+    except Exception as exc:  # PIL raises several types for corrupt data
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        print(f"[bkd] warning: skipped an image that does not decode ({where()}: {type(exc).__name__}: {text})", flush=True)
+        return None
 
 
 ROWS_PER_GROUP = 256  # what prepare writes per row group (readers share row groups)
@@ -226,17 +236,21 @@ class ParquetImages(IterableDataset):
             window = []
             for path, group in mine[first:first + per_window]:
                 table = files[path].read_row_group(group, columns=["image", "label"], use_threads=False)
-                offset = sum(files[path].metadata.row_group(g).num_rows for g in range(group))
+                offset = sum(files[path].metadata.row_group(g).num_rows for g in range(group))  # the group's first row
                 window.append((table.column(0), table.column(1), path, offset))
             picks = [(w, r) for w, (_, labels, _, _) in enumerate(window) for r in range(len(labels))]
             if self.shuffle_buffer:
                 rng.shuffle(picks)
             for w, r in picks:
                 images, labels, path, offset = window[w]
-                decoded = self._decode((images[r].as_py(), int(labels[r].as_py()), f"{path} row {offset + r}"), rng)
-                if decoded is not None:
-                    yield decoded
-                elif self.skipped > budget:
+                name = lambda: f"{path} row {offset + r}"  # noqa: E731  (formatted only for a warning)
+                image = decode_or_warn(images[r].as_py(), self.image_size, self.train, rng, name)
+                if image is not None:
+                    yield image, int(labels[r].as_py())
+                    continue
+                self.skipped += 1
+                self.first_skip = self.first_skip or name()
+                if self.skipped > budget:
                     raise too_many_skipped(self.skipped, rows, where, self.first_skip)
 
     def _rows_of(self, units: list[tuple[str, int]], files: dict[str, Any], fs: Any) -> int:
@@ -246,18 +260,6 @@ class ParquetImages(IterableDataset):
             if path not in files:
                 files[path] = pq.ParquetFile(fs.open_input_file(path))
         return sum(files[path].metadata.row_group(group).num_rows for path, group in units)
-
-    def _decode(self, item: tuple[bytes, int, str], rng: random.Random) -> Optional[tuple[torch.Tensor, int]]:
-        """The decoded sample, or None (counted in ``skipped``, with one warning) for an image that does not decode."""
-        data, label, where = item
-        try:
-            return decode_crop(data, self.image_size, self.train, rng), label
-        except Exception as exc:  # PIL raises several types for corrupt data
-            self.skipped += 1
-            message = f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            self.first_skip = self.first_skip or message
-            print(f"[bkd] warning: skipped an image that does not decode ({message})", flush=True)
-            return None
 
 
 def load_parquet_in_memory(root: str, image_size: int, train_size: Optional[int] = None) -> "DataSplits":
