@@ -1,11 +1,14 @@
 """Peak memory of the README's ``ParquetImages`` + DataLoader loop, small against large shards.
 
-    python bench/parquet_memory.py --root /tmp/pmem --sizes 240 4800 --workers 2 --image-size 224
+    python bench/parquet_memory.py --root /tmp/pmem --sizes 512 4800 --workers 2 --image-size 224
 
-Writes shards of 320x240 JPEGs (what ``prepare`` stores at its default max_side) for each size, then
+Writes shards of 320x240 JPEGs of noise (what ``prepare`` stores at its default max_side; noise is the
+largest such a JPEG gets, about 69 KB) for each size, then
 runs one epoch of the loop per size in a fresh process and prints the peak resident memory of that
-process and its DataLoader workers (summed over /proc, sampled every 50 ms), and the growth between
-the sizes (the shuffle buffer, 1,000 rows, fills only for the larger one).
+process tree (RSS and PSS summed over /proc, sampled every 50 ms) and the growth between the sizes.
+Shards hold row groups of 256 images: 240 images is one row group, so one of 2 workers stays idle and
+the growth from 240 includes a second worker starting to decode; 512 (one row group per worker) is
+the baseline that isolates growth with the data's size.
 """
 from __future__ import annotations
 
@@ -29,22 +32,24 @@ def write_shards(root: Path, count: int) -> None:
     if (root / "train").is_dir():
         return
     rng = np.random.default_rng(0)
-    pool = []
-    for _ in range(16):
-        out = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(out, format="JPEG", quality=90)
-        pool.append(out.getvalue())
     (root / "train").mkdir(parents=True)
     for start in range(0, count, 1024):
         rows = range(start, min(count, start + 1024))
-        table = pa.table({"image": [pool[i % len(pool)] for i in rows], "label": [i % 10 for i in rows]})
-        pq.write_table(table, root / "train" / f"part-{start:06d}.parquet", row_group_size=256)
+        images = []
+        for _ in rows:  # every image its own noise: no Parquet dictionary can shrink the shards
+            out = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(out, format="JPEG", quality=90)
+            images.append(out.getvalue())
+        table = pa.table({"image": images, "label": [i % 10 for i in rows]})
+        pq.write_table(table, root / "train" / f"part-{start:06d}.parquet", row_group_size=256, use_dictionary=["label"])
     (root / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and its children (Linux /proc)."""
-    total, pids = 0, {pid}
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS summed, PSS summed) of ``pid`` and its children in MB (Linux /proc). RSS counts a page shared by
+    the loop and its forked workers once per process; PSS splits it among them (the tree's real footprint)."""
+    rss = pss = 0
+    pids = {pid}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -55,11 +60,14 @@ def tree_rss_mb(pid: int) -> float:
                 pass
     for p in pids:
         try:
-            line = next(l for l in Path(f"/proc/{p}/status").read_text().splitlines() if l.startswith("VmRSS:"))
-            total += int(line.split()[1])
-        except (OSError, StopIteration):
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
             pass
-    return total / 1024
+    return rss / 1024, pss / 1024
 
 
 LOOP = """
@@ -74,29 +82,30 @@ print(seen)
 """
 
 
-def measure(root: Path, image_size: int, workers: int) -> tuple[float, int, float]:
-    """(peak MB of the loop's process tree, images seen, seconds)."""
+def measure(root: Path, image_size: int, workers: int) -> tuple[float, float, int, float]:
+    """(peak RSS MB, peak PSS MB of the loop's process tree, images seen, seconds)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", LOOP, str(root), str(image_size), str(workers)], stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    peak = [0.0]
+    peak = [0.0, 0.0]
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+            rss, pss = tree_memory_mb(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.05)
 
     thread = threading.Thread(target=sample)
     thread.start()
     out, _ = proc.communicate()
     thread.join()
-    return peak[0], int(out.strip() or 0), time.perf_counter() - start
+    return peak[0], peak[1], int(out.strip() or 0), time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/tmp/bkd-parquet-memory")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[240, 4800])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4800])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
@@ -104,12 +113,13 @@ def main() -> None:
     for count in args.sizes:
         root = Path(args.root) / str(count)
         write_shards(root, count)
-        peak, seen, seconds = measure(root, args.image_size, args.workers)
-        results[count] = peak
-        print(f"{count:6d} images: peak RSS {peak:7.1f} MB (loop + {args.workers} workers), {seen} seen in {seconds:.1f} s")
+        rss, pss, seen, seconds = measure(root, args.image_size, args.workers)
+        results[count] = (rss, pss)
+        print(f"{count:6d} images: peak RSS {rss:7.1f} MB, PSS {pss:7.1f} MB (loop + {args.workers} workers), "
+              f"{seen} seen in {seconds:.1f} s")
     first, last = args.sizes[0], args.sizes[-1]
-    print(f"growth {first} -> {last} images: {results[last] - results[first]:+.1f} MB")
-
+    print(f"growth {first} -> {last} images: RSS {results[last][0] - results[first][0]:+.1f} MB, "
+          f"PSS {results[last][1] - results[first][1]:+.1f} MB")
 
 if __name__ == "__main__":
     main()

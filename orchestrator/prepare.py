@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -119,7 +120,10 @@ def plan(source: str, images_per_shard: int, val_fraction: float = 0.1, split_se
                  "val": [item for item, h in zip(items["train"], held.tolist()) if h], "test": items["val"]}
     shards = []
     for split, items_of_split in by_output.items():
-        items = items_of_split
+        # Rows in a seeded random order: every row group is a sample of all classes, so a reader's shuffle
+        # window of a few row groups mixes classes as a global shuffle would (a sorted folder gives one class per group).
+        items = list(items_of_split)
+        random.Random(f"{split_seed}:{split}").shuffle(items)
         chunks = [items[i:i + images_per_shard] for i in range(0, len(items), images_per_shard)]
         shards += [Shard(split, i, len(chunks), chunk) for i, chunk in enumerate(chunks)]
     return classes, shards

@@ -174,3 +174,54 @@ def test_more_than_one_percent_corrupt_fails_the_epoch_with_one_paragraph(tmp_pa
     write_with_corrupt_rows(tmp_path, good=60, corrupt=3)
     with pytest.raises(UndecodableImages, match=r"could not be decoded \(more than 1%; first: .*part-0.parquet row 3.*prepare"):
         list(ParquetImages(str(tmp_path), "train", image_size=16, train=False))
+
+
+def test_prepare_writes_rows_in_a_seeded_random_order_so_every_shard_mixes_the_classes(tmp_path):
+    """A sorted folder would give shards (and row groups) of one class each, which a reader's few-row-group
+    shuffle window cannot mix; the plan shuffles, the same way on every run (resume relies on it)."""
+    from orchestrator.prepare import plan
+
+    for split, n in (("train", 90), ("val", 9)):
+        for name in CLASSES:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / split / name / f"{i:03d}.jpg").write_bytes(b"")
+    classes, shards = plan(str(tmp_path), images_per_shard=20)
+    assert plan(str(tmp_path), images_per_shard=20)[1] == shards
+    train = [s for s in shards if s.split == "train"]
+    assert len(train) >= 12
+    for shard in train[:-1]:  # the last holds what is left over
+        assert len({label for _, label in shard.items}) == len(classes), shard.name
+
+
+def write_unique_images(root: Path, files: int, rows_per_file: int) -> int:
+    """Shards of distinct noise JPEGs (no Parquet dictionary can share them); the bytes of one row group."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    (root / "train").mkdir(parents=True)
+    for f in range(files):
+        images = []
+        for _ in range(rows_per_file):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=90)
+            images.append(buffer.getvalue())
+        pq.write_table(pa.table({"image": images, "label": [i % 3 for i in range(rows_per_file)]}),
+                       root / "train" / f"part-{f}.parquet", row_group_size=rows_per_file, use_dictionary=["label"])
+    (root / "classes.json").write_text(json.dumps(CLASSES))
+    return pq.ParquetFile(root / "train" / "part-0.parquet").metadata.row_group(0).total_byte_size
+
+
+@pytest.mark.parametrize("shuffle_buffer,shuffle_bytes", [(64, 32 << 20), (10_000, 1)])
+def test_a_reader_holds_one_shuffle_window_of_encoded_images_whatever_the_datas_size(tmp_path, shuffle_buffer, shuffle_bytes):
+    """Arrow memory alive while reading 12 shards stays at about one window (the rows cap, then the bytes cap)."""
+    import pyarrow as pa
+
+    group = write_unique_images(tmp_path, files=12, rows_per_file=64)
+    dataset = ParquetImages(str(tmp_path), "train", image_size=16, train=True, shuffle_buffer=shuffle_buffer,
+                            shuffle_bytes=shuffle_bytes)
+    before, peak, seen = pa.total_allocated_bytes(), 0, 0
+    for _ in dataset:
+        peak, seen = max(peak, pa.total_allocated_bytes() - before), seen + 1
+    assert seen == 12 * 64
+    assert peak < 3 * group, f"{peak / group:.1f} row groups of encoded images held at once"

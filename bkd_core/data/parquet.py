@@ -147,15 +147,22 @@ class ParquetImages(IterableDataset):
     """``(uint8 [3, S, S], label)`` from the shards of ``root/split``; ``root`` is a local folder or
     a URI pyarrow opens (``s3://bucket/prefix``, ``gs://...``). A row whose image does not decode is
     skipped with one warning naming its shard and row (``skipped`` counts them per epoch and reader);
-    more than 1 % of a reader's epoch raises ``UndecodableImages``."""
+    more than 1 % of a reader's epoch raises ``UndecodableImages``.
+
+    Training order: a new row-group order every epoch (the same on every reader), then rows shuffled
+    within windows of ``shuffle_buffer`` rows, capped at ``shuffle_bytes`` of encoded images per reader
+    (memory stays flat whatever the data's size; ``prepare`` writes rows in random order, so each row
+    group already mixes the classes)."""
 
     def __init__(self, root: str, split: str, image_size: int = 224, train: bool = True, seed: int = 0,
-                 shuffle_buffer: int = 1000, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+                 shuffle_buffer: int = 1000, shuffle_bytes: int = 32 << 20, rank: Optional[int] = None,
+                 world_size: Optional[int] = None) -> None:
         super().__init__()
         root = str(root).rstrip("/")
         self.root = root if "://" in root else os.path.abspath(root)
         self.split, self.image_size, self.train = split, int(image_size), train
         self.seed, self.shuffle_buffer = seed, shuffle_buffer if train else 0
+        self.shuffle_bytes = int(shuffle_bytes)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._shards: Optional[list[str]] = None
@@ -218,6 +225,8 @@ class ParquetImages(IterableDataset):
         return self._units
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        import pyarrow.parquet as pq
+
         index, count = self._reader()
         order = list(self.units())
         if self.train:  # row-group order per epoch, the same on every reader, then shuffled windows of row groups
@@ -225,18 +234,21 @@ class ParquetImages(IterableDataset):
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + index)
         fs, _ = self._filesystem()
         mine = order[index::count]
-        files: dict[str, Any] = {}
-        rows = self._rows_of(mine, files, fs)  # this reader's epoch, from the shards' metadata
+        metas: dict[str, Any] = {}
+        rows = self._rows_of(mine, metas, fs)  # this reader's epoch, from the shards' footers
         budget, where = skip_budget(rows), f"{self.root}/{self.split}"
         self.skipped, self.first_skip = 0, ""
-        # Shuffle within windows of row groups holding at least shuffle_buffer rows: the window's encoded
-        # rows stay in Arrow buffers (a fixed few MB each), each image becomes Python bytes only to be decoded.
-        per_window = max(1, math.ceil(self.shuffle_buffer / ROWS_PER_GROUP)) if self.shuffle_buffer else 1
-        for first in range(0, len(mine), per_window):
+        # Shuffle within windows of consecutive row groups (in the epoch's order): at least shuffle_buffer rows, or
+        # fewer where they would hold more than shuffle_bytes of encoded images. The window stays in Arrow buffers;
+        # each image becomes Python bytes only to be decoded as it leaves.
+        for window_units in self._windows(mine, metas):
             window = []
-            for path, group in mine[first:first + per_window]:
-                table = files[path].read_row_group(group, columns=["image", "label"], use_threads=False)
-                offset = sum(files[path].metadata.row_group(g).num_rows for g in range(group))  # the group's first row
+            for path, group in window_units:
+                # A reader per read: an open ParquetFile keeps its last row group's buffers alive.
+                with fs.open_input_file(path) as handle:
+                    table = pq.ParquetFile(handle, metadata=metas[path]).read_row_group(
+                        group, columns=["image", "label"], use_threads=False)
+                offset = sum(metas[path].row_group(g).num_rows for g in range(group))  # the group's first row
                 window.append((table.column(0), table.column(1), path, offset))
             picks = [(w, r) for w, (_, labels, _, _) in enumerate(window) for r in range(len(labels))]
             if self.shuffle_buffer:
@@ -252,14 +264,31 @@ class ParquetImages(IterableDataset):
                 self.first_skip = self.first_skip or name()
                 if self.skipped > budget:
                     raise too_many_skipped(self.skipped, rows, where, self.first_skip)
+            window = picks = images = labels = None  # release this window's buffers before the next is read
 
-    def _rows_of(self, units: list[tuple[str, int]], files: dict[str, Any], fs: Any) -> int:
+    def _windows(self, units: list[tuple[str, int]], metas: dict[str, Any]) -> Iterator[list[tuple[str, int]]]:
+        """Consecutive runs of ``units`` that one shuffle window reads together (one unit each without shuffling)."""
+        window: list[tuple[str, int]] = []
+        rows = size = 0
+        for unit in units:
+            meta = metas[unit[0]].row_group(unit[1])
+            if window and (not self.shuffle_buffer or rows >= self.shuffle_buffer
+                           or size + meta.total_byte_size > self.shuffle_bytes):
+                yield window
+                window, rows, size = [], 0, 0
+            window.append(unit)
+            rows, size = rows + meta.num_rows, size + meta.total_byte_size
+        if window:
+            yield window
+
+    def _rows_of(self, units: list[tuple[str, int]], metas: dict[str, Any], fs: Any) -> int:
         import pyarrow.parquet as pq
 
         for path, _ in units:
-            if path not in files:
-                files[path] = pq.ParquetFile(fs.open_input_file(path))
-        return sum(files[path].metadata.row_group(group).num_rows for path, group in units)
+            if path not in metas:
+                with fs.open_input_file(path) as handle:
+                    metas[path] = pq.ParquetFile(handle).metadata
+        return sum(metas[path].row_group(group).num_rows for path, group in units)
 
 
 def load_parquet_in_memory(root: str, image_size: int, train_size: Optional[int] = None) -> "DataSplits":
