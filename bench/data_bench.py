@@ -11,8 +11,9 @@
 Both run as DataLoaders with ``--workers`` processes (default: every core), so images/s per core is
 images/s / workers. Prints both, the ratio and the peak RSS; ``--json-out`` writes them.
 (c) what Ray Data adds: a one-worker trial's feed (``orchestrator.streaming``: Ray Data reads the same
-shards, decodes in tasks, batches into the consumer) on a local Ray cluster of ``--workers`` CPUs,
-against (a)'s bare pipeline on the same cores (``--no-ray`` skips it).
+shards, decodes in tasks, uint8 batches into the consumer) on a local Ray cluster of ``--workers`` CPUs,
+against (a)'s bare pipeline (also uint8) on the same cores, then what a shuffle buffer in the trial and
+a CPU trial's normalisation cost, and Ray Data's per-operator stats (``--no-ray`` skips it).
 """
 from __future__ import annotations
 
@@ -82,23 +83,34 @@ def throughput(dataset, workers: int, batch: int = 64) -> tuple[float, int]:
     return count / (time.perf_counter() - start), count
 
 
-def ray_data_throughput(shards: Path, size: int, cpus: int, batch: int = 64) -> float:
-    """Images/s of a one-worker trial's streamed feed: Ray Data tasks decode, the consumer normalises."""
+def ray_data_throughput(shards: Path, size: int, cpus: int, batch: int = 64) -> dict[str, float]:
+    """Images/s of a one-worker trial's streamed feed (Ray Data tasks decode, uint8 batches reach the
+    trial) at the default settings, with a 1,000-row shuffle buffer in the trial, and with the trial's
+    normalisation; the driver's CPU seconds per 1,000 images for each; Ray Data's own stats."""
     import ray
 
     from orchestrator.streaming import StreamLoader, make_dataset
 
-    ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        cfg = {"name": "parquet", "root": str(shards), "image_size": size, "shuffle_buffer": 1000, "train_size": None}
+        cfg = {"name": "parquet", "root": str(shards), "image_size": size, "train_size": None}
         rows = len(ParquetImages(str(shards), "train"))
-        for epoch in range(2):  # the first epoch starts the worker processes; the second is measured
-            loader = StreamLoader(make_dataset(cfg, "train"), rows, batch, True, torch.device("cpu"), 1000)
-            loader.set_epoch(epoch)
-            start, count = time.perf_counter(), 0
-            for x, _ in loader:
-                count += x.shape[0]
-        return count / (time.perf_counter() - start)
+        dataset = make_dataset(cfg, {"train": "train"}, "train")
+        out: dict[str, float] = {}
+        for name, buffer, normalised in (("feed", 0, False), ("feed_buffer1000", 1000, False), ("feed_normalised", 0, True)):
+            rates, cpu = [], []
+            for epoch in range(3):  # the first epoch starts the worker processes; the other two are measured
+                loader = StreamLoader(dataset, rows, batch, True, torch.device("cpu"), buffer)
+                loader.set_epoch(epoch)
+                start, busy, count = time.perf_counter(), time.process_time(), 0
+                for x, _ in (loader if normalised else loader.raw_batches()):
+                    count += x.shape[0]
+                rates.append(count / (time.perf_counter() - start))
+                cpu.append((time.process_time() - busy) / count * 1000)
+            out[name], out[name + "_driver_cpu_s_per_1k"] = sum(rates[1:]) / 2, sum(cpu[1:]) / 2
+        out["stats"] = dataset.stats()
+        return out
     finally:
         ray.shutdown()
 
@@ -122,20 +134,30 @@ def main() -> None:
     prepare_s = time.perf_counter() - start
     baseline, n = throughput(FolderImages(root, args.image_size), args.workers)
     bkd, m = throughput(ParquetImages(str(shards), "train", args.image_size, train=True), args.workers)
-    assert n == m, (n, m)
-    result = {"images": n, "image_size": args.image_size, "workers": args.workers, "prepare_s": round(prepare_s, 1),
+    # prepare holds val out of SRC/train, so the shards' train split has fewer images than the folder: rates compare
+    result = {"images": m, "baseline_images": n, "image_size": args.image_size, "workers": args.workers, "prepare_s": round(prepare_s, 1),
               "bkd_img_s_per_core": round(bkd / args.workers, 1), "baseline_img_s_per_core": round(baseline / args.workers, 1),
               "ratio": round(bkd / baseline, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                                                                         + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
-    print(f"{n} images at {args.image_size} px, {args.workers} DataLoader workers (one per core):")
+    print(f"{m} shard / {n} folder images at {args.image_size} px, {args.workers} DataLoader workers (one per core):")
     print(f"  baseline (per-image PIL, full decode, crop+resize): {result['baseline_img_s_per_core']} img/s per core")
     print(f"  bkd (Parquet shards, draft decode, one resize):     {result['bkd_img_s_per_core']} img/s per core")
     print(f"  ratio {result['ratio']}x; prepare took {prepare_s:.1f} s (once); peak RSS {result['peak_rss_mb']} MB (driver + its largest child)")
     if not args.no_ray:
         fed = ray_data_throughput(shards, args.image_size, args.workers)
-        result |= {"ray_data_img_s_per_core": round(fed / args.workers, 1), "ray_data_vs_bare": round(fed / bkd, 2)}
-        print(f"  bkd through Ray Data (a one-worker trial's feed):  {result['ray_data_img_s_per_core']} img/s per core "
-              f"({result['ray_data_vs_bare']}x the bare pipeline)")
+        stats = fed.pop("stats")
+        print("  where a Ray Data epoch's time goes (Ray Data's stats of the last one):")
+        print("\n".join("    " + line for line in stats.splitlines() if line.startswith(("Operator", "* Remote cpu", "Dataset"))))
+        result |= {"ray_data_img_s_per_core": round(fed["feed"] / args.workers, 1), "ray_data_vs_bare": round(fed["feed"] / bkd, 2),
+                   "ray_data_buffer1000_vs_bare": round(fed["feed_buffer1000"] / bkd, 2),
+                   "ray_data_normalised_img_s": round(fed["feed_normalised"], 1)}
+        result |= {k: round(v, 2) for k, v in fed.items() if k.endswith("_per_1k")}
+        print(f"  bkd through Ray Data (a one-worker trial's uint8 feed): {result['ray_data_img_s_per_core']} img/s per core "
+              f"({result['ray_data_vs_bare']}x the bare pipeline); driver {result['feed_driver_cpu_s_per_1k']} CPU s per 1k images")
+        print(f"    with data.shuffle_buffer=1000: {result['ray_data_buffer1000_vs_bare']}x; driver "
+              f"{result['feed_buffer1000_driver_cpu_s_per_1k']} CPU s per 1k images")
+        print(f"    normalised to float in the trial (CPU trials): {result['ray_data_normalised_img_s']} img/s; driver "
+              f"{result['feed_normalised_driver_cpu_s_per_1k']} CPU s per 1k images")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=1))

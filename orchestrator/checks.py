@@ -1,15 +1,21 @@
-"""Value checks of the composed config, run before Ray starts: every number (type and range), every
-switch, every ``fixed.*`` value against its search space, and "did you mean" for misspelled keys.
+"""Value checks of the composed config, run before Ray starts: every key against the schema
+(``orchestrator.schema``: unknown keys, ranges, choices), every ``fixed.*`` value against its search
+space, and "did you mean" for misspelled keys.
 
 Each problem is a ``ConfigError`` naming the full key, the value and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
 
 from search_spaces.space import BLOCKKD_ONLY, parse_cuts
+
+from .schema import DATA_SCHEMAS, OPEN_MAPS, Key, fields_of, keys
 
 
 class ConfigError(ValueError):
@@ -26,113 +32,74 @@ def check_number(key: str, value: Any, ok: Callable[[float], bool], wanted: str,
         raise ConfigError(key, f"must be {wanted}; got {value!r}.")
 
 
-@dataclass(frozen=True)
-class Number:
-    """A numeric key: integer or real, the condition it must meet, and how to say it."""
-
-    integer: bool
-    ok: Callable[[float], bool]
-    wanted: str
-    nullable: bool = False
+EVERY_KEY = "Every key and its meaning: docs/reference/config.md; `--cfg job` prints the composed configuration."
 
 
-def _int(ok: Callable[[float], bool], wanted: str, nullable: bool = False) -> Number:
-    return Number(True, ok, wanted, nullable)
+def check_values(cfg: DictConfig) -> None:
+    """Every key of the composed config against the schema (``orchestrator.schema``): unknown keys are
+    refused (outside the open maps), every value meets its check (range or choices; types were checked
+    as Hydra merged it)."""
+    check_node(cfg, "")
 
 
-def _real(ok: Callable[[float], bool], wanted: str, nullable: bool = False) -> Number:
-    return Number(False, ok, wanted, nullable)
-
-
-POSITIVE_INT = _int(lambda v: v >= 1, "an integer >= 1")
-ANY_INT = _int(lambda v: True, "an integer")
-SECONDS_POSITIVE = _real(lambda v: v > 0, "a number of seconds > 0")
-SECONDS = _real(lambda v: v >= 0, "a number of seconds >= 0")
-
-NUMBERS: dict[str, Number] = {
-    "data.train_size": _int(lambda v: v >= 1, "an integer >= 1 (a number of training images), or null for all", nullable=True),
-    "data.val_fraction": _real(lambda v: 0 <= v <= 0.5, "a fraction of the training images in [0, 0.5] to hold out for "
-                               "selection (0: select on the test split)", nullable=True),
-    "data.split_seed": ANY_INT,
-    "data.image_size": _int(lambda v: v >= 8, "an integer >= 8 (pixels)"),
-    "data.cpus_per_trial": _real(lambda v: v > 0, "a number of CPUs > 0 for each trial's decode tasks (fractions are fine)"),
-    "data.shuffle_buffer": _int(lambda v: v >= 0, "an integer >= 0 (rows; 0: no local shuffle)"),
-    "train.epochs": POSITIVE_INT,
-    "train.batch_size": POSITIVE_INT,
-    "train.lr_base_batch": _int(lambda v: v >= 1, "the batch size the lr is given for (an integer >= 1), or null for no scaling",
-                                nullable=True),
-    "train.momentum": _real(lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "train.weight_decay": _real(lambda v: v >= 0, "a number >= 0"),
-    "train.checkpoint_every_epochs": _int(lambda v: v >= 1, "an integer >= 1 (1: every epoch)"),
-    "train.checkpoint_min_interval_s": _real(lambda v: v >= 0, "a number of seconds >= 0 (0: no minimum)"),
-    "train.seed": ANY_INT,
-    "teacher.epochs": POSITIVE_INT,
-    "teacher.lr": _real(lambda v: v > 0, "a learning rate > 0"),
-    "teacher.batch_size": POSITIVE_INT,
-    "tune.num_samples": _int(lambda v: v >= 1, "an integer >= 1 (the number of trials)"),
-    "tune.max_concurrent": _int(lambda v: v >= 1, "an integer >= 1 (trials at once)"),
-    "tune.time_budget_s": _real(lambda v: v > 0, "a number of seconds > 0, or null for no budget", nullable=True),
-    "tune.grace_period": _int(lambda v: v >= 1, "an integer >= 1 (epochs before ASHA may stop a trial)"),
-    "tune.reduction_factor": _real(lambda v: v > 1, "a number > 1 (ASHA keeps 1/reduction_factor of the trials per rung)"),
-    "tune.seed": ANY_INT,
-    "tune.max_failures": _int(lambda v: v >= -1, "an integer >= 0 (retries of a failed trial), or -1 for no limit"),
-    "tune.confirm_seeds": _int(lambda v: v >= 0, "an integer >= 0 (0: no confirmation runs)"),
-    "compare.tune_trials": _int(lambda v: v >= 1, "an integer >= 1 (trials of each method's own search), or null for none",
-                                nullable=True),
-    "compare.seeds": _int(lambda v: v >= 1, "an integer >= 1 (seeds per method; 5 give useful intervals)"),
-    "resources.workers_per_trial": _int(lambda v: v >= 1, "an integer >= 1 (DDP workers per trial)"),
-    "resources.cpus_per_worker": _real(lambda v: v > 0, "a number of CPUs > 0 (fractions such as 0.9 are fine)"),
-    "resources.gpus_per_worker": _real(lambda v: 0 < v <= 8, "a number of GPUs in (0, 8] (fractions share a GPU)"),
-    "resources.max_worker_failures": _int(lambda v: v >= -1, "an integer >= 0, or -1 for no limit"),
-    "resources.max_worker_group_start_failures": _int(lambda v: v >= -1, "an integer >= 0, or -1 to wait forever"),
-    "ray.num_cpus": _int(lambda v: v >= 1, "an integer >= 1 (CPUs of a local cluster), or null for all", nullable=True),
-    "ray.train_poll_interval_s": SECONDS_POSITIVE,
-    "mlflow.retry_interval_s": SECONDS_POSITIVE,
-    "mlflow.end_wait_s": SECONDS,
-}
-
-SWITCHES: dict[str, bool] = {  # key -> may be null ("null: on for CUDA")
-    "train.bf16": True, "train.compile": True, "train.cudnn_benchmark": True, "train.channels_last": False,
-    "tune.resume": False, "tune.reuse_actors": False, "resources.use_gpu": False, "data.in_memory": False,
-}
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "tune.console": ("bkd", "ray"),
-    "tune.searcher": ("tpe", "random"),
-    "train.schedule": ("cosine", "step"),
-    "train.connector": ("conv1x1", "auto"),
-    "tune.scheduler": ("asha", "none"),
-    "resources.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-}
-
-
-def lookup(c: Mapping[str, Any], key: str) -> tuple[bool, Any]:
-    """(present, value) of a dotted key."""
-    node: Any = c
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def check_values(c: Mapping[str, Any]) -> None:
-    """Every number, switch and choice of the config (``resources.gpus_per_worker`` only with a GPU)."""
-    for key, spec in NUMBERS.items():
-        present, value = lookup(c, key)
-        if not present or (value is None and spec.nullable):
+def check_node(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    known = fields_of(schema)
+    for name in node.keys():
+        if name not in known:
+            raise unknown_key(f"{prefix}{name}", node, schema)
+    entries = {key.name: key for key in keys(schema, prefix)}
+    for name in known:
+        full = f"{prefix}{name}"
+        if full in OPEN_MAPS:
             continue
-        if key == "resources.gpus_per_worker" and not lookup(c, "resources.use_gpu")[1]:
-            continue
-        check_number(key, value, spec.ok, spec.wanted, integer=spec.integer)
-    for key, nullable in SWITCHES.items():
-        present, value = lookup(c, key)
-        if present and not (isinstance(value, bool) or (value is None and nullable)):
-            raise ConfigError(key, f"must be true or false{' or null (automatic)' if nullable else ''}; got {value!r}.")
-    for key, options in CHOICES.items():
-        present, value = lookup(c, key)
-        if present and value not in options and not (key == "tune.scheduler" and value is None):
-            raise ConfigError(key, f"must be one of {', '.join(options)}; got {value!r}.")
+        value = node[name]
+        if isinstance(value, DictConfig):
+            check_node(value, f"{full}.")
+        elif full in entries:
+            check_key(entries[full], value, node)
+
+
+def check_key(key: Key, value: Any, section: DictConfig) -> None:
+    """One value against its schema entry (``applies="use_gpu"``: only checked with a GPU)."""
+    if key.check is None or (value is None and key.nullable) or (key.applies == "use_gpu" and not section.get("use_gpu")):
+        return
+    if key.check.choices:
+        if value not in key.check.choices:
+            raise ConfigError(key.name, f"must be {key.wanted()}; got {value!r}.")
+        return
+    if key.check.ok is not None:
+        check_number(key.name, value, key.check.ok, key.wanted(), integer=key.base is int)
+
+
+def unknown_key(full: str, node: Optional[DictConfig] = None, schema: Optional[type] = None) -> ConfigError:
+    """"No such key", the closest key of its section, and for a dataset key the datasets that have it."""
+    section, _, name = full.rpartition(".")
+    options = list(fields_of(schema)) if schema is not None and dataclasses.is_dataclass(schema) else []
+    if section == "data":
+        having = [group for group, kind in data_groups().items() if name in fields_of(DATA_SCHEMAS[kind])]
+        dataset = node.get("name") if node is not None else None
+        if having:
+            return ConfigError(full, f"does not apply to this dataset (data.name={dataset}): {name} is a key of "
+                               f"{', '.join(f'data={g}' for g in having)}. The keys of this dataset: {', '.join(options)}.")
+    hint = suggestion(full, [f"{section}.{o}" if section else o for o in options])
+    listed = f" The keys of {section or 'the configuration'}: {', '.join(options)}." if options else ""
+    return ConfigError(full, f"no such key{hint or '.'}{listed} {EVERY_KEY}")
+
+
+def data_groups() -> dict[str, str]:
+    """conf/data option -> the schema it extends (``builtin``, ``image_folder``, ``parquet``)."""
+    import re
+
+    folder = Path(__file__).parent / "conf" / "data"
+    found = {}
+    for path in sorted(folder.glob("*.yaml")):
+        match = re.search(r"/schema/data@_here_:\s*(\w+)", path.read_text())
+        if match:
+            found[path.stem] = match.group(1)
+    return found
 
 
 def check_fixed(fixed: Mapping[str, Any], space: Mapping[str, Any], num_blocks: int, prefix: str = "fixed.") -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
@@ -9,10 +10,26 @@ from omegaconf import OmegaConf
 from .config import ConfigError, Job, apply_env_defaults, compose, validate
 from .interrupts import STOP
 
-USAGE = """usage: python -m orchestrator.{tune,train,teacher,compare} [KEY=VALUE | GROUP=OPTION ...] [--cfg] [--help]
+def usage(command: str) -> str:
+    """bkd's own help: the command line, the groups, the main keys (from the schema), where the rest is."""
+    from .schema import find_key
 
-Hydra overrides, e.g. data=fashion_mnist data.root=PATH pair=resnet32x4_resnet8x4 search=kd tune.num_samples=64.
-Groups: data, pair, search. --cfg prints the composed config and exits. See README.md."""
+    main = ["data.root", "pair.teacher", "pair.student", "tune.num_samples", "tune.max_concurrent", "train.epochs",
+            "train.batch_size", "teacher.checkpoint", "resources.use_gpu", "resources.workers_per_trial",
+            "compare.methods", "compare.seeds", "mlflow.tracking_uri"]
+    lines = [f"usage: python -m orchestrator.{command} [GROUP=OPTION | KEY=VALUE ...] [--cfg job] [--help]", "",
+             "Groups: data=<digits|mnist|fashion_mnist|cifar10|cifar100|image_folder|parquet|imagenet>, pair=<name>",
+             "        (orchestrator/conf/pair), search=<blockkd|kd|dkd|none|...>, recipe=<fashion_mnist|imagenet>.",
+             "Example: python -m orchestrator.tune data=image_folder data.root=/data/pets pair.teacher=mymodels:teacher "
+             "tune.num_samples=32", "", "Main keys:"]
+    for name in main:
+        key = find_key(name)
+        if key is not None:
+            lines.append(f"  {name:<30} {textwrap.shorten(key.doc, 88, placeholder=' ...')}")
+    lines += ["", "Every key, its type, default and allowed values: docs/reference/config.md (generated from",
+              "orchestrator/schema.py). --cfg job prints the composed configuration and exits.",
+              "Exit codes: 0 done, 1 no trial finished, 2 configuration error (before Ray starts), 130 / 143 interrupted (SIGINT / SIGTERM)."]
+    return "\n".join(lines)
 
 
 def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, command: str = "tune") -> int:
@@ -20,11 +37,11 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, com
     (``run``'s own when it returns an int)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
-        print(USAGE)
+        print(usage(module_of(run).rpartition(".")[2]))
         return 0
     apply_env_defaults()
     try:
-        cfg = compose([a for a in argv if a != "--cfg"])
+        cfg = compose([a for a in argv if a not in ("--cfg", "job")])
         if "--cfg" in argv:
             print(OmegaConf.to_yaml(cfg))
             return 0
@@ -49,8 +66,13 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, com
 def resume_command(run: Callable[..., Any], argv: list[str], name: str) -> str:
     """The command that continues an interrupted one: the same overrides plus tune.resume=true tune.name=NAME."""
     kept = [a for a in argv if not a.startswith(("tune.resume=", "tune.name="))]
+    return " ".join(["python -m", module_of(run), *kept, "tune.resume=true", f"tune.name={name}"])
+
+
+def module_of(run: Callable[..., Any]) -> str:
+    """The module an entry point runs as (``python -m orchestrator.X``: the real name is on ``__main__``'s spec)."""
     module = run.__module__
-    if module == "__main__":  # python -m orchestrator.X: the module's real name is on its spec
+    if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module = spec.name if spec else "orchestrator.tune"
-    return " ".join(["python -m", module, *kept, "tune.resume=true", f"tune.name={name}"])
+    return module

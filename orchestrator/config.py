@@ -22,7 +22,7 @@ from bkd_core.losses import LOGIT_LOSSES
 from bkd_core.train import TrainConfig
 from search_spaces.space import SearchSpaceError, partitions
 
-from .checks import ConfigError, check_fixed, check_number, check_values, did_you_mean
+from .checks import ConfigError, check_fixed, check_number, check_values
 from .mlflow_extras import dataset_spec
 from .model_spec import block_names, spec_name
 
@@ -33,7 +33,8 @@ OPEN_MAPPINGS = ("fixed.", "compare.fixed.", "compare.from_search.")  # keys add
 
 
 def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
-    """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/).
+    """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/),
+    typed by the schema (``orchestrator.schema``).
 
     ``fixed.KEY=VALUE`` (and ``compare.fixed.*``, ``compare.from_search.*``) adds a key to an open
     mapping (Hydra would want ``+fixed.KEY``).
@@ -42,28 +43,46 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     from hydra import initialize_config_module
     from hydra.errors import HydraException
 
-    overrides = [f"+{o}" if o.startswith(OPEN_MAPPINGS) else o for o in overrides]
+    from .schema import register
+
+    register()
+    given = [f"+{o}" if o.startswith(OPEN_MAPPINGS) else o for o in overrides]
     try:
         with initialize_config_module(config_module="orchestrator.conf", version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            return hydra_compose(config_name=config_name, overrides=given)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise _override_error(str(exc)) from None
+        raise _override_error(str(exc), overrides, config_name) from None
 
 
-def _override_error(text: str) -> ConfigError:
+def _override_error(text: str, overrides: list[str], config_name: str) -> ConfigError:
+    from .checks import EVERY_KEY, unknown_key
+    from .schema import BkdConfig, PrepareConfig, find_key
+
     missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()
         options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
         return ConfigError(group, f"unknown {group} {option!r}; available: {', '.join(options)}. Pick one with {group}=NAME.")
-    key = re.search(r"override '([^']+)'|Key '([^']+)'", text)
-    name = next((g for g in key.groups() if g), "overrides") if key else "overrides"
+    merging = re.search(r"Error merging override \+?([\w.]+)=(.*)", text)
+    schema = PrepareConfig if config_name == "prepare" else BkdConfig
+    if merging:  # a value of the wrong type for its key
+        name, value = merging.groups()
+        key = find_key(name, schema)
+        if key is not None:
+            return ConfigError(name, f"must be {key.wanted()}; got {value.strip()!r}.")
+    found = re.search(r"override '\+?([^']+)'|Key '([^']+)'", text)
+    name = next((g for g in found.groups() if g), "overrides") if found else "overrides"
     if "Could not override" in text and name != "overrides":
-        hint = did_you_mean(name, OmegaConf.to_container(compose([]), resolve=False))
-        return ConfigError(name, f"no such key{hint or '.'} Check the spelling against `python -m orchestrator.tune --cfg` "
-                           f"(the composed config); a key the config does not have is added with +{name}=VALUE.")
+        others = [o for o in overrides if not o.lstrip("+").startswith(f"{name}=")]
+        section = name.rpartition(".")[0]
+        try:
+            base = compose(others, config_name)
+            node = OmegaConf.select(base, section) if section else base
+        except ConfigError:
+            node = None
+        return unknown_key(name, node, OmegaConf.get_type(node) if isinstance(node, DictConfig) else None)
     first = " ".join(text.strip().split("\n\n")[0].splitlines())
-    return ConfigError(name, f"{first} Check the spelling against `python -m orchestrator.tune --cfg` (the composed config).")
+    return ConfigError(name, f"{first} {EVERY_KEY}")
 
 
 @dataclass
@@ -238,8 +257,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
         key = missing[0]
         hint = "data.root=PATH (the directory holding the dataset files)" if key == "data.root" else f"{key}=VALUE"
         raise ConfigError(key, f"is required for this configuration; pass {hint} on the command line.")
+    check_values(cfg)  # every key against the schema, before anything uses them
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    check_values(c)  # every number, switch and choice, before anything uses them
 
     d = c["data"]
     if d["name"] not in bkd_data.DATASETS:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checks import ConfigError, check_number
+from .checks import ConfigError, check_values
 from .config import absolute_path, compose
 
 SPLITS = ("train", "val")  # the source's folders
@@ -228,17 +228,6 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"classes": len(classes), "shards": len(shards), "reused_shards": reused, **written, "skipped": len(skipped)}
 
 
-def check(cfg: dict[str, Any]) -> None:
-    if cfg["max_side"] is not None:
-        check_number("max_side", cfg["max_side"], lambda v: v >= 32, "an integer >= 32 (pixels), or null to keep the files",
-                     integer=True)
-    check_number("quality", cfg["quality"], lambda v: 1 <= v <= 100, "an integer in 1..100", integer=True)
-    check_number("images_per_shard", cfg["images_per_shard"], lambda v: v >= 1, "an integer >= 1", integer=True)
-    check_number("val_fraction", cfg["val_fraction"], lambda v: 0 <= v <= 0.5,
-                 "a fraction of SRC/train in [0, 0.5] to hold out for selection (0: none; ImageNet: 0.008, about 10,000 images)")
-    check_number("split_seed", cfg["split_seed"], lambda v: True, "an integer", integer=True)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,8 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(missing[0], f"is required; e.g. python -m orchestrator.prepare source=/data/images output=/data/shards.")
+        check_values(cfg)  # every key against the schema (orchestrator.schema.PrepareConfig)
         c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-        check(c)
         summary = prepare(c)
     except (ConfigError, OmegaConfBaseException) as exc:
         key = getattr(exc, "key", "config")

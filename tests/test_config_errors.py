@@ -171,3 +171,62 @@ def test_a_text_file_as_teacher_checkpoint_is_one_line(tmp_path, capsys):
     text.write_text("these are not weights\n")
     err = check([f"teacher.checkpoint={text}"], "teacher.checkpoint", "not a readable torch state_dict", "torch.save", capsys=capsys)
     assert "weights_only" not in err and len(err.strip().splitlines()) == 2, err
+
+
+UNKNOWN_KEYS = [  # (override, the key named, fragments of the message)
+    (["train.epoch=3"], "train.epoch", ["did you mean `train.epochs`?"]),
+    (["+train.epoch=3"], "train.epoch", ["did you mean `train.epochs`?"]),  # `+` does not slip a typo past the schema
+    (["+tune.nmu_samples=3"], "tune.nmu_samples", ["did you mean `tune.num_samples`?"]),
+    (["data.image_size=32"], "data.image_size", ["does not apply to this dataset (data.name=digits)", "data=image_folder"]),
+    (["+data.image_size=32"], "data.image_size", ["does not apply", "data=parquet"]),
+    (["+nonsense=1"], "nonsense", ["no such key", "tune"]),
+    (["data=image_folder", "data.root=/tmp", "data.shuffle_buffer=8"], "data.shuffle_buffer", ["data=parquet"]),
+]
+
+
+def test_unknown_keys_are_refused_also_with_plus_and_never_suggest_plus(capsys):
+    for argv, key, fragments in UNKNOWN_KEYS:
+        err = check(argv, key, *fragments, capsys=capsys)
+        assert "+" + key not in err and "use +" not in err, err
+
+
+def test_the_open_maps_and_a_models_own_arguments_take_new_keys():
+    cfg = compose(["fixed.temperature=3", "compare.fixed.kd.alpha=0.5", "compare.from_search.blockkd=results/x",
+                   "pair.teacher={_target_:bkd_core.models.small.tiny_resnet}", "+pair.teacher.width=4"])
+    from orchestrator.checks import check_values
+
+    check_values(cfg)  # no error
+    assert cfg.fixed.temperature == 3 and cfg.compare.fixed.kd.alpha == 0.5 and cfg.pair.teacher.width == 4
+
+
+def test_the_reference_page_is_generated_from_the_schema_and_every_key_has_a_doc():
+    from orchestrator.reference import PAGE, render, undocumented
+
+    assert undocumented() == []
+    assert PAGE.read_text() == render(), "docs/reference/config.md is stale: run `python -m orchestrator.reference`"
+    for key in ("`tune.num_samples`", "`data.shuffle_buffer`", "`compare.tune_trials`", "`images_per_shard`"):
+        assert key in PAGE.read_text()
+
+
+def test_the_yaml_files_state_no_default_the_schema_has():
+    """config.yaml holds only its defaults list; a data group only what differs from its schema."""
+    import yaml
+
+    from orchestrator.checks import data_groups
+    from orchestrator.schema import DATA_SCHEMAS, fields_of
+
+    conf = REPO / "orchestrator" / "conf"
+    assert set(yaml.safe_load((conf / "config.yaml").read_text())) == {"defaults", "hydra"}
+    assert set(yaml.safe_load((conf / "prepare.yaml").read_text())) == {"defaults"}
+    for group, kind in data_groups().items():
+        values = yaml.safe_load((conf / "data" / f"{group}.yaml").read_text())
+        schema = fields_of(DATA_SCHEMAS[kind])
+        for name, value in values.items():
+            if name != "defaults":
+                assert name in schema and (value != schema[name].default or name == "name"), (group, name)
+
+
+def test_help_is_bkds_own():
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.tune", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "docs/reference/config.md" in proc.stdout and "tune.num_samples" in proc.stdout
+    assert "Powered by Hydra" not in proc.stdout
