@@ -92,7 +92,7 @@ def main() -> None:
     common = [f"train.epochs={args.epochs}", "tune.max_concurrent=2"]
     searches = Searches(out, tmp, common)
     job = job_for(tmp, "grid", *common, teacher=False)  # only its space, for the cases
-    cases = [defaults(job.cfg["search"], job.num_blocks, {**job.cfg["fixed"], "lr": lr, "temperature": t, "cuts": cuts})
+    cases = [defaults(job.cfg.search, job.num_blocks, {**job.cfg.fixed, "lr": lr, "temperature": t, "cuts": cuts})
              for lr, t, cuts in itertools.product(LRS, TEMPERATURES, PARTITIONS)]
     grid_rows = searches.rows("grid", cases=cases)
     grid_epochs = sum(int(r["epochs"] or 0) for r in grid_rows)

@@ -46,7 +46,7 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, com
             print(OmegaConf.to_yaml(cfg))
             return 0
         job = validate(cfg, command=command)
-        if job.cfg["tune"].get("console") != "ray":
+        if job.cfg.tune.console != "ray":
             from .runtime import quiet_driver
 
             quiet_driver()

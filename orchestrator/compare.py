@@ -112,13 +112,13 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
     best row of a ``compare.tune_trials`` search and its run id, else compare.from_search), then by
     compare.fixed."""
     space = load_space(method)
-    c = job.cfg["compare"]
+    c = job.cfg.compare
     names = set(space.get("params") or {}) | ({"cuts"} if space.get("method", "blockkd") == "blockkd" else set())
     chosen: dict[str, Any] = {}
     sources, selected_on = [], set()
     found, where = (searched if searched else (None, ""))
-    if found is None and (c.get("from_search") or {}).get(method):
-        found, where = best_of_search(str(c["from_search"][method]), method, job), f"compare.from_search.{method}={c['from_search'][method]}"
+    if found is None and (c.from_search or {}).get(method):
+        found, where = best_of_search(str(c.from_search[method]), method, job), f"compare.from_search.{method}={c.from_search[method]}"
         if space.get("method") != "blockkd" and found.get("cuts"):
             raise ConfigError(f"compare.from_search.{method}", f"that search trained stepping stones (cuts={found['cuts']}); "
                               f"{method} has none. Give a {method} search.")
@@ -126,7 +126,7 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
         chosen = {k: v for k, v in found.items() if k in names or (k.startswith("w_") and "cuts" in names)}
         selected_on = {int(found["seed"])} if found.get("seed") is not None else set()
         sources.append(f"the best of {where}")
-    fixed = dict((c.get("fixed") or {}).get(method) or {})
+    fixed = dict((c.fixed or {}).get(method) or {})
     check_fixed({**chosen, **fixed}, space, job.num_blocks, prefix=f"compare.fixed.{method}.")
     if fixed:
         sources.append(f"compare.fixed.{method}: {', '.join(sorted(fixed))}")
@@ -141,8 +141,8 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
 def fresh_seeds(job: Job, count: int, used: set[int]) -> list[int]:
     """``count`` seeds from train.seed+1 on, none of them ``used`` (a seed a configuration was selected on,
     and train.seed, the seed searches train their trials with)."""
-    used = used | {int(job.cfg["train"]["seed"])}
-    seeds, seed = [], int(job.cfg["train"]["seed"]) + 1
+    used = used | {int(job.cfg.train.seed)}
+    seeds, seed = [], int(job.cfg.train.seed) + 1
     while len(seeds) < count:
         if seed not in used:
             seeds.append(seed)
@@ -154,26 +154,26 @@ def method_search_job(job: Job, method: str) -> Job:
     """The job of a method's own search (``compare.tune_trials``): its space, compare.fixed.<method> as
     its fixed values, tune.num_samples trials, the comparison's teacher, data and val split."""
     cfg = copy.deepcopy(job.cfg)
-    cfg["search"] = load_space(method)
-    cfg["fixed"] = dict((job.cfg["compare"].get("fixed") or {}).get(method) or {})
-    cfg["tune"]["num_samples"] = int(job.cfg["compare"]["tune_trials"])
-    cfg["tune"]["confirm_seeds"] = 0
+    cfg.search = load_space(method)
+    cfg.fixed = dict((job.cfg.compare.fixed or {}).get(method) or {})
+    cfg.tune.num_samples = int(job.cfg.compare.tune_trials)
+    cfg.tune.confirm_seeds = 0
     return dataclasses.replace(job, cfg=cfg, experiment_name=f"{job.experiment_name}-search-{method}")
 
 
 def check_methods(job: Job) -> list[str]:
     """compare.methods, baseline, fixed and from_search against each other."""
-    c = job.cfg["compare"]
-    methods = list(c.get("methods") or [])
+    c = job.cfg.compare
+    methods = list(c.methods or [])
     if not methods or len(set(methods)) != len(methods):
         raise ConfigError("compare.methods", f"must list distinct methods, e.g. [none,kd,blockkd]; got {methods}.")
-    if c.get("baseline") is not None and c["baseline"] not in methods:
-        raise ConfigError("compare.baseline", f"{c['baseline']!r} is not among compare.methods={methods}; add it, or "
+    if c.baseline is not None and c.baseline not in methods:
+        raise ConfigError("compare.baseline", f"{c.baseline!r} is not among compare.methods={methods}; add it, or "
                           "set compare.baseline=null for no paired differences.")
-    unknown = set(c.get("fixed") or {}) - set(methods) | set(c.get("from_search") or {}) - set(methods)
+    unknown = set(c.fixed or {}) - set(methods) | set(c.from_search or {}) - set(methods)
     if unknown:
         raise ConfigError("compare.fixed", f"names methods {sorted(unknown)} that are not in compare.methods={methods}.")
-    if c.get("tune_trials") and c.get("from_search"):
+    if c.tune_trials and c.from_search:
         raise ConfigError("compare.tune_trials", "searches every method itself; drop compare.from_search (or "
                           "compare.tune_trials=null to take those searches' best configurations).")
     return methods
@@ -183,7 +183,7 @@ def cases_of(job: Job, configs: dict[str, MethodConfig]) -> list[dict[str, Any]]
     """One case per (method, seed), seeds first so that early results cover every method; printed first."""
     for m in configs.values():
         print(m.describe(), flush=True)
-    seeds = fresh_seeds(job, int(job.cfg["compare"]["seeds"]), set().union(*(m.selected_on for m in configs.values())))
+    seeds = fresh_seeds(job, int(job.cfg.compare.seeds), set().union(*(m.selected_on for m in configs.values())))
     print(f"[bkd] seeds {', '.join(map(str, seeds))}: the same student initialisation and data order for every method", flush=True)
     return [{**configs[m].config, "seed": seed} for seed in seeds for m in configs]
 
@@ -293,8 +293,8 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
     write_parquet([{k: r[k] for k in COLUMNS} | r for r in rows], str(out / "compare.parquet"))
-    c = job.cfg["compare"]
-    methods, baseline = list(c["methods"]), c.get("baseline")
+    c = job.cfg.compare
+    methods, baseline = list(c.methods), c.baseline
     summary = summaries(rows, methods, baseline)
     print("\n" + format_summary(summary, baseline))
     if interrupted:
@@ -325,7 +325,7 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
 
 def run(job: Job) -> int:
     """0 when every method finished at least one seed, else 1 (with the reason)."""
-    if job.cfg["compare"].get("tune_trials"):
+    if job.cfg.compare.tune_trials:
         for method in check_methods(job):  # every method's compare.fixed checked before Ray starts
             method_config(job, method)
         try:
@@ -335,7 +335,7 @@ def run(job: Job) -> int:
             return 1
     else:
         rows = search(job, cases(job), report)
-    missing = [m for m in job.cfg["compare"]["methods"] if not any(r["method"] == m and r["status"] == "FINISHED" for r in rows)]
+    missing = [m for m in job.cfg.compare.methods if not any(r["method"] == m and r["status"] == "FINISHED" for r in rows)]
     if not missing:
         return 0
     print(f"[bkd] no finished run for {', '.join(missing)}; {first_failure(rows)}", file=sys.stderr, flush=True)

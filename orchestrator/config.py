@@ -5,6 +5,7 @@ it as one paragraph and exit with code 2, before any Ray or MLflow work.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -12,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -20,11 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 from bkd_core import data as bkd_data
 from bkd_core.losses import LOGIT_LOSSES
 from bkd_core.train import TrainConfig
-from search_spaces.space import SearchSpaceError, partitions
+from search_spaces.space import SearchSpaceError, TrialParams, partitions
 
 from .checks import ConfigError, check_fixed, check_number, check_values
 from .mlflow_extras import dataset_spec
 from .model_spec import block_names, spec_name
+from .schema import BkdConfig, DataConfig, ImageFolderData, ParquetData
 
 __all__ = ["ConfigError", "Job", "check_number", "compose", "validate"]
 
@@ -89,7 +91,7 @@ def _override_error(text: str, overrides: list[str], config_name: str) -> Config
 class Job:
     """The validated, resolved configuration that travels to Ray (plain, picklable values)."""
 
-    cfg: dict[str, Any]
+    cfg: BkdConfig  # the typed configuration (orchestrator.schema), paths made absolute
     num_classes: int
     in_channels: int
     num_blocks: int
@@ -101,12 +103,12 @@ class Job:
     dataset: dict[str, Any]  # name, digest, source, input shape: the MLflow input of every run
 
     @property
-    def teacher_model(self) -> str:
-        return self.cfg["pair"]["teacher"]
+    def teacher_model(self) -> Any:
+        return self.cfg.pair.teacher
 
     @property
-    def student_model(self) -> str:
-        return self.cfg["pair"]["student"]
+    def student_model(self) -> Any:
+        return self.cfg.pair.student
 
     @property
     def selects_on_test(self) -> bool:
@@ -124,73 +126,68 @@ class Job:
 
     def teacher_key(self) -> str:
         """Identifies a teacher training: same key, same teacher (reused instead of retrained)."""
-        d = self.cfg["data"]
+        d = self.cfg.data
         spec = {"model": self.teacher_model, "classes": self.num_classes, "channels": self.in_channels,
-                "data": d["name"], "root": d.get("root"), "train_size": d.get("train_size"),
-                "val": [val_fraction(d), d.get("split_seed") or 0],  # a teacher never trained on the val split
-                "teacher": {k: v for k, v in self.cfg["teacher"].items() if k != "checkpoint"}, "seed": self.cfg["train"]["seed"]}
+                "data": d.name, "root": d.root, "train_size": d.train_size,
+                "val": [val_fraction(d), getattr(d, "split_seed", 0)],  # a teacher never trained on the val split
+                "teacher": {k: v for k, v in asdict(self.cfg.teacher).items() if k != "checkpoint"}, "seed": self.cfg.train.seed}
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 DEFAULT_VAL_FRACTION = 0.1
 
 
-def val_fraction(data_cfg: dict[str, Any]) -> float:
+def val_fraction(data_cfg: DataConfig) -> float:
     """The share of the training data held out for selection: ``data.val_fraction``; null: 0.1, or for
     Parquet shards the split their ``prepare`` held out."""
-    value = data_cfg.get("val_fraction")
-    if value is not None:
-        return float(value)
-    if data_cfg["name"] == "parquet":
-        return bkd_data.ShardLayout.of(data_cfg["root"]).val_fraction
+    if data_cfg.val_fraction is not None:
+        return float(data_cfg.val_fraction)
+    if isinstance(data_cfg, ParquetData):
+        return bkd_data.ShardLayout.of(data_cfg.root).val_fraction
     return DEFAULT_VAL_FRACTION
 
 
-def selects_on_test(data_cfg: dict[str, Any]) -> bool:
+def selects_on_test(data_cfg: DataConfig) -> bool:
     """``data.val_fraction=0``: nothing held out, the search selects on the test split."""
     return val_fraction(data_cfg) == 0
 
 
-def load_dataset(data_cfg: dict[str, Any]) -> bkd_data.DataSplits:
+def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
     """The dataset a config names: ``val`` held out of the training data (``data.val_fraction``,
     ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
     (used by validation and workers)."""
-    extra = {"image_size": data_cfg["image_size"]} if data_cfg["name"] in ("image_folder", "parquet") else {}
-    if data_cfg["name"] == "parquet":  # the shards hold val apart: decode no more training images than used
-        extra["train_size"] = data_cfg.get("train_size")
-    splits = bkd_data.load(data_cfg["name"], data_cfg.get("root"), **extra)
-    if data_cfg["name"] == "parquet":
+    extra: dict[str, Any] = {"image_size": data_cfg.image_size} if isinstance(data_cfg, (ImageFolderData, ParquetData)) else {}
+    if isinstance(data_cfg, ParquetData):  # the shards hold val apart: decode no more training images than used
+        extra["train_size"] = data_cfg.train_size
+    splits = bkd_data.load(data_cfg.name, data_cfg.root, **extra)
+    if isinstance(data_cfg, ParquetData):
         if selects_on_test(data_cfg):
             splits.val = None
     else:
-        splits = splits.hold_out(val_fraction(data_cfg), int(data_cfg.get("split_seed") or 0))
-    if data_cfg.get("train_size"):
-        splits.train = splits.train.subset(int(data_cfg["train_size"]))
+        splits = splits.hold_out(val_fraction(data_cfg), data_cfg.split_seed)
+    if data_cfg.train_size:
+        splits.train = splits.train.subset(data_cfg.train_size)
     return splits
 
 
-def shard_folders(data_cfg: dict[str, Any]) -> dict[str, str]:
+def shard_folders(data_cfg: ParquetData) -> dict[str, str]:
     """The shard folder of each split a streamed trial reads: train, val (the test folder when the
     search selects on test) and test; a ConfigError when data.val_fraction does not match the shards."""
-    layout = bkd_data.ShardLayout.of(data_cfg["root"])
-    wanted = data_cfg.get("val_fraction")
+    layout = bkd_data.ShardLayout.of(data_cfg.root)
+    wanted = data_cfg.val_fraction
     if wanted is not None and float(wanted) > 0 and abs(float(wanted) - layout.val_fraction) > 1e-9:
         had = (f"were prepared with val_fraction={layout.val_fraction:g}" if layout.val else
                "hold no validation split (they were written before prepare held one out, or with val_fraction=0)")
-        raise ConfigError("data.val_fraction", f"{wanted} does not match the shards in {data_cfg['root']}, which {had}. "
+        raise ConfigError("data.val_fraction", f"{wanted} does not match the shards in {data_cfg.root}, which {had}. "
                           "Drop data.val_fraction to use the shards' split, set data.val_fraction=0 to select on the test "
-                          f"split, or write the shards again: python -m orchestrator.prepare source=SRC output={data_cfg['root']} "
+                          f"split, or write the shards again: python -m orchestrator.prepare source=SRC output={data_cfg.root} "
                           f"val_fraction={wanted}.")
     val = layout.val if layout.val and not (wanted is not None and float(wanted) == 0) else layout.test
     return {"train": layout.train, "val": val, "test": layout.test}
 
 
-def is_streamed(data_cfg: dict[str, Any]) -> bool:
+def is_streamed(data_cfg: DataConfig) -> bool:
     """Parquet shards streamed by Ray Data (``data.in_memory=false``), not decoded into RAM."""
-    return data_cfg.get("name") == "parquet" and not data_cfg.get("in_memory", False)
+    return isinstance(data_cfg, ParquetData) and not data_cfg.in_memory
 
 
 @dataclass(frozen=True)
@@ -206,17 +203,17 @@ class DataShape:
     folders: Optional[dict[str, str]] = None  # streamed shards: the folder of each split
 
 
-def describe_dataset(d: dict[str, Any]) -> DataShape:
+def describe_dataset(d: DataConfig) -> DataShape:
     """The dataset's shape: streamed shards from their metadata alone (nothing decoded here), other
     datasets by loading them."""
     try:
         if is_streamed(d):
             folders = shard_folders(d)
-            train, val, test = (bkd_data.ParquetImages(d["root"], folders[split]) for split in ("train", "val", "test"))
-            rows = min(len(train), int(d["train_size"])) if d.get("train_size") else len(train)
-            size = int(d["image_size"])
+            train, val, test = (bkd_data.ParquetImages(d.root, folders[split]) for split in ("train", "val", "test"))
+            rows = min(len(train), d.train_size) if d.train_size else len(train)
+            size = d.image_size
             return DataShape(len(train.classes), 3, rows, len(val), len(test), [3, size, size], folders)
-        if d["name"] == "parquet":
+        if isinstance(d, ParquetData):
             shard_folders(d)  # data.val_fraction against the shards
         splits = load_dataset(d)
     except ConfigError:
@@ -224,7 +221,7 @@ def describe_dataset(d: dict[str, Any]) -> DataShape:
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError("data.root", f"{exc}") from None
     except OSError as exc:  # a bucket that cannot be reached or read
-        raise ConfigError("data.root", f"cannot read {d['root']}: {exc}. Check the URI and the credentials "
+        raise ConfigError("data.root", f"cannot read {d.root}: {exc}. Check the URI and the credentials "
                           "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
     return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test),
                      list(splits.test.images.shape[1:]))
@@ -247,7 +244,8 @@ def _tracking_uri(value: Optional[str]) -> str:
 
 
 def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, command: str = "tune") -> Job:
-    """Check names, paths, the search space and a teacher checkpoint; resolve paths to absolute."""
+    """Check every key against the schema, then names, paths, the search space and a teacher checkpoint;
+    the typed configuration, paths made absolute, in a ``Job``."""
     try:
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -257,34 +255,37 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
         key = missing[0]
         hint = "data.root=PATH (the directory holding the dataset files)" if key == "data.root" else f"{key}=VALUE"
         raise ConfigError(key, f"is required for this configuration; pass {hint} on the command line.")
+    if not isinstance(cfg.data, DictConfig) or not dataclasses.is_dataclass(OmegaConf.get_type(cfg.data)):
+        raise ConfigError("data", "this data group names no schema; start its YAML with `defaults: [/schema/data@_here_: "
+                          "image_folder, _self_]` (or builtin, parquet: see docs/reference/config.md).")
     check_values(cfg)  # every key against the schema, before anything uses them
-    c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    c: BkdConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
 
-    d = c["data"]
-    if d["name"] not in bkd_data.DATASETS:
-        raise ConfigError("data.name", f"unknown dataset {d['name']!r}; valid: {', '.join(bkd_data.DATASETS)}.")
-    if d["name"] != "parquet" and d.get("in_memory") is False:
-        raise ConfigError("data.in_memory", f"false streams Parquet shards, and data={d['name']} is read into memory; "
+    d = c.data
+    if d.name not in bkd_data.DATASETS:
+        raise ConfigError("data.name", f"unknown dataset {d.name!r}; valid: {', '.join(bkd_data.DATASETS)}.")
+    if not isinstance(d, ParquetData) and d.in_memory is False:
+        raise ConfigError("data.in_memory", f"false streams Parquet shards, and data={d.name} is read into memory; "
                           "for streaming, write shards with `python -m orchestrator.prepare source=FOLDER output=DST` "
                           "and train with data=parquet data.root=DST.")
-    if d.get("root"):
-        d["root"] = absolute_path(d["root"])
-        if "://" not in d["root"] and not Path(d["root"]).is_dir():
-            raise ConfigError("data.root", f"directory {d['root']} does not exist; point data.root at the {d['name']} files.")
+    if d.root:
+        d.root = absolute_path(d.root)
+        if "://" not in d.root and not Path(d.root).is_dir():
+            raise ConfigError("data.root", f"directory {d.root} does not exist; point data.root at the {d.name} files.")
     shape = describe_dataset(d)
 
     teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
                         for role in ("teacher", "student"))
-    search = c["search"]
+    search = c.search
     method = search.get("method", "blockkd")
     if method not in ("blockkd", "logit", "none"):
         raise ConfigError("search.method", f"unknown method {method!r}; use blockkd, logit or none (the student alone).")
     if method == "blockkd" and teacher.num_blocks != student.num_blocks:
-        ends = {role: block_names(c["pair"][role], net, c["pair"].get(f"{role}_blocks")) for role, net in
-                (("teacher", teacher), ("student", student))}
+        ends = {role: block_names(spec, net, blocks) for role, spec, net, blocks in
+                (("teacher", c.pair.teacher, teacher, c.pair.teacher_blocks), ("student", c.pair.student, student, c.pair.student_blocks))}
         raise ConfigError(
-            "pair", f"teacher {spec_name(c['pair']['teacher'])} has {teacher.num_blocks} blocks (ending at {', '.join(ends['teacher'])}) "
-            f"and student {spec_name(c['pair']['student'])} has {student.num_blocks} (ending at {', '.join(ends['student'])}): "
+            "pair", f"teacher {spec_name(c.pair.teacher)} has {teacher.num_blocks} blocks (ending at {', '.join(ends['teacher'])}) "
+            f"and student {spec_name(c.pair.student)} has {student.num_blocks} (ending at {', '.join(ends['student'])}): "
             "Block-KD needs the same count. Name as many block ends for each with pair.teacher_blocks=[...] and "
             "pair.student_blocks=[...] (modules whose outputs end a block, in forward order), pick a pair from conf/pair, "
             "or use a logit baseline (search=kd).")
@@ -297,98 +298,98 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     bad = [x for x in choices if x not in LOGIT_LOSSES]
     if bad:
         raise ConfigError("search.params.logit_loss", f"unknown logit loss {bad}; valid: {', '.join(LOGIT_LOSSES)}.")
-    check_fixed(c.get("fixed") or {}, search, student.num_blocks)
+    check_fixed(c.fixed, search, student.num_blocks)
 
     check_pretrained(c, "teacher", teacher)
     check_pretrained(c, "student", student)
-    checkpoint = c["teacher"].get("checkpoint")
+    checkpoint = c.teacher.checkpoint
     if checkpoint and need_teacher_checkpoint_check and "://" not in str(checkpoint) and not str(checkpoint).startswith("runs:"):
-        c["teacher"]["checkpoint"] = absolute_path(checkpoint)
+        c.teacher.checkpoint = absolute_path(checkpoint)
         from bkd_core.train import load_state_checked
         try:
-            load_state_checked(teacher, c["teacher"]["checkpoint"], what=f"teacher checkpoint (teacher.checkpoint={checkpoint})")
+            load_state_checked(teacher, c.teacher.checkpoint, what=f"teacher checkpoint (teacher.checkpoint={checkpoint})")
         except ValueError as exc:
             raise ConfigError("teacher.checkpoint", f"{exc}") from None
 
-    tr = c["train"]
+    tr = c.train
     try:  # the trainer's own checks; the searched lr is the search space's
-        train_config({"cfg": c}, {"lr": 1.0}, "distill")
+        train_config(c, {"lr": 1.0}, "distill")
     except ValueError as exc:
         key = re.match(r"train\.\w+", str(exc))
         raise ConfigError(key.group(0) if key else "train", str(exc)) from None
     for key in ("warmup_epochs", "distill_warmup_epochs"):
-        check_number(f"train.{key}", tr.get(key) or 0.0, lambda v: 0 <= v <= tr["epochs"],
-                     f"a number of epochs in [0, train.epochs={tr['epochs']}]")
+        check_number(f"train.{key}", getattr(tr, key), lambda v: 0 <= v <= tr.epochs,
+                     f"a number of epochs in [0, train.epochs={tr.epochs}]")
     check_batch_fits(c, shape.train)
 
-    storage = absolute_path(c["ray"].get("storage_path") or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
-    output_dir = absolute_path(c.get("output_dir") or "results")
+    storage = absolute_path(c.ray.storage_path or os.environ.get("BKD_STORAGE_PATH") or str(Path.cwd() / "results" / "ray"))
+    output_dir = absolute_path(c.output_dir or "results")
     check_writable("ray.storage_path", storage)
     check_writable("output_dir", output_dir)
-    t = c["tune"]
-    name = str(t["name"]) if t.get("name") is not None else default_experiment_name(c, storage, bool(t.get("resume")), command)
+    t = c.tune
+    name = str(t.name) if t.name is not None else default_experiment_name(c, storage, t.resume, command)
     rows = {"train": shape.train, "val": shape.val, "test": shape.test}
     dataset = dataset_spec(d, rows) | {"shape": shape.image_shape, "rows": rows, "folders": shape.folders,
                                        "selection": "test" if selects_on_test(d) else "val"}
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
-               _tracking_uri(c["mlflow"].get("tracking_uri")), output_dir, name, dataset)
+               _tracking_uri(c.mlflow.tracking_uri), output_dir, name, dataset)
 
 
-def check_pretrained(c: dict[str, Any], role: str, model: Any) -> None:
+def check_pretrained(c: BkdConfig, role: str, model: Any) -> None:
     """``teacher.init`` / ``student.init``: made absolute, loaded once here, and what it loads printed."""
-    path = (c.get(role) or {}).get("init")
+    section = c.teacher if role == "teacher" else c.student
+    path = section.init
     if not path:
         return
-    if role == "teacher" and c["teacher"].get("checkpoint"):
+    if role == "teacher" and c.teacher.checkpoint:
         raise ConfigError("teacher.init", "and teacher.checkpoint are both set: teacher.checkpoint is a trained teacher (used as "
                           "it is), teacher.init a starting point fine-tuned for teacher.epochs; keep one.")
-    c[role]["init"] = absolute_path(str(path))
+    section.init = absolute_path(str(path))
     from bkd_core.train import load_pretrained
 
     try:
-        report = load_pretrained(model, c[role]["init"], what=f"{role}.init")
+        report = load_pretrained(model, section.init, what=f"{role}.init")
     except ValueError as exc:
         raise ConfigError(f"{role}.init", str(exc)) from None
     print(f"[bkd] {role}.init={path}: {report.summary()}", flush=True)
 
 
-def build_model(c: dict[str, Any], role: str, num_classes: int, in_channels: int, image_shape: list[int],
+def build_model(c: BkdConfig, role: str, num_classes: int, in_channels: int, image_shape: list[int],
                 check: bool = False) -> Any:
     """``pair.<role>`` as a BlockNet (``orchestrator.model_spec``), cut the same way in the driver and every
     worker; ``check``: prove the cut on a sample (validation does, once, before Ray starts)."""
     from .model_spec import build
 
-    return build(c["pair"][role], num_classes, in_channels, image_shape, f"pair.{role}", c["pair"].get(f"{role}_blocks"), check)
+    spec, blocks = (c.pair.teacher, c.pair.teacher_blocks) if role == "teacher" else (c.pair.student, c.pair.student_blocks)
+    return build(spec, num_classes, in_channels, image_shape, f"pair.{role}", blocks, check)
 
 
-def check_batch_fits(c: dict[str, Any], train_images: int) -> None:
+def check_batch_fits(c: BkdConfig, train_images: int) -> None:
     """Each worker's share of a batch must fit in its share of the training set (full batches only)."""
-    workers = int(c["resources"]["workers_per_trial"])
+    workers = c.resources.workers_per_trial
     per_worker = train_images // workers
-    for key, batch in (("train.batch_size", c["train"]["batch_size"]), ("teacher.batch_size", c["teacher"]["batch_size"])):
-        if key == "teacher.batch_size" and c["teacher"].get("checkpoint"):
+    for key, batch in (("train.batch_size", c.train.batch_size), ("teacher.batch_size", c.teacher.batch_size)):
+        if key == "teacher.batch_size" and c.teacher.checkpoint:
             continue
         if max(1, batch // workers) > per_worker:
             raise ConfigError(key, f"{batch} (global, {max(1, batch // workers)} per worker x {workers} workers) is more than "
                               f"the {per_worker} training images each worker has ({train_images} in all"
-                              f"{', data.train_size' if c['data'].get('train_size') else ''}); lower {key} to at most "
+                              f"{', data.train_size' if c.data.train_size else ''}); lower {key} to at most "
                               f"{per_worker * workers}, or train on more images.")
 
 
-def train_config(job: dict[str, Any], params: dict[str, Any], mode: str) -> TrainConfig:
-    """The trainer's settings of a trial (``mode="distill"``, lr from ``params``) or of the teacher."""
-    t = job["cfg"]["train"]
+def train_config(c: BkdConfig, params: Mapping[str, Any], mode: str) -> TrainConfig:
+    """The trainer's settings of a trial (``mode="distill"``: lr and seed from its parameters) or of the teacher."""
+    t = c.train
     if mode == "teacher":
-        tc = job["cfg"]["teacher"]
-        epochs, lr, batch = tc["epochs"], tc["lr"], tc["batch_size"]
+        epochs, lr, batch, seed = c.teacher.epochs, c.teacher.lr, c.teacher.batch_size, t.seed
     else:
-        epochs, lr, batch = t["epochs"], params["lr"], t["batch_size"]
-    return TrainConfig(epochs=int(epochs), batch_size=int(batch), lr=float(lr), lr_base_batch=t["lr_base_batch"],
-                       momentum=t["momentum"], weight_decay=t["weight_decay"], schedule=t["schedule"], warmup_epochs=t["warmup_epochs"],
-                       milestones=tuple(t.get("milestones") or (0.5, 0.75)),
-                       bf16=t["bf16"], channels_last=t["channels_last"], compile=t["compile"],
-                       cudnn_benchmark=t["cudnn_benchmark"], compile_mode=t["compile_mode"],
-                       seed=int(params.get("seed", t["seed"])) if mode != "teacher" else int(t["seed"]))
+        trial = TrialParams.of(params)
+        epochs, lr, batch, seed = t.epochs, trial.lr, t.batch_size, trial.seed_or(t.seed)
+    return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_base_batch=t.lr_base_batch, momentum=t.momentum,
+                       weight_decay=t.weight_decay, schedule=t.schedule, warmup_epochs=t.warmup_epochs,
+                       milestones=tuple(t.milestones), bf16=t.bf16, channels_last=t.channels_last, compile=t.compile,
+                       cudnn_benchmark=t.cudnn_benchmark, compile_mode=t.compile_mode, seed=seed)
 
 
 def check_writable(key: str, path: str) -> None:
@@ -404,10 +405,10 @@ def check_writable(key: str, path: str) -> None:
         raise ConfigError(key, f"cannot write to {path} ({exc.strerror or exc}); choose a writable directory with {key}=PATH.") from None
 
 
-def default_experiment_name(c: dict[str, Any], storage: str, resume: bool, command: str = "tune") -> str:
+def default_experiment_name(c: BkdConfig, storage: str, resume: bool, command: str = "tune") -> str:
     """``bkd-<search>-<pair>-<data>-<time>``; on resume, the latest existing one with that prefix."""
-    kind = c["search"].get("name", "search") if command == "tune" else command
-    prefix = f"bkd-{kind}-{spec_name(c['pair']['teacher'])}-{spec_name(c['pair']['student'])}-{c['data']['name']}"
+    kind = c.search.get("name", "search") if command == "tune" else command
+    prefix = f"bkd-{kind}-{spec_name(c.pair.teacher)}-{spec_name(c.pair.student)}-{c.data.name}"
     if resume and "://" not in storage and Path(storage).is_dir():
         found = sorted(p.name for p in Path(storage).iterdir() if p.name.startswith(prefix + "-"))
         if found:

@@ -54,7 +54,8 @@ def table(job: Job) -> str:
     shape = job.dataset["shape"]
     sample = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     nets = {role: build_model(job.cfg, role, job.num_classes, job.in_channels, shape).eval() for role in ("teacher", "student")}
-    ends = {role: block_names(job.cfg["pair"][role], net, job.cfg["pair"].get(f"{role}_blocks")) for role, net in nets.items()}
+    pair = job.cfg.pair
+    ends = {role: block_names(getattr(pair, role), net, getattr(pair, f"{role}_blocks")) for role, net in nets.items()}
     with torch.no_grad():
         rows = {role: block_rows(net, sample) for role, net in nets.items()}
     head = ["block", "teacher ends at", "teacher output", "params", "MACs", "student ends at", "student output", "params",
@@ -72,7 +73,7 @@ def table(job: Job) -> str:
                 cells += ["-"] * 4
         connector = "-"
         if i < count - 1 and i < len(rows["teacher"]) - 1 and i < len(rows["student"]) - 1:
-            c = build_connector(job.cfg["train"]["connector"], rows["student"][i][0], rows["teacher"][i][0])
+            c = build_connector(job.cfg.train.connector, rows["student"][i][0], rows["teacher"][i][0])
             connector = f"{type(c).__name__} {sum(p.numel() for p in c.parameters()):,} params"
         lines.append(cells + [connector])
     widths = [max(len(line[k]) for line in lines) for k in range(len(head))]

@@ -20,11 +20,11 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
 
 def dataset_spec(data_cfg: Mapping[str, Any], rows: Mapping[str, int]) -> dict[str, str]:
     """Name, digest and source of a run's dataset, JSON-able (it travels in queued writes)."""
-    name = str(data_cfg["name"]) + (f"[:{data_cfg['train_size']}]" if data_cfg.get("train_size") else "")
-    spec = {"data": data_cfg["name"], "root": data_cfg.get("root"), "train_size": data_cfg.get("train_size"),
-            "val_fraction": data_cfg.get("val_fraction"), "split_seed": data_cfg.get("split_seed"), **rows}
+    name = str(data_cfg.name) + (f"[:{data_cfg.train_size}]" if data_cfg.train_size else "")
+    spec = {"data": data_cfg.name, "root": data_cfg.root, "train_size": data_cfg.train_size,
+            "val_fraction": data_cfg.val_fraction, "split_seed": getattr(data_cfg, "split_seed", None), **rows}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    return {"name": name, "digest": digest, "source": str(data_cfg.get("root") or f"bkd_core.data:{data_cfg['name']}")}
+    return {"name": name, "digest": digest, "source": str(data_cfg.root or f"bkd_core.data:{data_cfg.name}")}
 
 
 def log_dataset(client: MlflowClient, run_id: str, spec: Mapping[str, str]) -> None:

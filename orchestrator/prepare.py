@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .checks import ConfigError, check_values
 from .config import absolute_path, compose
+from .schema import PrepareConfig
 
 SPLITS = ("train", "val")  # the source's folders
 OUTPUT_SPLITS = ("train", "val", "test")  # the shards' folders: SRC/train minus the held-out val, the held-out val, SRC/val
@@ -185,20 +186,20 @@ def write_shard(source: str, output: str, shard: Shard, max_side: Optional[int],
     return len(images), skipped, False
 
 
-def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Plan, write every shard as a Ray task (progress bar), then classes.json and skipped.txt."""
     import ray
     from tqdm import tqdm
 
-    classes, shards = plan(str(cfg["source"]), int(cfg["images_per_shard"]), float(cfg["val_fraction"]), int(cfg["split_seed"]))
-    dst_fs, dst = filesystem(str(cfg["output"]), "output")
-    check_writable(dst_fs, dst, str(cfg["output"]))
+    classes, shards = plan(str(cfg.source), int(cfg.images_per_shard), float(cfg.val_fraction), int(cfg.split_seed))
+    dst_fs, dst = filesystem(str(cfg.output), "output")
+    check_writable(dst_fs, dst, str(cfg.output))
     if not ray.is_initialized():
         from .runtime import join_or_start  # here: the shard tasks import this module, and need no torch
 
-        join_or_start(cfg["ray"].get("address"), cfg["ray"].get("num_cpus"), log_to_driver=False)
+        join_or_start(cfg.ray.address, cfg.ray.num_cpus, log_to_driver=False)
     task = ray.remote(num_cpus=1)(write_shard)
-    pending = [task.remote(str(cfg["source"]), str(cfg["output"]), s, cfg["max_side"], int(cfg["quality"])) for s in shards]
+    pending = [task.remote(str(cfg.source), str(cfg.output), s, cfg.max_side, int(cfg.quality)) for s in shards]
     written = {split: 0 for split in OUTPUT_SPLITS}
     skipped: list[list[str]] = []
     reused = 0
@@ -214,14 +215,14 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
             reused += kept
             bar.update(len(shard.items))
     if written["train"] == 0:
-        raise ConfigError("source", f"no readable image in {cfg['source']}/train ({len(skipped)} files skipped, e.g. "
-                          f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); see {cfg['output']}/skipped.txt.")
+        raise ConfigError("source", f"no readable image in {cfg.source}/train ({len(skipped)} files skipped, e.g. "
+                          f"{skipped[0][0] if skipped else '-'}: {skipped[0][1] if skipped else '-'}); see {cfg.output}/skipped.txt.")
     with dst_fs.open_output_stream(f"{dst}/classes.json") as out:
         out.write(json.dumps(classes).encode())
     from bkd_core.data.parquet import SPLITS_FILE
 
     with dst_fs.open_output_stream(f"{dst}/{SPLITS_FILE}") as out:  # what readers check data.val_fraction against
-        out.write(json.dumps({"val_fraction": float(cfg["val_fraction"]), "split_seed": int(cfg["split_seed"]),
+        out.write(json.dumps({"val_fraction": float(cfg.val_fraction), "split_seed": int(cfg.split_seed),
                               "val_from": "train", "test_from": "val", "rows": written}).encode())
     with dst_fs.open_output_stream(f"{dst}/skipped.txt") as out:
         out.write("".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped)).encode())
@@ -237,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if missing:
             raise ConfigError(missing[0], f"is required; e.g. python -m orchestrator.prepare source=/data/images output=/data/shards.")
         check_values(cfg)  # every key against the schema (orchestrator.schema.PrepareConfig)
-        c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        c: PrepareConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
         summary = prepare(c)
     except (ConfigError, OmegaConfBaseException) as exc:
         key = getattr(exc, "key", "config")

@@ -25,18 +25,18 @@ def init_ray(job: Job) -> None:
     """Join ``ray.address`` (or RAY_ADDRESS / a running cluster), else start a local one."""
     if ray.is_initialized():
         return
-    address = job.cfg["ray"].get("address")
+    address = job.cfg.ray.address
     # Ray Train's controller takes one report per poll (2 s by default), which would cost every
     # short epoch up to 2 s; poll faster (bench/overhead_bench.py: 1.2 s -> 6 ms per report).
-    poll = str(job.cfg["ray"].get("train_poll_interval_s", 0.1))
+    poll = str(job.cfg.ray.train_poll_interval_s)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", poll)  # a local cluster started here
     runtime_env: dict[str, Any] = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}
-    quiet = job.cfg["tune"].get("console") != "ray"
+    quiet = job.cfg.tune.console != "ray"
     if quiet:  # workers keep Ray's own INFO lines in its log files
         runtime_env["worker_process_setup_hook"] = "orchestrator.runtime.quiet_worker"
         # a Train worker's print() as itself, once (Train's print patch would log it again through its own handlers)
         runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-    join_or_start(address, job.cfg["ray"].get("num_cpus"), log_to_driver=True, runtime_env=runtime_env,
+    join_or_start(address, job.cfg.ray.num_cpus, log_to_driver=True, runtime_env=runtime_env,
                   logging_level=logging.WARNING if quiet else logging.INFO)
     STOP.claim()  # ray.init replaced our SIGTERM handler with its own
 
@@ -88,64 +88,64 @@ def quiet_worker() -> None:
 def trial_resources(job: Job) -> dict[str, float]:
     """What a Tune trial holds: a single-worker trial trains in its own process and holds the
     worker's CPUs/GPUs; a multi-worker trial only drives a Ray Train run, whose workers hold theirs."""
-    res = job.cfg["resources"]
-    if int(res["workers_per_trial"]) > 1:
+    res = job.cfg.resources
+    if int(res.workers_per_trial) > 1:
         return {"cpu": TRIAL_DRIVER_CPU}
-    need = {"cpu": float(res["cpus_per_worker"])}
-    if res["use_gpu"]:
-        need["gpu"] = float(res["gpus_per_worker"])
+    need = {"cpu": float(res.cpus_per_worker)}
+    if res.use_gpu:
+        need["gpu"] = float(res.gpus_per_worker)
     return need
 
 
 def trial_cpus(job: Job) -> float:
     """CPUs one running trial occupies: its workers (and a multi-worker trial's driver), and its data."""
-    res = job.cfg["resources"]
-    driver = TRIAL_DRIVER_CPU if int(res["workers_per_trial"]) > 1 else 0.0
-    return float(res["cpus_per_worker"]) * int(res["workers_per_trial"]) + driver + data_cpus(job.cfg["data"])
+    res = job.cfg.resources
+    driver = TRIAL_DRIVER_CPU if int(res.workers_per_trial) > 1 else 0.0
+    return float(res.cpus_per_worker) * int(res.workers_per_trial) + driver + data_cpus(job.cfg.data)
 
 
 def concurrent_trials(job: Job) -> int:
     """``tune.max_concurrent``, lowered for streamed data so that the CPUs of every running trial's
     decode tasks (``data.cpus_per_trial``) stay free: trials never hold the CPUs their data waits for.
     The decode tasks run on any node with a free CPU, CPU-only nodes included."""
-    limit = int(job.cfg["tune"]["max_concurrent"])
-    if not data_cpus(job.cfg["data"]):
+    limit = int(job.cfg.tune.max_concurrent)
+    if not data_cpus(job.cfg.data):
         return limit
     fit = max(1, int(ray.cluster_resources().get("CPU", 0.0) // trial_cpus(job)))
     if fit < limit:
-        print(f"[bkd] at most {fit} trials at once (tune.max_concurrent={limit}): each keeps {data_cpus(job.cfg['data']):g} "
+        print(f"[bkd] at most {fit} trials at once (tune.max_concurrent={limit}): each keeps {data_cpus(job.cfg.data):g} "
               f"CPUs free for its data (data.cpus_per_trial) beside its own; a larger cluster runs more", flush=True)
     return min(limit, fit)
 
 
 def check_cluster_resources(job: Job) -> None:
     """Refuse, before any trial, a trial that the cluster can never place (instead of waiting forever)."""
-    res = job.cfg["resources"]
+    res = job.cfg.resources
     total = ray.cluster_resources()
-    need_gpu = float(res["gpus_per_worker"]) * res["workers_per_trial"] if res["use_gpu"] else 0.0
-    driver = TRIAL_DRIVER_CPU if res["workers_per_trial"] > 1 else 0.0
-    data = data_cpus(job.cfg["data"])
+    need_gpu = float(res.gpus_per_worker) * res.workers_per_trial if res.use_gpu else 0.0
+    driver = TRIAL_DRIVER_CPU if res.workers_per_trial > 1 else 0.0
+    data = data_cpus(job.cfg.data)
     need_cpu = trial_cpus(job)
     if need_gpu > total.get("GPU", 0.0):
-        raise ConfigError("resources.use_gpu", f"a trial asks for {need_gpu:g} GPUs ({res['workers_per_trial']} workers x "
-                          f"{res['gpus_per_worker']}) but the cluster has {total.get('GPU', 0.0):g}; lower "
+        raise ConfigError("resources.use_gpu", f"a trial asks for {need_gpu:g} GPUs ({res.workers_per_trial} workers x "
+                          f"{res.gpus_per_worker}) but the cluster has {total.get('GPU', 0.0):g}; lower "
                           "resources.workers_per_trial or resources.gpus_per_worker, or add GPU nodes (autoscaling clusters: "
                           "check the worker group's max_workers).")
     if need_cpu > total.get("CPU", 0.0):
-        raise ConfigError("resources.cpus_per_worker", f"a trial asks for {need_cpu:g} CPUs ({res['workers_per_trial']} workers x "
-                          f"{res['cpus_per_worker']}, plus {driver:g} for the trial's driver and {data:g} for its data, "
+        raise ConfigError("resources.cpus_per_worker", f"a trial asks for {need_cpu:g} CPUs ({res.workers_per_trial} workers x "
+                          f"{res.cpus_per_worker}, plus {driver:g} for the trial's driver and {data:g} for its data, "
                           "data.cpus_per_trial) but the cluster has "
                           f"{total.get('CPU', 0.0):g}; lower resources.workers_per_trial, resources.cpus_per_worker "
                           "or data.cpus_per_trial (fractions such as 0.9 are fine).")
 
 
 def scaling_config(job: Job) -> ray.train.ScalingConfig:
-    res = job.cfg["resources"]
-    per_worker = {"CPU": float(res["cpus_per_worker"])}
-    if res["use_gpu"]:
-        per_worker["GPU"] = float(res["gpus_per_worker"])
-    return ray.train.ScalingConfig(num_workers=int(res["workers_per_trial"]), use_gpu=bool(res["use_gpu"]),
-                                   resources_per_worker=per_worker, placement_strategy=res.get("placement_strategy", "PACK"))
+    res = job.cfg.resources
+    per_worker = {"CPU": float(res.cpus_per_worker)}
+    if res.use_gpu:
+        per_worker["GPU"] = float(res.gpus_per_worker)
+    return ray.train.ScalingConfig(num_workers=int(res.workers_per_trial), use_gpu=bool(res.use_gpu),
+                                   resources_per_worker=per_worker, placement_strategy=res.placement_strategy)
 
 
 def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher_state: Optional[dict] = None,
@@ -158,20 +158,20 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
         storage_path=job.storage_path,
         callbacks=[TuneReportCallback()] if report_to_tune else None,
         failure_config=ray.train.FailureConfig(
-            max_failures=int(job.cfg["resources"]["max_worker_failures"]),
+            max_failures=int(job.cfg.resources.max_worker_failures),
             # each worker-group start that times out (60 s) counts; Train's default, -1, waits forever
-            controller_failure_limit=int(job.cfg["resources"].get("max_worker_group_start_failures", -1)),
+            controller_failure_limit=int(job.cfg.resources.max_worker_group_start_failures),
         ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         # tune.console=bkd: Ray Train's own INFO lines (worker group starts, checkpoints, reports) stay in its log files
-        logging_config=ray.train.LoggingConfig(log_level="INFO" if job.cfg["tune"].get("console") == "ray" else "WARNING"),
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if job.cfg.tune.console == "ray" else "WARNING"),
     )
     data: dict[str, Any] = {}
-    if is_streamed(job.cfg["data"]):  # each worker reads an equal share of "train" (see streaming.trainer_datasets)
-        data = trainer_datasets(job.cfg["data"], job.dataset["folders"], int(params.get("seed", job.cfg["train"]["seed"])))
+    if is_streamed(job.cfg.data):  # each worker reads an equal share of "train" (see streaming.trainer_datasets)
+        data = trainer_datasets(job.cfg.data, job.dataset["folders"], int(params.get("seed", job.cfg.train.seed)))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "params": params, "mode": mode, "teacher_state": teacher_state,
+        train_loop_config={"job": job, "params": params, "mode": mode, "teacher_state": teacher_state,
                            "record_as": record_as, "test_epochs": test_epochs or []},
         scaling_config=scaling_config(job),
         run_config=run_config,

@@ -103,6 +103,7 @@ class ParquetData:
               lambda v: 0 <= v <= 0.5))
 
 
+DataConfig = Union[BuiltinData, ImageFolderData, ParquetData]  # the typed ``data`` of a composed config
 DATA_SCHEMAS: dict[str, type] = {"builtin": BuiltinData, "image_folder": ImageFolderData, "parquet": ParquetData}
 
 

@@ -40,7 +40,7 @@ PREFETCH = 2  # batches the iterator prepares ahead of the trial
 
 def data_cpus(data_cfg: dict[str, Any]) -> float:
     """The CPUs a trial reserves for its data tasks (0 for in-memory data)."""
-    return float(data_cfg.get("cpus_per_trial") or 0.0) if is_streamed(data_cfg) else 0.0
+    return float(data_cfg.cpus_per_trial or 0.0) if is_streamed(data_cfg) else 0.0
 
 
 class Decode:
@@ -74,7 +74,7 @@ def make_dataset(data_cfg: dict[str, Any], folders: dict[str, str], split: str, 
     as a Ray Dataset (lazy: it runs when iterated)."""
     import pyarrow.fs as pafs
 
-    root = str(data_cfg["root"]).rstrip("/")
+    root = str(data_cfg.root).rstrip("/")
     filesystem, path = pafs.FileSystem.from_uri(root if "://" in root else f"file://{root}")
     train = split == "train"
     # Ray 2.60's V2 reader starts actors that read the Parquet footers; each asks for a CPU, and on a
@@ -87,9 +87,9 @@ def make_dataset(data_cfg: dict[str, Any], folders: dict[str, str], split: str, 
     # would be an all-to-all step: the whole split read into the object store before the first decode.)
     dataset = ray.data.read_parquet(f"{path}/{folders[split]}", filesystem=filesystem,
                                     shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None).select_columns(columns)
-    if train and data_cfg.get("train_size"):
-        dataset = dataset.limit(int(data_cfg["train_size"]))
-    return dataset.map_batches(Decode(int(data_cfg["image_size"]), train), batch_size=DECODE_BATCH, num_cpus=1)
+    if train and data_cfg.train_size:
+        dataset = dataset.limit(int(data_cfg.train_size))
+    return dataset.map_batches(Decode(int(data_cfg.image_size), train), batch_size=DECODE_BATCH, num_cpus=1)
 
 
 def has_source_paths(filesystem: Any, folder: str) -> bool:
@@ -189,7 +189,7 @@ def stream_loaders(data_cfg: dict[str, Any], dataset: dict[str, Any], batch_size
     counts, folders = dataset["rows"], dataset["folders"]
     sources = sources or {split: make_dataset(data_cfg, folders, split, seed if split == "train" else 0)
                           for split in ("train", "val", "test")}
-    buffer = int(data_cfg.get("shuffle_buffer") or 0)
+    buffer = int(data_cfg.shuffle_buffer or 0)
     train = StreamLoader(sources["train"], counts["train"] // world, batch_size, True, device, buffer, channels_last, seed)
     val, test = (StreamLoader(sources[split], counts[split], max(batch_size, 256), False, device, 0, channels_last)
                  for split in ("val", "test"))

@@ -58,14 +58,14 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     as its own MLflow run; returns (state, run id). An MLflow outage after training delays the
     logging (up to ``mlflow.end_wait_s``), never the search."""
     key = job.teacher_key()
-    run = client.create_run(experiment_id, run_name=f"teacher-{spec_name(job.teacher_model)}-{job.cfg['data']['name']}",
+    run = client.create_run(experiment_id, run_name=f"teacher-{spec_name(job.teacher_model)}-{job.cfg.data.name}",
                             tags={ROLE_TAG: "teacher", KEY_TAG: key})
     run_id = run.info.run_id
-    log_params(client, run_id, {"model": str(job.teacher_model), "data": job.cfg["data"]["name"],
-                                **flatten(job.cfg["teacher"], "teacher."), **flatten(job.cfg["data"], "data."), **job.split_sizes()})
-    print(f"[bkd] training teacher {spec_name(job.teacher_model)} on {job.cfg['data']['name']} (MLflow run {run_id})", flush=True)
+    log_params(client, run_id, {"model": str(job.teacher_model), "data": job.cfg.data.name,
+                                **flatten(job.cfg.teacher, "teacher."), **flatten(job.cfg.data, "data."), **job.split_sizes()})
+    print(f"[bkd] training teacher {spec_name(job.teacher_model)} on {job.cfg.data.name} (MLflow run {run_id})", flush=True)
     out = Path(job.output_dir) / job.experiment_name
-    writer = MLflowWriter(job.tracking_uri, experiment_id, None, job.cfg["mlflow"]["retry_interval_s"],
+    writer = MLflowWriter(job.tracking_uri, experiment_id, None, job.cfg.mlflow.retry_interval_s,
                           spool=out / "mlflow_pending_teacher.jsonl")
     try:
         result = make_trainer(job, {}, "teacher", name=f"teacher-{key}-{run_id[:8]}").fit()
@@ -89,13 +89,13 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
                                         "timestamp_ms": int(row["timestamp"] * 1000)}))
     writer.submit(Write("artifact", {"run_id": run_id, "path": str(path), "artifact_path": "teacher"}))
     writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED"}))
-    writer.drain(float(job.cfg["mlflow"]["end_wait_s"]), f"The teacher is at {path} (teacher.checkpoint={path} reuses it).")
+    writer.drain(float(job.cfg.mlflow.end_wait_s), f"The teacher is at {path} (teacher.checkpoint={path} reuses it).")
     return state, run_id
 
 
 def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str]:
     """(teacher state_dict, where it came from)."""
-    checkpoint = job.cfg["teacher"].get("checkpoint")
+    checkpoint = job.cfg.teacher.checkpoint
     if checkpoint:
         return load_uri(job, str(checkpoint)), str(checkpoint)
     run_id = find_trained(client, experiment_id, job.teacher_key())
@@ -110,11 +110,11 @@ def score_teacher(job: Job, state: dict[str, torch.Tensor]) -> dict[str, float]:
     """A teacher's ``teacher_val_acc`` and ``teacher_test_acc``, scored once in the driver before any
     trial (in-memory data; {} for streamed data): a checkpoint trained with other preprocessing or
     another class order shows here, not after the search."""
-    if is_streamed(job.cfg["data"]):
+    if is_streamed(job.cfg.data):
         return {}
     from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate, score_on_test
 
-    splits = load_dataset(job.cfg["data"])
+    splits = load_dataset(job.cfg.data)
     model = _empty_teacher(job)
     model.load_state_dict(model.from_source_names(state))
     cfg, cpu = TrainConfig(batch_size=256, channels_last=False), torch.device("cpu")
@@ -125,7 +125,7 @@ def score_teacher(job: Job, state: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def run(job: Job) -> str:
-    client, experiment_id = connect(job.tracking_uri, job.cfg["mlflow"]["experiment"])
+    client, experiment_id = connect(job.tracking_uri, job.cfg.mlflow.experiment)
     init_ray(job)
     check_cluster_resources(job)
     _, source = obtain_teacher(job, client, experiment_id)

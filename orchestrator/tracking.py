@@ -2,6 +2,7 @@
 the driver, so only the driver needs to reach the tracking server), and the teacher's own run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -65,7 +66,10 @@ def require_answer(tracking_uri: str) -> None:
         raise ConnectionError(f"MLflow at {tracking_uri} does not accept connections")
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": 1}`` from nested mappings or dataclasses (a typed configuration section)."""
+    if dataclasses.is_dataclass(values):
+        values = dataclasses.asdict(values)
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"

@@ -19,7 +19,7 @@ from .tune import search
 def run(job: Job) -> int:
     """Train the one configuration; the exit code: 0 when its trial finished, 1 when it failed or diverged."""
     try:
-        params = defaults(job.cfg["search"], job.num_blocks, job.cfg.get("fixed"))
+        params = defaults(job.cfg.search, job.num_blocks, job.cfg.fixed)
     except SearchSpaceError as exc:
         raise ConfigError("fixed", str(exc)) from None
     print("[bkd] configuration: " + ", ".join(f"{k}={v}" for k, v in params.items()))

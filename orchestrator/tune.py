@@ -7,6 +7,7 @@ each trial a nested MLflow run under one parent run; trials.parquet and the best
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -64,9 +65,9 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
         return
     params = case_of(config)
     test_epochs = [] if "case" in config else rung_epochs(job)  # listed cases run every epoch: no scheduler
-    if int(job.cfg["resources"]["workers_per_trial"]) == 1:  # trains here: a reused process (tune.reuse_actors)
+    if int(job.cfg.resources.workers_per_trial) == 1:  # trains here: a reused process (tune.reuse_actors)
         torch._dynamo.reset()  # compiles this trial's model afresh, as a new process would
-        tune_trial_loop({"job": job.to_dict(), "params": params, "mode": "distill", "teacher_state": teacher_state,
+        tune_trial_loop({"job": job, "params": params, "mode": "distill", "teacher_state": teacher_state,
                          "test_epochs": test_epochs}, records)
         return
     # rank 0 records the trial's end before its last report (Train's result keeps only checkpointed reports)
@@ -79,10 +80,10 @@ def rung_epochs(job: Job) -> list[int]:
     """The epochs after which ASHA may stop a trial (its rungs, as Ray's ``AsyncHyperBandScheduler``
     places them for one bracket): a trial scores its weights on the test split there and at its last
     epoch, so that a trial stopped early has the test accuracy of the weights it ended with."""
-    t, epochs = job.cfg["tune"], int(job.cfg["train"]["epochs"])
-    if t["scheduler"] != "asha":
+    t, epochs = job.cfg.tune, int(job.cfg.train.epochs)
+    if t.scheduler != "asha":
         return []
-    grace, factor = int(t["grace_period"]), float(t["reduction_factor"])
+    grace, factor = int(t.grace_period), float(t.reduction_factor)
     if grace >= epochs:
         return []
     rungs = int(math.log(epochs / grace) / math.log(factor) + 1)
@@ -91,9 +92,9 @@ def rung_epochs(job: Job) -> list[int]:
 
 def common_params(job: Job, teacher_source: str) -> dict[str, Any]:
     c = job.cfg
-    return {"pair": job.pair_name, "teacher": str(job.teacher_model), "student": str(job.student_model), "data": c["data"]["name"],
-            "epochs": c["train"]["epochs"], "batch_size": c["train"]["batch_size"], "search": c["search"].get("name"),
-            "workers_per_trial": c["resources"]["workers_per_trial"], "teacher_source": teacher_source, **job.split_sizes()}
+    return {"pair": job.pair_name, "teacher": str(job.teacher_model), "student": str(job.student_model), "data": c.data.name,
+            "epochs": c.train.epochs, "batch_size": c.train.batch_size, "search": c.search.get("name"),
+            "workers_per_trial": c.resources.workers_per_trial, "teacher_source": teacher_source, **job.split_sizes()}
 
 
 SELECTION_TAG = "bkd.selection"  # val: the search selected on the held-out split; test: on the test split
@@ -128,7 +129,7 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool,
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.json")
-        Path(path).write_text(json.dumps(job.cfg, indent=2))
+        Path(path).write_text(json.dumps(dataclasses.asdict(job.cfg), indent=2))
         client.log_artifact(run.info.run_id, path)
         path = os.path.join(tmp, "describe.txt")  # the pair as blocks: shapes, parameters, multiply-adds, connectors
         Path(path).write_text(table(job) + "\n")
@@ -143,38 +144,38 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
                name: Optional[str] = None) -> tune.Tuner:
     """The Tuner of the search (Optuna + ASHA), or of ``cases``: one trial per listed configuration,
     no search, no early stopping. ``name``: the Tune experiment (default: the job's)."""
-    t = job.cfg["tune"]
+    t = job.cfg.tune
     name = name or job.experiment_name
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), trial_resources(job))
-    total = len(cases) if cases is not None else int(t["num_samples"])
-    callbacks = [callback] if t.get("console") == "ray" else [callback, ProgressPrinter(total)]
+    total = len(cases) if cases is not None else int(t.num_samples)
+    callbacks = [callback] if t.console == "ray" else [callback, ProgressPrinter(total)]
     run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=callbacks,
-                                failure_config=tune.FailureConfig(max_failures=int(t["max_failures"])),
+                                failure_config=tune.FailureConfig(max_failures=int(t.max_failures)),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbosity(job))
     path = os.path.join(job.storage_path, name)
-    if t.get("resume") and tune.Tuner.can_restore(path):
+    if t.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if cases is not None:
         return tune.Tuner(trainable, param_space={"case": tune.grid_search(cases)}, run_config=run_config,
-                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max", reuse_actors=bool(t["reuse_actors"]),
+                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max", reuse_actors=bool(t.reuse_actors),
                                                       max_concurrent_trials=concurrent_trials(job)))
-    sampler = optuna.samplers.RandomSampler(seed=int(t["seed"])) if t.get("searcher") == "random" else None  # None: TPE
+    sampler = optuna.samplers.RandomSampler(seed=int(t.seed)) if t.searcher == "random" else None  # None: TPE
     searcher = OptunaSearch(
-        space=functools.partial(suggest, space=job.cfg["search"], num_blocks=job.num_blocks, fixed=job.cfg.get("fixed")),
-        metric="val_acc", mode="max", seed=None if sampler else int(t["seed"]), sampler=sampler)
+        space=functools.partial(suggest, space=job.cfg.search, num_blocks=job.num_blocks, fixed=job.cfg.fixed),
+        metric="val_acc", mode="max", seed=None if sampler else int(t.seed), sampler=sampler)
     scheduler = None
-    if t["scheduler"] == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(job.cfg["train"]["epochs"]),
-                                  grace_period=int(t["grace_period"]), reduction_factor=float(t["reduction_factor"]))
+    if t.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(job.cfg.train.epochs),
+                                  grace_period=int(t.grace_period), reduction_factor=float(t.reduction_factor))
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
-                                  num_samples=int(t["num_samples"]), max_concurrent_trials=concurrent_trials(job),
-                                  time_budget_s=t.get("time_budget_s"), reuse_actors=bool(t["reuse_actors"]))
+                                  num_samples=int(t.num_samples), max_concurrent_trials=concurrent_trials(job),
+                                  time_budget_s=t.time_budget_s, reuse_actors=bool(t.reuse_actors))
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)
 
 
 def verbosity(job: Job) -> int:
     """Ray Tune's console output: none by default (bkd prints its own progress), all with tune.console=ray."""
-    return 2 if job.cfg["tune"].get("console") == "ray" else 0
+    return 2 if job.cfg.tune.console == "ray" else 0
 
 
 RunCases = Callable[[list[dict], str], Any]  # (cases, Tune experiment name) -> ResultGrid
@@ -199,22 +200,22 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
     ``report`` (default ``summarize``), which may run more cases under the same parent run.
     ``cases`` may be a plan: called with a function that runs a search as a nested run of this
     job's parent, it returns the cases. Returns the rows ``report`` returns, best first."""
-    client, experiment_id = connect(job.tracking_uri, job.cfg["mlflow"]["experiment"])
+    client, experiment_id = connect(job.tracking_uri, job.cfg.mlflow.experiment)
     if job.selects_on_test:
         print(f"[bkd] warning: {selection_note(job)}.", flush=True)
     init_ray(job)
     check_cluster_resources(job)
     teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
     teacher_scores = score_teacher(job, teacher_state)
-    parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg["tune"].get("resume")))
+    parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg.tune.resume))
     if teacher_scores:
         log_metrics(client, parent_id, teacher_scores, 0, int(time.time() * 1000))
-    m, out = job.cfg["mlflow"], Path(job.output_dir) / job.experiment_name
-    trial_writer = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"],
+    m, out = job.cfg.mlflow, Path(job.output_dir) / job.experiment_name
+    trial_writer = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m.retry_interval_s,
                                 spool=out / "mlflow_pending_trials.jsonl")
-    parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m["retry_interval_s"], spool=out / "mlflow_pending_search.jsonl")
+    parent = MLflowWriter(job.tracking_uri, experiment_id, parent_id, m.retry_interval_s, spool=out / "mlflow_pending_search.jsonl")
     spools = sorted(out.glob("mlflow_pending_*.jsonl"))
-    if spools and job.cfg["tune"].get("resume"):
+    if spools and job.cfg.tune.resume:
         left = sum(parent.adopt(spool) for spool in spools)
         print(f"[bkd] logging {left} MLflow writes that an earlier MLflow outage left in {out}", flush=True)
         parent.flush(force=True)
@@ -226,18 +227,18 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
     def run_cases(more: Optional[list[dict]], name: str) -> Any:
         """One Tune experiment (the search, or listed cases) under this search's parent run."""
         callback = MLflowTrialLogger(trial_writer, common_params(job, teacher_source), TrialRecords(job.storage_path, name),
-                                     m["end_wait_s"], job.dataset)
+                                     m.end_wait_s, job.dataset)
         with STOP.graceful():
             return make_tuner(job, teacher_state, callback, more, name).fit()
 
     def run_search(variant: Job, label: str) -> NestedSearch:
         """``variant``'s search (its Tune experiment ``variant.experiment_name``) as a nested run of this parent."""
-        resume = bool(job.cfg["tune"].get("resume"))
+        resume = bool(job.cfg.tune.resume)
         run_id = parent_run(client, experiment_id, variant, resume=resume, parent_id=parent_id)
-        writer = MLflowWriter(job.tracking_uri, experiment_id, run_id, m["retry_interval_s"], spool=out / f"mlflow_pending_{label}.jsonl")
+        writer = MLflowWriter(job.tracking_uri, experiment_id, run_id, m.retry_interval_s, spool=out / f"mlflow_pending_{label}.jsonl")
         callback = MLflowTrialLogger(writer, common_params(variant, teacher_source), TrialRecords(job.storage_path, variant.experiment_name),
-                                     m["end_wait_s"], job.dataset)
-        print(f"\n[bkd] {label}: a search of {variant.cfg['tune']['num_samples']} trials (MLflow run {run_id})", flush=True)
+                                     m.end_wait_s, job.dataset)
+        print(f"\n[bkd] {label}: a search of {variant.cfg.tune.num_samples} trials (MLflow run {run_id})", flush=True)
         with STOP.graceful():
             results = make_tuner(variant, teacher_state, callback).fit()
         interrupted = STOP.received is not None
@@ -258,7 +259,7 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
         writer.submit(Write("artifact", {"run_id": run_id, "path": str(folder / "trials.parquet")}))
         writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED" if best is not None else "FAILED",
                                     "error": None if best is not None else first_failure(rows)}))
-        writer.drain(float(m["end_wait_s"]), f"The search's results are in {folder}.")
+        writer.drain(float(m.end_wait_s), f"The search's results are in {folder}.")
         return NestedSearch(run_id, rows, names)
 
     try:
@@ -268,13 +269,13 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
         rows = (report or summarize)(job, parent, results, STOP.received is not None, run_cases)
         if STOP.received is not None:
             raise KeyboardInterrupt  # rows and trials.parquet say which trials were interrupted
-        budget = job.cfg["tune"].get("time_budget_s")
+        budget = job.cfg.tune.time_budget_s
         end_runs_left(client, experiment_id, parent_id, "stopped by tune.time_budget_s" if budget and
                       time.time() - start >= float(budget) else "the search ended before the trial reported an epoch")
         failed = bool(rows) and all(r["status"] in ("FAILED", "DIVERGED") for r in rows)  # every trial failed
         parent.submit(Write("end", {"run_id": parent_id, "status": "FAILED" if failed else "FINISHED",
                                     "error": first_failure(rows) if failed else None}))
-        parent.drain(float(m["end_wait_s"]), f"The search's results are in {out}.")
+        parent.drain(float(m.end_wait_s), f"The search's results are in {out}.")
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         reason = f"interrupted ({STOP.name or 'SIGINT'})" if interrupted else f"the search failed: {type(exc).__name__}"
@@ -308,7 +309,7 @@ def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool
         print(f"[bkd] warning: MLflow unreachable ({first_line(exc)}); the table lacks the MLflow run ids.", flush=True)
         run_ids = {}
     records = TrialRecords(job.storage_path, name or job.experiment_name)
-    has_budget = job.cfg["tune"].get("time_budget_s") is not None
+    has_budget = job.cfg.tune.time_budget_s is not None
     rows, curves, param_names = [], {}, []
     # ResultGrid's results follow its trials in order; Tune's trial states live on the trials
     for trial, result in zip(results._experiment_analysis.trials, results):
@@ -319,7 +320,7 @@ def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool
         params = case_of(result.config or {})
         param_names += [k for k in params if k not in param_names]
         row = trial_row(result, params, run_ids.get(trial.trial_id), status, record)
-        row.setdefault("seed", int(job.cfg["train"]["seed"]))  # the seed it trained with: compare never reuses it
+        row.setdefault("seed", int(job.cfg.train.seed))  # the seed it trained with: compare never reuses it
         rows.append(row)
         curves[trial.trial_id] = val_acc_curve(result, record)
     return ranked(rows), curves, param_names
@@ -344,7 +345,7 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
     if interrupted or STOP.received is not None:
         print(f"\nresults so far: {out}/trials.parquet", flush=True)
         return rows
-    importances = param_importances(rows, job.cfg["search"], job.num_blocks, job.cfg.get("fixed"), int(job.cfg["tune"]["seed"]))
+    importances = param_importances(rows, job.cfg.search, job.num_blocks, job.cfg.fixed, int(job.cfg.tune.seed))
     figure = search_figure(rows, curves, job.experiment_name, importances)
     figure.savefig(out / "search.png", dpi=110)
     student = export_student(TrialRecords(job.storage_path, job.experiment_name), best["trial_id"], out) if best else None
@@ -383,9 +384,9 @@ def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     example = torch.zeros(1, *job.dataset["shape"])
     try:
         require_answer(job.tracking_uri)
-        uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg["mlflow"].get("registered_model"))
-        print(f"MLflow model: {uri}" + (f" (registered as {job.cfg['mlflow']['registered_model']})"
-                                        if job.cfg["mlflow"].get("registered_model") else ""))
+        uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg.mlflow.registered_model)
+        print(f"MLflow model: {uri}" + (f" (registered as {job.cfg.mlflow.registered_model})"
+                                        if job.cfg.mlflow.registered_model else ""))
     except Exception as exc:
         print(f"[bkd] warning: could not log the best student as an MLflow model ({type(exc).__name__}: {first_line(exc)}); "
               f"it is at {student_file}.", flush=True)
@@ -398,11 +399,11 @@ def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_nam
     """Train the best configuration again with ``tune.confirm_seeds`` seeds the search never used (under
     the same parent run); put their val and test means and stds on ``best``; return the lines that say
     how optimistic the search's own figure was."""
-    k = int(job.cfg["tune"].get("confirm_seeds") or 0)
+    k = int(job.cfg.tune.confirm_seeds or 0)
     if k < 1:
         return ""
     config = {p: best[p] for p in param_names if p in best and best[p] is not None and p != "seed"}
-    base = int(job.cfg["train"]["seed"])
+    base = int(job.cfg.train.seed)
     print(f"\n[bkd] confirming the best configuration (trial {best['trial_id']}) on {k} fresh seeds", flush=True)
     name = f"{job.experiment_name}-confirm"
     results = run_cases([{**config, "seed": base + i} for i in range(1, k + 1)], name)

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import ray.train
 import ray.train.torch
@@ -28,9 +28,9 @@ from bkd_core.train import (
     NonFiniteLossError, Supervised, as_test, eval_loader, evaluate, load_pretrained, make_loaders, make_optimizer, make_scheduler,
     score_on_test, step_module, train_epoch,
 )
-from search_spaces.space import parse_cuts, stone_weights
+from search_spaces.space import TrialParams
 
-from .config import build_model, is_streamed, load_dataset, train_config
+from .config import Job, build_model, is_streamed, load_dataset, train_config
 from .records import DIVERGED as DIVERGED_STATUS, FINISHED, TrialRecords
 from .results import DIVERGED
 
@@ -39,36 +39,26 @@ MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.json"  # every epoch's metrics so far (Train V2 results keep only checkpointed ones)
 
 
-def build_module(job: dict[str, Any], params: dict[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
+def build_module(job: Job, params: Mapping[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
     """``Supervised(teacher)`` for teacher training, else ``BlockKD``/``LogitKD`` with the frozen teacher."""
-    n, c, shape = job["num_classes"], job["in_channels"], job["dataset"]["shape"]
-    torch.manual_seed(trial_seed(job, params))  # the same seed: the same student initialisation in every method
-    teacher = build_model(job["cfg"], "teacher", n, c, shape)
-    if mode == "teacher":
-        if job["cfg"]["teacher"].get("init"):  # fine-tune from pretrained weights (checked and reported by validation)
-            load_pretrained(teacher, job["cfg"]["teacher"]["init"], "teacher.init")
+    c, trial = job.cfg, TrialParams.of(params) if mode != "teacher" else None
+    n, channels, shape = job.num_classes, job.in_channels, job.dataset["shape"]
+    torch.manual_seed(trial.seed_or(c.train.seed) if trial else c.train.seed)  # the same student init in every method
+    teacher = build_model(c, "teacher", n, channels, shape)
+    if trial is None:
+        if c.teacher.init:  # fine-tune from pretrained weights (checked and reported by validation)
+            load_pretrained(teacher, c.teacher.init, "teacher.init")
         return Supervised(teacher)
     teacher.load_state_dict(teacher.from_source_names(teacher_state))  # teacher.pt holds the model's own names
-    student = build_model(job["cfg"], "student", n, c, shape)
-    if (job["cfg"].get("student") or {}).get("init"):
-        load_pretrained(student, job["cfg"]["student"]["init"], "student.init")
-    if params.get("method") == "none" or job["cfg"]["search"].get("method") == "none":
+    student = build_model(c, "student", n, channels, shape)
+    if c.student.init:
+        load_pretrained(student, c.student.init, "student.init")
+    if trial.method == "none" or c.search.get("method") == "none":
         return Supervised(student)  # the student alone: compare's baseline without a teacher
-    loss_kwargs = {k: float(params[k]) for k in ("dkd_alpha", "dkd_beta") if k in params}
-    common = dict(logit_loss=params.get("logit_loss", "kd"), temperature=float(params.get("temperature", 4.0)),
-                  alpha=float(params.get("alpha", 1.0)), beta=float(params.get("beta", 1.0)),
-                  warmup_epochs=float(job["cfg"]["train"].get("distill_warmup_epochs") or 0.0), **loss_kwargs)
-    cuts = parse_cuts(params.get("cuts", ""))
-    if not cuts:
-        return LogitKD(teacher, student, **common)
-    return BlockKD(teacher, student, cuts=cuts, stone_weights=stone_weights(params, cuts),
-                   stone_temperature=params.get("stone_temperature"), gamma=float(params.get("gamma", 0.0)),
-                   connector=job["cfg"]["train"]["connector"], sample_input=sample, **common)
-
-
-def trial_seed(job: dict[str, Any], params: dict[str, Any]) -> int:
-    """A trial's seed (student initialisation and data order): its ``seed`` parameter, else train.seed."""
-    return int(params.get("seed", job["cfg"]["train"]["seed"]))
+    kwargs = trial.distill_kwargs() | {"warmup_epochs": c.train.distill_warmup_epochs}
+    if not trial.cuts:
+        return LogitKD(teacher, student, **kwargs)
+    return BlockKD(teacher, student, connector=c.train.connector, sample_input=sample, **kwargs)
 
 
 @dataclass
@@ -90,7 +80,7 @@ class Session:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry (multi-worker DDP trials and the teacher): ``config`` holds ``job``
-    (Job.to_dict()), ``params``, ``mode``, ``teacher_state`` and ``record_as`` (where rank 0 records the
+    (the ``Job``), ``params``, ``mode``, ``teacher_state`` and ``record_as`` (where rank 0 records the
     trial's end, or None)."""
     ctx = ray.train.get_context()
     finish = None
@@ -101,7 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session = Session(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray.train.get_checkpoint,
                       ray.train.Checkpoint.from_directory, lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
                       lambda module: ray.train.torch.prepare_model(module, move_to_device=False), finish)
-    if is_streamed(config["job"]["cfg"]["data"]):  # the trainer's datasets: a disjoint share of "train" per worker
+    if is_streamed(config["job"].cfg.data):  # the trainer's datasets: a disjoint share of "train" per worker
         session.streams = lambda: {split: ray.train.get_dataset_shard(split) for split in ("train", "val", "test")}
     train_loop(config, session)
 
@@ -110,7 +100,7 @@ def tune_trial_loop(config: dict[str, Any], records: Optional[TrialRecords] = No
     """A single-worker trial trains inside its Tune trial process: no Train controller or worker
     group to start (seconds per trial), and Tune retries it from its last checkpoint. With ``records``,
     the trial records its end (``orchestrator.records``) before its last report."""
-    use_gpu = bool(config["job"]["cfg"]["resources"]["use_gpu"]) and torch.cuda.is_available()
+    use_gpu = config["job"].cfg.resources.use_gpu and torch.cuda.is_available()
     trial_id = tune.get_context().get_trial_id()
     finish = (lambda status, metrics, history, student: records.write(trial_id, status, metrics, history, student)) if records else None
     session = Session(0, 1, torch.device("cuda", 0) if use_gpu else torch.device("cpu"), tune.get_checkpoint,
@@ -120,25 +110,26 @@ def tune_trial_loop(config: dict[str, Any], records: Optional[TrialRecords] = No
 
 
 def train_loop(config: dict[str, Any], session: Session) -> None:
-    job, params, mode = config["job"], config["params"], config["mode"]
+    job: Job = config["job"]
+    params, mode = config["params"], config["mode"]
     rank, world, device = session.rank, session.world, session.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, int(job["cfg"]["resources"]["cpus_per_worker"])))
-    cfg = train_config(job, params, mode).resolved(device)
+    torch.set_num_threads(max(1, int(job.cfg.resources.cpus_per_worker)))
+    cfg = train_config(job.cfg, params, mode).resolved(device)
     cfg.batch_size = max(1, cfg.batch_size // world)  # train.batch_size is the global batch: same steps for any worker count
-    if world > 1 and job["cfg"]["train"].get("compile_mode") is None:
+    if world > 1 and job.cfg.train.compile_mode is None:
         cfg.compile_mode = "default"  # CUDA graphs are measured for one process per GPU, not under DDP's gradient hooks
-    data = job["cfg"]["data"]
+    data = job.cfg.data
     # the test split scores the weights a trial may end with, never selects: with data.val_fraction=0 val_acc is the test's
-    on_test = job["dataset"]["selection"] != "test"
+    on_test = not job.selects_on_test
     test_epochs = {int(e) for e in config.get("test_epochs") or ()} | {cfg.epochs}
     if is_streamed(data):
         from .streaming import stream_loaders
 
-        train_loader, val_loader, test_loader = stream_loaders(data, job["dataset"], cfg.batch_size, device, cfg.seed,
+        train_loader, val_loader, test_loader = stream_loaders(data, job.dataset, cfg.batch_size, device, cfg.seed,
                                                                bool(cfg.channels_last), world, session.streams())
-        sample = torch.zeros(2, *job["dataset"]["shape"])
+        sample = torch.zeros(2, *job.dataset["shape"])
     else:
         splits = load_dataset(data)
         train_loader, val_loader = make_loaders(splits, cfg, device, rank, world)
@@ -151,8 +142,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
 
     start, history = resume(session, module, optimizer, scheduler, device)
-    every = int(job["cfg"]["train"]["checkpoint_every_epochs"])
-    min_interval = float(job["cfg"]["train"]["checkpoint_min_interval_s"])
+    every, min_interval = job.cfg.train.checkpoint_every_epochs, job.cfg.train.checkpoint_min_interval_s
     last_saved = time.monotonic()
     ddp = session.wrap_model(module) if world > 1 else module
     step = step_module(ddp, cfg, device)

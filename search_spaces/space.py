@@ -22,6 +22,7 @@ same names appear in Tune, MLflow and the Parquet export. It is picklable throug
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Sequence
 
 
@@ -153,3 +154,48 @@ def parse_cuts(cuts: str) -> list[int]:
 
 def stone_weights(config: Mapping[str, Any], cuts: Sequence[int]) -> list[float]:
     return [float(config[f"w_{c}"]) for c in cuts]
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """One configuration as the trainer reads it: the flat names ``suggest`` and ``defaults`` give
+    (values from a search, a space's defaults, ``fixed.*`` or an MLflow run, where they are strings).
+    A parameter the space does not have is None, and the distiller's own default applies: no default
+    is stated here."""
+
+    lr: float
+    method: Optional[str] = None  # compare's cases name their method
+    seed: Optional[int] = None
+    logit_loss: Optional[str] = None
+    temperature: Optional[float] = None
+    stone_temperature: Optional[float] = None
+    alpha: Optional[float] = None
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    dkd_alpha: Optional[float] = None
+    dkd_beta: Optional[float] = None
+    cuts: tuple[int, ...] = ()
+    stone_weights: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> "TrialParams":
+        if "lr" not in params:
+            raise SearchSpaceError("a trial's parameters have no lr; every search space declares search.params.lr.")
+        cast = {"method": str, "logit_loss": str, "seed": lambda v: int(float(v))}
+        values = {f.name: cast.get(f.name, float)(params[f.name]) for f in fields(cls)
+                  if f.name not in ("cuts", "stone_weights") and params.get(f.name) is not None}
+        cuts = tuple(parse_cuts(str(params.get("cuts") or "")))
+        return cls(**values, cuts=cuts, stone_weights=tuple(stone_weights(params, cuts)))
+
+    def seed_or(self, default: int) -> int:
+        """The trial's seed: its ``seed`` parameter (compare's seeds, confirmation runs), else ``default``."""
+        return default if self.seed is None else self.seed
+
+    def distill_kwargs(self) -> dict[str, Any]:
+        """The distiller's keyword arguments the configuration sets (logit loss, temperatures, weights)."""
+        names = ("logit_loss", "temperature", "alpha", "beta", "dkd_alpha", "dkd_beta")
+        kwargs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.cuts:
+            kwargs |= {n: getattr(self, n) for n in ("stone_temperature", "gamma") if getattr(self, n) is not None}
+            kwargs |= {"cuts": list(self.cuts), "stone_weights": list(self.stone_weights)}
+        return kwargs

@@ -32,7 +32,7 @@ def test_interval_and_paired_difference_by_hand():
 
 
 def test_a_seed_gives_every_method_the_same_student_and_another_seed_another():
-    job = validate(compose(["compare.seeds=2"]), command="compare").to_dict()
+    job = validate(compose(["compare.seeds=2"]), command="compare")
     teacher = models.create("tiny_resnet", 10, 1).state_dict()
     sample = torch.zeros(2, 1, 8, 8)
     students = {}

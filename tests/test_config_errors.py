@@ -94,7 +94,7 @@ def test_good_config_resolves_absolute_paths(tmp_path, monkeypatch):
     root = write_idx(tmp_path / "fm")
     monkeypatch.chdir(tmp_path)
     job = validate(compose(["data=fashion_mnist", "data.root=fm", "mlflow.tracking_uri=sqlite:///m.db"]))
-    assert job.cfg["data"]["root"] == str(root)
+    assert job.cfg.data.root == str(root)
     assert job.tracking_uri == f"sqlite:///{tmp_path / 'm.db'}"
     assert job.storage_path.startswith("/") and job.partitions == ["1", "2", "3", "1,2", "1,3", "2,3", "1,2,3"]
 

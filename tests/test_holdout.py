@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from bkd_core import data
 from bkd_core.data import stratified_holdout
 from orchestrator.config import compose, load_dataset, validate
+from orchestrator.schema import BuiltinData
 
 from conftest import REPO, write_idx
 
@@ -56,10 +57,10 @@ def job_for(*overrides):
 def test_every_trial_seed_and_method_sees_the_same_val_split_and_train_size_never_eats_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = job_for("train.seed=3")
-    a = load_dataset(job.cfg["data"])
-    b = load_dataset(job_for("train.seed=11", "search=kd").cfg["data"])
+    a = load_dataset(job.cfg.data)
+    b = load_dataset(job_for("train.seed=11", "search=kd").cfg.data)
     assert torch.equal(a.val.images, b.val.images) and torch.equal(a.val.labels, b.val.labels)
-    small = load_dataset(job_for("data.train_size=300").cfg["data"])
+    small = load_dataset(job_for("data.train_size=300").cfg.data)
     assert torch.equal(small.val.images, a.val.images) and len(small.train) == 300
     assert not keys(small.train) & keys(small.val)
     assert job.dataset["rows"] == {"train": len(a.train), "val": len(a.val), "test": len(a.test)}
@@ -68,10 +69,10 @@ def test_every_trial_seed_and_method_sees_the_same_val_split_and_train_size_neve
 
 def test_the_split_is_the_same_in_another_process():
     """Every DDP worker and Ray worker loads the dataset itself: the split must not depend on the process."""
-    code = ("import hashlib; from orchestrator.config import load_dataset; "
-            "s = load_dataset({'name': 'digits', 'val_fraction': 0.1, 'split_seed': 0}); "
+    code = ("import hashlib; from orchestrator.config import load_dataset; from orchestrator.schema import BuiltinData; "
+            "s = load_dataset(BuiltinData(name='digits', val_fraction=0.1, split_seed=0)); "
             "print(hashlib.sha1(s.val.images.numpy().tobytes() + s.val.labels.numpy().tobytes()).hexdigest())")
-    here = load_dataset({"name": "digits", "val_fraction": 0.1, "split_seed": 0})
+    here = load_dataset(BuiltinData(name="digits", val_fraction=0.1, split_seed=0))
     import hashlib
     expected = hashlib.sha1(here.val.images.numpy().tobytes() + here.val.labels.numpy().tobytes()).hexdigest()
     for _ in range(2):
@@ -81,9 +82,9 @@ def test_the_split_is_the_same_in_another_process():
 
 def test_idx_holdout_and_val_fraction_zero_selects_on_test(tmp_path):
     root = write_idx(tmp_path / "fm", n_train=200, n_test=40)
-    splits = load_dataset({"name": "fashion_mnist", "root": str(root), "val_fraction": 0.2, "split_seed": 0})
+    splits = load_dataset(BuiltinData(name="fashion_mnist", root=str(root), val_fraction=0.2))
     assert len(splits.train) + len(splits.val) == 200 and abs(len(splits.val) - 40) <= 5 and len(splits.test) == 40
-    on_test = load_dataset({"name": "fashion_mnist", "root": str(root), "val_fraction": 0, "split_seed": 0})
+    on_test = load_dataset(BuiltinData(name="fashion_mnist", root=str(root), val_fraction=0))
     assert on_test.selection is on_test.test and len(on_test.train) == 200
 
 

@@ -114,7 +114,7 @@ def test_pretrained_starts_load_what_fits_and_replace_the_classifier(project, ca
                                               f"student.init={path}"]))
     out = capsys.readouterr().out
     assert f"teacher.init={path}: 20 tensors loaded, 2 (fc.weight, fc.bias) replaced" in out, out
-    assert f"student.init={path}: 20 tensors loaded" in out and job.cfg["teacher"]["init"] == str(path)
+    assert f"student.init={path}: 20 tensors loaded" in out and job.cfg.teacher.init == str(path)
     assert entry_point(tune_entry.run, common(project) + [f"teacher.init={project / 'nope.pt'}"]) == 2
     assert "configuration error in `teacher.init`" in capsys.readouterr().err
     assert entry_point(tune_entry.run, common(project) + [f"teacher.init={path}", f"teacher.checkpoint={path}"]) == 2

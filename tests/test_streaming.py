@@ -24,6 +24,7 @@ from bkd_core import models
 from bkd_core.data import ParquetImages
 from orchestrator import tune as tune_entry
 from orchestrator.cli import entry_point
+from orchestrator.schema import ParquetData
 from orchestrator.streaming import StreamLoader, make_dataset, stream_loaders, trainer_datasets
 
 from conftest import BIN, free_port, write_unlearnable_test_folder
@@ -109,7 +110,7 @@ def test_a_streamed_search_selects_on_the_held_out_split_not_on_the_test_split(r
 
 def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_cluster, tmp_path):
     write_shards(tmp_path / "shards", count=48, classes=48, size=(64, 48), per_shard=16)
-    data_cfg = {"name": "parquet", "root": str(tmp_path / "shards"), "image_size": 16, "shuffle_buffer": 8, "train_size": None}
+    data_cfg = ParquetData(root=str(tmp_path / "shards"), image_size=16, shuffle_buffer=8)
 
     def loop(config):  # the worker side of a multi-worker trial: its share of the trainer's datasets
         rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -132,7 +133,7 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
 
 def test_the_ray_data_feed_drops_and_counts_a_corrupt_row(ray_cluster, tmp_path):
     write_with_corrupt_rows(tmp_path / "shards", good=120, corrupt=1)
-    data_cfg = {"name": "parquet", "root": str(tmp_path / "shards"), "image_size": 16, "shuffle_buffer": 0, "train_size": None}
+    data_cfg = ParquetData(root=str(tmp_path / "shards"), image_size=16, shuffle_buffer=0)
     loader = StreamLoader(make_dataset(data_cfg, FOLDERS, "train"), 121, 16, False, torch.device("cpu"))
     assert sum(y.shape[0] for _, y in loader) == 120 and loader.skipped == 1
 
@@ -165,7 +166,7 @@ def test_memory_stays_flat_while_an_epoch_streams(ray_cluster, tmp_path):
     object store does not spill. VmRSS would also count the object store's shared pages the process
     has read (~130 MB by an epoch's end, bounded by the store), which is not a leak."""
     write_shards(tmp_path / "large", count=3000, classes=10)
-    data_cfg = {"name": "parquet", "root": str(tmp_path / "large"), "image_size": 160, "shuffle_buffer": 256, "train_size": None}
+    data_cfg = ParquetData(root=str(tmp_path / "large"), image_size=160, shuffle_buffer=256)
     loader = StreamLoader(make_dataset(data_cfg, FOLDERS, "train"), 3000, 64, True, torch.device("cpu"), 256)
     samples = []
     for x, _ in loader:
@@ -234,7 +235,7 @@ def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, ray_cluste
     done = prepare(f"source={write_folder(tmp_path / 'images')}", f"output={uri}", "max_side=64", env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
     assert ParquetImages(uri, "train").classes == CLASSES
-    data_cfg = {"name": "parquet", "root": uri, "image_size": 24, "shuffle_buffer": 4, "train_size": None}
+    data_cfg = ParquetData(root=uri, image_size=24, shuffle_buffer=4)
     rows = {split: len(ParquetImages(uri, split)) for split in ("train", "val", "test")}
     assert rows["train"] + rows["val"] == 18 and rows["test"] == 6
     train, val, test = stream_loaders(data_cfg, {"rows": rows, "folders": {s: s for s in rows}}, 4, torch.device("cpu"), 0, False)
@@ -274,5 +275,5 @@ def test_imagenet_recipe_composes_over_shards_without_decoding_them(tmp_path):
     # shards written before held-out validation: val/ is the test split, and the search selects on it (with a warning)
     assert job.dataset["rows"] == {"train": 1100, "val": 110, "test": 110} and job.dataset["shape"] == [3, 224, 224]
     assert job.selects_on_test and job.dataset["folders"] == {"train": "train", "val": "val", "test": "val"}
-    t = job.cfg["train"]
-    assert (t["epochs"], t["batch_size"], t["milestones"], t["weight_decay"], job.cfg["fixed"]["lr"]) == (100, 512, [0.3, 0.6, 0.9], 1e-4, 0.2)
+    t = job.cfg.train
+    assert (t.epochs, t.batch_size, t.milestones, t.weight_decay, job.cfg.fixed["lr"]) == (100, 512, [0.3, 0.6, 0.9], 1e-4, 0.2)

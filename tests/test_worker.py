@@ -10,10 +10,10 @@ from search_spaces.space import defaults
 
 
 def trial_parts(overrides):
-    job = validate(compose(overrides)).to_dict()
-    params = defaults(job["cfg"]["search"], job["num_blocks"], job["cfg"].get("fixed"))
+    job = validate(compose(overrides))
+    params = defaults(job.cfg.search, job.num_blocks, job.cfg.fixed)
     teacher = build_module(job, params, "teacher", None, None).student
-    sample = torch.zeros(2, job["in_channels"], 8, 8)
+    sample = torch.zeros(2, job.in_channels, 8, 8)
     return job, params, build_module(job, params, "distill", teacher.state_dict(), sample)
 
 
@@ -21,7 +21,7 @@ def test_config_reaches_the_distiller_and_the_trainer():
     job, params, module = trial_parts(["fixed.cuts=[1,3]", "train.distill_warmup_epochs=2", "train.batch_size=256",
                                        "fixed.lr=0.1", "train.compile_mode=reduce-overhead"])
     assert isinstance(module, BlockKD) and module.cuts == [1, 3] and module.warmup_epochs == 2.0
-    cfg = train_config(job, params, "distill")
+    cfg = train_config(job.cfg, params, "distill")
     assert cfg.effective_lr == pytest.approx(0.1 * 256 / 64) and cfg.compile_mode == "reduce-overhead"
 
 
