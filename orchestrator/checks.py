@@ -172,21 +172,3 @@ def suggestion(word: str, options: Iterable[str]) -> str:
     """'; did you mean `x`?' for the closest option, or ''."""
     found = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean `{found[0]}`?" if found else ""
-
-
-def all_keys(c: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in c.items():
-        full = f"{prefix}{key}"
-        keys.append(full)
-        if isinstance(value, Mapping):
-            keys += all_keys(value, full + ".")
-    return keys
-
-
-def did_you_mean(key: str, c: Mapping[str, Any]) -> str:
-    """A hint for a misspelled dotted key: the closest key of the same section (else of any)."""
-    keys = all_keys(c)
-    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    same = [k for k in keys if k.startswith(section) and k.count(".") == key.count(".")]
-    return suggestion(key, same) or suggestion(key, keys)

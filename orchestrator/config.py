@@ -88,6 +88,24 @@ def _override_error(text: str, overrides: list[str], config_name: str) -> Config
 
 
 @dataclass
+class DatasetInfo:
+    """What the driver learnt of the dataset: the MLflow input of every run (``mlflow_input``), a model
+    input's shape, images per split, the shard folder of each split (streamed data) and which split selects."""
+
+    name: str
+    digest: str
+    source: str
+    shape: list[int]  # [C, H, W]
+    rows: dict[str, int]  # train (after the hold-out and data.train_size), val, test
+    folders: Optional[dict[str, str]]
+    selection: str  # "val", or "test" with data.val_fraction=0
+
+    def mlflow_input(self) -> dict[str, str]:
+        """Name, digest and source, JSON-able (it travels in queued MLflow writes)."""
+        return {"name": self.name, "digest": self.digest, "source": self.source}
+
+
+@dataclass
 class Job:
     """The validated, resolved configuration that travels to Ray (plain, picklable values)."""
 
@@ -100,7 +118,7 @@ class Job:
     tracking_uri: str
     output_dir: str
     experiment_name: str
-    dataset: dict[str, Any]  # name, digest, source, input shape: the MLflow input of every run
+    dataset: DatasetInfo
 
     @property
     def teacher_model(self) -> Any:
@@ -112,11 +130,11 @@ class Job:
 
     @property
     def selects_on_test(self) -> bool:
-        return self.dataset["selection"] == "test"
+        return self.dataset.selection == "test"
 
     def split_sizes(self) -> dict[str, int]:
         """``train_images``, ``val_images``, ``test_images``: the params every run logs."""
-        rows = self.dataset["rows"]
+        rows = self.dataset.rows
         return {"train_images": rows["train"], "val_images": 0 if self.selects_on_test else rows["val"],
                 "test_images": rows["test"]}
 
@@ -329,8 +347,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     t = c.tune
     name = str(t.name) if t.name is not None else default_experiment_name(c, storage, t.resume, command)
     rows = {"train": shape.train, "val": shape.val, "test": shape.test}
-    dataset = dataset_spec(d, rows) | {"shape": shape.image_shape, "rows": rows, "folders": shape.folders,
-                                       "selection": "test" if selects_on_test(d) else "val"}
+    dataset = DatasetInfo(**dataset_spec(d, rows), shape=shape.image_shape, rows=rows, folders=shape.folders,
+                          selection="test" if selects_on_test(d) else "val")
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c.mlflow.tracking_uri), output_dir, name, dataset)
 

@@ -51,7 +51,7 @@ def block_rows(net: BlockNet, sample: torch.Tensor) -> list[tuple[tuple[int, ...
 
 def table(job: Job) -> str:
     """The pair's per-block table (what ``describe`` prints and a search logs as ``describe.txt``)."""
-    shape = job.dataset["shape"]
+    shape = job.dataset.shape
     sample = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     nets = {role: build_model(job.cfg, role, job.num_classes, job.in_channels, shape).eval() for role in ("teacher", "student")}
     pair = job.cfg.pair

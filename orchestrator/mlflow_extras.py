@@ -18,8 +18,8 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
 
 
-def dataset_spec(data_cfg: Mapping[str, Any], rows: Mapping[str, int]) -> dict[str, str]:
-    """Name, digest and source of a run's dataset, JSON-able (it travels in queued writes)."""
+def dataset_spec(data_cfg: Any, rows: Mapping[str, int]) -> dict[str, str]:
+    """Name, digest and source of a run's dataset (``data_cfg``: the typed ``data`` section)."""
     name = str(data_cfg.name) + (f"[:{data_cfg.train_size}]" if data_cfg.train_size else "")
     spec = {"data": data_cfg.name, "root": data_cfg.root, "train_size": data_cfg.train_size,
             "val_fraction": data_cfg.val_fraction, "split_seed": getattr(data_cfg, "split_seed", None), **rows}

@@ -50,6 +50,8 @@ def quiet_driver() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("mlflow", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Token authentication is enabled for this Ray cluster": Ray's default, said at every start
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     # a failed trial: bkd prints its cause in one line; the traceback stays in the trial's error.txt and MLflow (bkd.error)
     logging.getLogger("ray.tune.execution.tune_controller").addFilter(drop_trial_tracebacks)
 
@@ -70,7 +72,7 @@ def join_or_start(address: Optional[str], num_cpus: Optional[int], **kwargs: Any
         except ValueError as err:
             if address == "local" or "must not be provided" not in str(err):
                 raise
-            print(f"ray.num_cpus={num_cpus} is left out: joining the Ray cluster already running on this machine "
+            print(f"[bkd] ray.num_cpus={num_cpus} is left out: joining the Ray cluster already running on this machine "
                   "(ray.address=local starts a separate one)", file=sys.stderr)
     ray.init(address=address, **kwargs)
 
@@ -168,7 +170,7 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
     )
     data: dict[str, Any] = {}
     if is_streamed(job.cfg.data):  # each worker reads an equal share of "train" (see streaming.trainer_datasets)
-        data = trainer_datasets(job.cfg.data, job.dataset["folders"], int(params.get("seed", job.cfg.train.seed)))
+        data = trainer_datasets(job.cfg.data, job.dataset.folders, int(params.get("seed", job.cfg.train.seed)))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "params": params, "mode": mode, "teacher_state": teacher_state,

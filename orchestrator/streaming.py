@@ -33,12 +33,13 @@ from bkd_core.data.loader import normalise
 from bkd_core.data.parquet import decode_or_warn, skip_budget, too_many_skipped
 
 from .config import is_streamed
+from .schema import DataConfig, ParquetData
 
 DECODE_BATCH = 128  # images per decode task: fewer task starts per epoch; 19 MB blocks at 224 px
 PREFETCH = 2  # batches the iterator prepares ahead of the trial
 
 
-def data_cpus(data_cfg: dict[str, Any]) -> float:
+def data_cpus(data_cfg: DataConfig) -> float:
     """The CPUs a trial reserves for its data tasks (0 for in-memory data)."""
     return float(data_cfg.cpus_per_trial or 0.0) if is_streamed(data_cfg) else 0.0
 
@@ -69,8 +70,8 @@ class Decode:
         return {"image": images, "label": batch["label"][order].astype(np.int64), "bad": bad}
 
 
-def make_dataset(data_cfg: dict[str, Any], folders: dict[str, str], split: str, seed: int = 0) -> ray.data.Dataset:
-    """The decoded images of one split (train, val or test; ``folders``: ``Job.dataset["folders"]``)
+def make_dataset(data_cfg: ParquetData, folders: dict[str, str], split: str, seed: int = 0) -> ray.data.Dataset:
+    """The decoded images of one split (train, val or test; ``folders``: ``Job.dataset.folders``)
     as a Ray Dataset (lazy: it runs when iterated)."""
     import pyarrow.fs as pafs
 
@@ -101,7 +102,7 @@ def has_source_paths(filesystem: Any, folder: str) -> bool:
     return bool(found) and "path" in pq.read_schema(filesystem.open_input_file(found[0])).names
 
 
-def trainer_datasets(data_cfg: dict[str, Any], folders: dict[str, str], seed: int) -> dict[str, Any]:
+def trainer_datasets(data_cfg: ParquetData, folders: dict[str, str], seed: int) -> dict[str, Any]:
     """A multi-worker TorchTrainer's ``datasets`` and ``dataset_config``: each worker gets an equal,
     disjoint share of "train" every epoch, and all of "val" and "test" (every rank evaluates the whole split)."""
     datasets = {split: make_dataset(data_cfg, folders, split, seed if split == "train" else 0) for split in ("train", "val", "test")}
@@ -180,13 +181,12 @@ class StreamLoader:
         self.skipped = dropped.skipped
 
 
-def stream_loaders(data_cfg: dict[str, Any], dataset: dict[str, Any], batch_size: int, device: torch.device,
-                   seed: int, channels_last: bool, world: int = 1,
+def stream_loaders(data_cfg: ParquetData, counts: dict[str, int], folders: dict[str, str], batch_size: int,
+                   device: torch.device, seed: int, channels_last: bool, world: int = 1,
                    sources: Optional[dict[str, Any]] = None) -> tuple[StreamLoader, StreamLoader, StreamLoader]:
-    """Training, selection (val) and test loaders of a trial (``dataset``: ``Job.dataset``, with rows per
-    split after data.train_size and the shard folders); without ``sources`` (a one-worker trial) the
-    datasets are made here, in the trial."""
-    counts, folders = dataset["rows"], dataset["folders"]
+    """Training, selection (val) and test loaders of a trial (``counts``: rows per split after
+    data.train_size; ``folders``: the shard folder of each split, ``Job.dataset``'s); without ``sources``
+    (a one-worker trial) the datasets are made here, in the trial."""
     sources = sources or {split: make_dataset(data_cfg, folders, split, seed if split == "train" else 0)
                           for split in ("train", "val", "test")}
     buffer = int(data_cfg.shuffle_buffer or 0)

@@ -26,7 +26,7 @@ ARTIFACT = "teacher/teacher.pt"
 
 
 def _empty_teacher(job: Job) -> torch.nn.Module:
-    return build_model(job.cfg, "teacher", job.num_classes, job.in_channels, job.dataset["shape"])
+    return build_model(job.cfg, "teacher", job.num_classes, job.in_channels, job.dataset.shape)
 
 
 def load_uri(job: Job, uri: str) -> dict[str, torch.Tensor]:

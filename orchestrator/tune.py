@@ -102,7 +102,7 @@ SELECTION_TAG = "bkd.selection"  # val: the search selected on the held-out spli
 
 def selection_note(job: Job) -> str:
     """Which split selects and which reports, in one sentence."""
-    rows = job.dataset["rows"]
+    rows = job.dataset.rows
     if job.selects_on_test:
         return (f"selection on the TEST split ({rows['test']} images; data.val_fraction=0): the best trial's accuracy is "
                 "chosen on the data it is reported on and is optimistic; hold out a val split (data.val_fraction=0.1) "
@@ -121,10 +121,10 @@ def parent_run(client: MlflowClient, experiment_id: str, job: Job, resume: bool,
         reopen(client, run_id)
         print(f"[bkd] resuming {job.experiment_name}: parent MLflow run {run_id} ({ended} runs an earlier attempt left RUNNING marked KILLED)")
         return run_id
-    tags = {ROLE_TAG: "search", SELECTION_TAG: job.dataset["selection"]} | ({PARENT_TAG: parent_id} if parent_id else {})
+    tags = {ROLE_TAG: "search", SELECTION_TAG: job.dataset.selection} | ({PARENT_TAG: parent_id} if parent_id else {})
     run = client.create_run(experiment_id, run_name=job.experiment_name, tags=tags)
     log_params(client, run.info.run_id, flatten(job.cfg) | job.split_sizes())
-    log_dataset(client, run.info.run_id, job.dataset)
+    log_dataset(client, run.info.run_id, job.dataset.mlflow_input())
     from .describe import table
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +227,7 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
     def run_cases(more: Optional[list[dict]], name: str) -> Any:
         """One Tune experiment (the search, or listed cases) under this search's parent run."""
         callback = MLflowTrialLogger(trial_writer, common_params(job, teacher_source), TrialRecords(job.storage_path, name),
-                                     m.end_wait_s, job.dataset)
+                                     m.end_wait_s, job.dataset.mlflow_input())
         with STOP.graceful():
             return make_tuner(job, teacher_state, callback, more, name).fit()
 
@@ -237,7 +237,7 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
         run_id = parent_run(client, experiment_id, variant, resume=resume, parent_id=parent_id)
         writer = MLflowWriter(job.tracking_uri, experiment_id, run_id, m.retry_interval_s, spool=out / f"mlflow_pending_{label}.jsonl")
         callback = MLflowTrialLogger(writer, common_params(variant, teacher_source), TrialRecords(job.storage_path, variant.experiment_name),
-                                     m.end_wait_s, job.dataset)
+                                     m.end_wait_s, job.dataset.mlflow_input())
         print(f"\n[bkd] {label}: a search of {variant.cfg.tune.num_samples} trials (MLflow run {run_id})", flush=True)
         with STOP.graceful():
             results = make_tuner(variant, teacher_state, callback).fit()
@@ -381,7 +381,7 @@ def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     model = instantiate(job.student_model, job.num_classes, job.in_channels, "pair.student")  # the user's own class
     state = torch.load(student_file, map_location="cpu", weights_only=True)
     model.load_state_dict(model.from_source_names(state) if hasattr(model, "from_source_names") else state, strict=True)
-    example = torch.zeros(1, *job.dataset["shape"])
+    example = torch.zeros(1, *job.dataset.shape)
     try:
         require_answer(job.tracking_uri)
         uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg.mlflow.registered_model)

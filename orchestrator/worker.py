@@ -42,7 +42,7 @@ HISTORY_FILE = "history.json"  # every epoch's metrics so far (Train V2 results 
 def build_module(job: Job, params: Mapping[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
     """``Supervised(teacher)`` for teacher training, else ``BlockKD``/``LogitKD`` with the frozen teacher."""
     c, trial = job.cfg, TrialParams.of(params) if mode != "teacher" else None
-    n, channels, shape = job.num_classes, job.in_channels, job.dataset["shape"]
+    n, channels, shape = job.num_classes, job.in_channels, job.dataset.shape
     torch.manual_seed(trial.seed_or(c.train.seed) if trial else c.train.seed)  # the same student init in every method
     teacher = build_model(c, "teacher", n, channels, shape)
     if trial is None:
@@ -127,9 +127,9 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     if is_streamed(data):
         from .streaming import stream_loaders
 
-        train_loader, val_loader, test_loader = stream_loaders(data, job.dataset, cfg.batch_size, device, cfg.seed,
+        train_loader, val_loader, test_loader = stream_loaders(data, job.dataset.rows, job.dataset.folders, cfg.batch_size, device, cfg.seed,
                                                                bool(cfg.channels_last), world, session.streams())
-        sample = torch.zeros(2, *job.dataset["shape"])
+        sample = torch.zeros(2, *job.dataset.shape)
     else:
         splits = load_dataset(data)
         train_loader, val_loader = make_loaders(splits, cfg, device, rank, world)

@@ -63,7 +63,7 @@ def test_every_trial_seed_and_method_sees_the_same_val_split_and_train_size_neve
     small = load_dataset(job_for("data.train_size=300").cfg.data)
     assert torch.equal(small.val.images, a.val.images) and len(small.train) == 300
     assert not keys(small.train) & keys(small.val)
-    assert job.dataset["rows"] == {"train": len(a.train), "val": len(a.val), "test": len(a.test)}
+    assert job.dataset.rows == {"train": len(a.train), "val": len(a.val), "test": len(a.test)}
     assert job.split_sizes() == {"train_images": 1214, "val_images": 134, "test_images": 449}
 
 

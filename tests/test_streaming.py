@@ -114,8 +114,7 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
 
     def loop(config):  # the worker side of a multi-worker trial: its share of the trainer's datasets
         rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-        dataset = {"rows": {"train": 48, "val": 8, "test": 8}, "folders": FOLDERS}
-        train, _, _ = stream_loaders(config["data"], dataset, 4, torch.device("cpu"), 0, False, world,
+        train, _, _ = stream_loaders(config["data"], {"train": 48, "val": 8, "test": 8}, FOLDERS, 4, torch.device("cpu"), 0, False, world,
                                      {split: ray.train.get_dataset_shard(split) for split in ("train", "val", "test")})
         for epoch in (1, 2):
             train.set_epoch(epoch)
@@ -238,7 +237,7 @@ def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, ray_cluste
     data_cfg = ParquetData(root=uri, image_size=24, shuffle_buffer=4)
     rows = {split: len(ParquetImages(uri, split)) for split in ("train", "val", "test")}
     assert rows["train"] + rows["val"] == 18 and rows["test"] == 6
-    train, val, test = stream_loaders(data_cfg, {"rows": rows, "folders": {s: s for s in rows}}, 4, torch.device("cpu"), 0, False)
+    train, val, test = stream_loaders(data_cfg, rows, {s: s for s in rows}, 4, torch.device("cpu"), 0, False)
     assert sum(y.shape[0] for _, y in train) == rows["train"] // 4 * 4 and sum(y.shape[0] for _, y in test) == 6
     assert sum(y.shape[0] for _, y in val) == rows["val"]
     x, _ = next(iter(test))
@@ -273,7 +272,7 @@ def test_imagenet_recipe_composes_over_shards_without_decoding_them(tmp_path):
                             f"output_dir={tmp_path}/out"]))
     assert (job.teacher_model, job.student_model, job.num_classes) == ("ResNet34", "ResNet18", 4)
     # shards written before held-out validation: val/ is the test split, and the search selects on it (with a warning)
-    assert job.dataset["rows"] == {"train": 1100, "val": 110, "test": 110} and job.dataset["shape"] == [3, 224, 224]
-    assert job.selects_on_test and job.dataset["folders"] == {"train": "train", "val": "val", "test": "val"}
+    assert job.dataset.rows == {"train": 1100, "val": 110, "test": 110} and job.dataset.shape == [3, 224, 224]
+    assert job.selects_on_test and job.dataset.folders == {"train": "train", "val": "val", "test": "val"}
     t = job.cfg.train
     assert (t.epochs, t.batch_size, t.milestones, t.weight_decay, job.cfg.fixed["lr"]) == (100, 512, [0.3, 0.6, 0.9], 1e-4, 0.2)
