@@ -93,7 +93,8 @@ class ParquetData:
     in_memory: bool = setting(False, "false: streamed by Ray Data (memory flat in the dataset's size); true: decoded "
                               "once into each trial's RAM at image_size")
     cpus_per_trial: float = setting(1.0, "CPUs kept free beside every running trial for its decode tasks (a GPU trial "
-                                    "at 224 px wants 8 or more)", above(0, " (CPUs; fractions are fine)"), "streamed")
+                                    "at 224 px wants 8 or more)", Check("a number of CPUs > 0 for each trial's decode tasks (fractions "
+                                    "are fine)", lambda v: v > 0), "streamed")
     shuffle_buffer: int = setting(0, "rows of an extra shuffle buffer in the trial, in decoded images (0: none; every "
                                   "epoch has a new file order and decode batches in random order)",
                                   at_least(0, " (rows; 0: no extra shuffle buffer)"), "streamed")
@@ -218,7 +219,8 @@ class ResourcesSettings:
     gpus_per_worker: float = setting(1.0, "< 1 packs several trials on one GPU",
                                      Check("a number of GPUs in (0, 8] (fractions share a GPU)", lambda v: 0 < v <= 8),
                                      "use_gpu")
-    cpus_per_worker: float = setting(1.0, "CPUs per worker", above(0, " (CPUs; fractions such as 0.9 are fine)"))
+    cpus_per_worker: float = setting(1.0, "CPUs per worker", Check("a number of CPUs > 0 (fractions such as 0.9 are fine)",
+                                                                   lambda v: v > 0))
     max_worker_failures: int = setting(1, "Ray Train restarts of a trial's worker group (from its last checkpoint)",
                                        Check("an integer >= 0, or -1 for no limit", lambda v: v >= -1))
     max_worker_group_start_failures: int = setting(
