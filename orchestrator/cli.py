@@ -47,7 +47,7 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, com
             return 0
         job = validate(cfg, command=command)
         if job.cfg.tune.console != "ray":
-            from .runtime import quiet_driver
+            from .console import quiet_driver
 
             quiet_driver()
         with STOP.installed():

@@ -12,6 +12,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from .config import ConfigError, Job, is_streamed
+from .console import WORKER_ENV, filter_worker_logs
 from .interrupts import STOP
 from .streaming import data_cpus, trainer_datasets
 from .worker import train_loop_per_worker
@@ -33,32 +34,13 @@ def init_ray(job: Job) -> None:
     runtime_env: dict[str, Any] = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}
     quiet = job.cfg.tune.console != "ray"
     if quiet:  # workers keep Ray's own INFO lines in its log files
-        runtime_env["worker_process_setup_hook"] = "orchestrator.runtime.quiet_worker"
-        # a Train worker's print() as itself, once (Train's print patch would log it again through its own handlers)
-        runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+        runtime_env["worker_process_setup_hook"] = "orchestrator.console.quiet_worker"
+        runtime_env["env_vars"] |= WORKER_ENV
     join_or_start(address, job.cfg.ray.num_cpus, log_to_driver=True, runtime_env=runtime_env,
                   logging_level=logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        filter_worker_logs()
     STOP.claim()  # ray.init replaced our SIGTERM handler with its own
-
-
-def quiet_driver() -> None:
-    """tune.console=bkd in the driver: Tune's start-of-experiment table, Optuna's and MLflow's INFO lines
-    go unprinted (bkd prints its own progress and where the results are)."""
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's legacy reporter, silent at verbose=0 (the new one prints a table)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for name in ("mlflow", "ray.tune", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # "Token authentication is enabled for this Ray cluster": Ray's default, said at every start
-    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    # a failed trial: bkd prints its cause in one line; the traceback stays in the trial's error.txt and MLflow (bkd.error)
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(drop_trial_tracebacks)
-
-
-def drop_trial_tracebacks(record: logging.LogRecord) -> bool:
-    """A logging filter: Tune's "Trial task failed" record (pages of traceback) is not printed."""
-    return not str(record.msg).startswith("Trial task failed for trial")
 
 
 def join_or_start(address: Optional[str], num_cpus: Optional[int], **kwargs: Any) -> None:
@@ -75,16 +57,6 @@ def join_or_start(address: Optional[str], num_cpus: Optional[int], **kwargs: Any
             print(f"[bkd] ray.num_cpus={num_cpus} is left out: joining the Ray cluster already running on this machine "
                   "(ray.address=local starts a separate one)", file=sys.stderr)
     ray.init(address=address, **kwargs)
-
-
-def quiet_worker() -> None:
-    """Run at the start of every Ray worker (tune.console=bkd): Ray Train/Tune's per-report INFO lines
-    ("Checkpoint successfully created ...") stay in the log files; bkd's own lines still print."""
-    for name in ("ray.train", "ray.tune", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False  # a streamed trial's epochs: no Ray Data bars per trial
 
 
 def trial_resources(job: Job) -> dict[str, float]:

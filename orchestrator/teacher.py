@@ -93,23 +93,24 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     return state, run_id
 
 
-def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str]:
-    """(teacher state_dict, where it came from)."""
+def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str, bool]:
+    """(teacher state_dict, where it came from, whether it was trained just now)."""
     checkpoint = job.cfg.teacher.checkpoint
     if checkpoint:
-        return load_uri(job, str(checkpoint)), str(checkpoint)
+        return load_uri(job, str(checkpoint)), str(checkpoint), False
     run_id = find_trained(client, experiment_id, job.teacher_key())
     if run_id:
         print(f"[bkd] reusing teacher from MLflow run {run_id} (same teacher config)", flush=True)
-        return load_uri(job, f"runs:/{run_id}/{ARTIFACT}"), f"runs:/{run_id}/{ARTIFACT}"
+        return load_uri(job, f"runs:/{run_id}/{ARTIFACT}"), f"runs:/{run_id}/{ARTIFACT}", False
     state, run_id = train_teacher(job, client, experiment_id)
-    return state, f"runs:/{run_id}/{ARTIFACT}"
+    return state, f"runs:/{run_id}/{ARTIFACT}", True
 
 
-def score_teacher(job: Job, state: dict[str, torch.Tensor]) -> dict[str, float]:
+def score_teacher(job: Job, state: dict[str, torch.Tensor], announce: bool = True) -> dict[str, float]:
     """A teacher's ``teacher_val_acc`` and ``teacher_test_acc``, scored once in the driver before any
     trial (in-memory data; {} for streamed data): a checkpoint trained with other preprocessing or
-    another class order shows here, not after the search."""
+    another class order shows here, not after the search. ``announce``: print them (a teacher trained
+    just now has printed its own)."""
     if is_streamed(job.cfg.data):
         return {}
     from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate, score_on_test
@@ -120,7 +121,8 @@ def score_teacher(job: Job, state: dict[str, torch.Tensor]) -> dict[str, float]:
     cfg, cpu = TrainConfig(batch_size=256, channels_last=False), torch.device("cpu")
     scores = {"teacher_val_acc": evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))["val_acc"],
               "teacher_test_acc": score_on_test(Supervised(model), eval_loader(splits.test, cfg, cpu))["test_acc"]}
-    print(f"[bkd] teacher: val_acc {scores['teacher_val_acc']:.2f}%, test_acc {scores['teacher_test_acc']:.2f}%", flush=True)
+    if announce:
+        print(f"[bkd] teacher: val_acc {scores['teacher_val_acc']:.2f}%, test_acc {scores['teacher_test_acc']:.2f}%", flush=True)
     return scores
 
 
@@ -128,7 +130,7 @@ def run(job: Job) -> str:
     client, experiment_id = connect(job.tracking_uri, job.cfg.mlflow.experiment)
     init_ray(job)
     check_cluster_resources(job)
-    _, source = obtain_teacher(job, client, experiment_id)
+    _, source, _ = obtain_teacher(job, client, experiment_id)
     print(f"[bkd] teacher: {source}")
     return source
 

@@ -205,8 +205,8 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
         print(f"[bkd] warning: {selection_note(job)}.", flush=True)
     init_ray(job)
     check_cluster_resources(job)
-    teacher_state, teacher_source = obtain_teacher(job, client, experiment_id)
-    teacher_scores = score_teacher(job, teacher_state)
+    teacher_state, teacher_source, trained_now = obtain_teacher(job, client, experiment_id)
+    teacher_scores = score_teacher(job, teacher_state, announce=not trained_now)
     parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg.tune.resume))
     if teacher_scores:
         log_metrics(client, parent_id, teacher_scores, 0, int(time.time() * 1000))

@@ -69,3 +69,14 @@ def write_unlearnable_test_folder(root: Path, classes: int = 3, train_per_class:
                 folder = label if split == "train" else int(rng.integers(0, classes))
                 Image.fromarray(pixels).save(root / split / f"class{folder}" / f"{label}-{i}.png")
     return root
+
+
+RAY_OWN_LINES = ("Reporting training result", "TrainingReport(", "core_worker.cc", "Progress bars disabled",
+                 "Token authentication is enabled", "Exception ignored in", "Tuner.restore(", "TensorBoard",
+                 "requirements_utils", "Running Dataset")
+
+
+def assert_console_is_bkds(console: str) -> None:
+    """What a search printed: bkd's own lines, none of Ray's, Tune's, MLflow's or torch's own."""
+    for fragment in RAY_OWN_LINES:
+        assert fragment not in console, f"{fragment!r} in the console:\n{console[-3000:]}"

@@ -12,7 +12,7 @@ import torch
 from orchestrator import tune as tune_entry
 from orchestrator.cli import entry_point
 
-from conftest import REPO
+from conftest import REPO, assert_console_is_bkds
 
 MODULE = textwrap.dedent('''
     import torch
@@ -133,6 +133,9 @@ def test_a_search_and_a_comparison_train_the_users_own_models_from_the_working_d
     done = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 (fc.weight, fc.bias) replaced" in done.stdout
+    assert_console_is_bkds(done.stdout + done.stderr)
+    teacher_epochs = [line for line in done.stdout.splitlines() if "teacher epoch" in line]
+    assert [line.split(":")[0] for line in teacher_epochs] == ["[bkd] teacher epoch 1/2", "[bkd] teacher epoch 2/2"], done.stdout
     argv = [sys.executable, "-m", "orchestrator.compare", *models, "compare.methods=[kd,blockkd]", "compare.seeds=1", "tune.name=own-cmp"]
     done = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

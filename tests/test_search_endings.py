@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from bkd_core import models
 
-from conftest import REPO
+from conftest import REPO, assert_console_is_bkds
 
 pytestmark = pytest.mark.ray
 
@@ -145,6 +145,7 @@ def test_sigint_ends_killed_with_exit_130_and_resume_finishes_the_search(tmp):
         assert rows and {r["status"] for r in rows} <= {"FINISHED", "INTERRUPTED"} and "INTERRUPTED" in {r["status"] for r in rows}
         last = search.output.strip().splitlines()[-1]
         assert "tune.resume=true tune.name=ctrl-c" in last and last.strip().startswith("python -m orchestrator.tune"), last
+        assert_console_is_bkds(search.output)  # Tune's own `Tuner.restore(...)` hint included
 
         assert search.run("tune.resume=true") == 0, search.output[-4000:]
         parent = search.parent()
