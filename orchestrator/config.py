@@ -403,6 +403,8 @@ def train_config(c: BkdConfig, params: Mapping[str, Any], mode: str) -> TrainCon
         epochs, lr, batch, seed = c.teacher.epochs, c.teacher.lr, c.teacher.batch_size, t.seed
     else:
         trial = TrialParams.of(params)
+        if trial.lr is None:
+            raise SearchSpaceError("a trial's parameters have no lr; every search space declares search.params.lr.")
         epochs, lr, batch, seed = t.epochs, trial.lr, t.batch_size, trial.seed_or(t.seed)
     return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_base_batch=t.lr_base_batch, momentum=t.momentum,
                        weight_decay=t.weight_decay, schedule=t.schedule, warmup_epochs=t.warmup_epochs,

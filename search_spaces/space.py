@@ -163,7 +163,7 @@ class TrialParams:
     A parameter the space does not have is None, and the distiller's own default applies: no default
     is stated here."""
 
-    lr: float
+    lr: Optional[float] = None  # every space declares it; the distiller alone does not need it
     method: Optional[str] = None  # compare's cases name their method
     seed: Optional[int] = None
     logit_loss: Optional[str] = None
@@ -179,8 +179,6 @@ class TrialParams:
 
     @classmethod
     def of(cls, params: Mapping[str, Any]) -> "TrialParams":
-        if "lr" not in params:
-            raise SearchSpaceError("a trial's parameters have no lr; every search space declares search.params.lr.")
         cast = {"method": str, "logit_loss": str, "seed": lambda v: int(float(v))}
         values = {f.name: cast.get(f.name, float)(params[f.name]) for f in fields(cls)
                   if f.name not in ("cuts", "stone_weights") and params.get(f.name) is not None}
