@@ -1,14 +1,13 @@
 """Peak memory of the README's ``ParquetImages`` + DataLoader loop, small against large shards.
 
-    python bench/parquet_memory.py --root /tmp/pmem --sizes 512 4800 --workers 2 --image-size 224
+    python bench/parquet_memory.py --root /tmp/pmem --sizes 240 4800 20000 --workers 2 --image-size 224
 
 Writes shards of 320x240 JPEGs of noise (what ``prepare`` stores at its default max_side; noise is the
 largest such a JPEG gets, about 69 KB) for each size, then
 runs one epoch of the loop per size in a fresh process and prints the peak resident memory of that
 process tree (RSS and PSS summed over /proc, sampled every 50 ms) and the growth between the sizes.
-Shards hold row groups of 256 images: 240 images is one row group, so one of 2 workers stays idle and
-the growth from 240 includes a second worker starting to decode; 512 (one row group per worker) is
-the baseline that isolates growth with the data's size.
+Shards hold row groups of ``ROWS_PER_GROUP`` (128) images, as ``prepare`` writes them: 240 images
+are two row groups, one per worker.
 """
 from __future__ import annotations
 
@@ -29,6 +28,8 @@ def write_shards(root: Path, count: int) -> None:
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from bkd_core.data.parquet import ROWS_PER_GROUP  # what prepare writes
+
     if (root / "train").is_dir():
         return
     rng = np.random.default_rng(0)
@@ -41,7 +42,7 @@ def write_shards(root: Path, count: int) -> None:
             Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(out, format="JPEG", quality=90)
             images.append(out.getvalue())
         table = pa.table({"image": images, "label": [i % 10 for i in rows]})
-        pq.write_table(table, root / "train" / f"part-{start:06d}.parquet", row_group_size=256, use_dictionary=["label"])
+        pq.write_table(table, root / "train" / f"part-{start:06d}.parquet", row_group_size=ROWS_PER_GROUP, use_dictionary=["label"])
     (root / "classes.json").write_text(json.dumps([str(i) for i in range(10)]))
 
 
@@ -105,7 +106,7 @@ def measure(root: Path, image_size: int, workers: int) -> tuple[float, float, in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/tmp/bkd-parquet-memory")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 4800])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[240, 4800])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()

@@ -38,7 +38,7 @@ SPLITS = ("train", "val")  # the source's folders
 OUTPUT_SPLITS = ("train", "val", "test")  # the shards' folders: SRC/train minus the held-out val, the held-out val, SRC/val
 PLAN_KEY = b"bkd.plan"  # the digest of a shard's planned files, in its Parquet metadata
 SKIPPED_KEY = b"bkd.skipped"
-ROW_GROUP = 256  # images per row group: the unit ParquetImages readers share
+ROW_GROUP = 128  # images per row group: the unit readers share (bkd_core.data.parquet.ROWS_PER_GROUP; no torch here)
 
 
 @dataclass

@@ -176,6 +176,17 @@ def test_more_than_one_percent_corrupt_fails_the_epoch_with_one_paragraph(tmp_pa
         list(ParquetImages(str(tmp_path), "train", image_size=16, train=False))
 
 
+def test_prepare_writes_the_row_groups_readers_share(prepared):
+    from bkd_core.data.parquet import ROWS_PER_GROUP
+    from orchestrator.prepare import ROW_GROUP
+
+    assert ROW_GROUP == ROWS_PER_GROUP
+    _, dst = prepared
+    for path in (dst / "train").glob("*.parquet"):
+        meta = pq.ParquetFile(path).metadata
+        assert all(meta.row_group(g).num_rows <= ROW_GROUP for g in range(meta.num_row_groups))
+
+
 def test_prepare_writes_rows_in_a_seeded_random_order_so_every_shard_mixes_the_classes(tmp_path):
     """A sorted folder would give shards (and row groups) of one class each, which a reader's few-row-group
     shuffle window cannot mix; the plan shuffles, the same way on every run (resume relies on it)."""
