@@ -141,8 +141,8 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
 def fresh_seeds(job: Job, count: int, used: set[int]) -> list[int]:
     """``count`` seeds from train.seed+1 on, none of them ``used`` (a seed a configuration was selected on,
     and train.seed, the seed searches train their trials with)."""
-    used = used | {int(job.cfg.train.seed)}
-    seeds, seed = [], int(job.cfg.train.seed) + 1
+    used = used | {job.cfg.train.seed}
+    seeds, seed = [], job.cfg.train.seed + 1
     while len(seeds) < count:
         if seed not in used:
             seeds.append(seed)
@@ -156,7 +156,7 @@ def method_search_job(job: Job, method: str) -> Job:
     cfg = copy.deepcopy(job.cfg)
     cfg.search = load_space(method)
     cfg.fixed = dict((job.cfg.compare.fixed or {}).get(method) or {})
-    cfg.tune.num_samples = int(job.cfg.compare.tune_trials)
+    cfg.tune.num_samples = job.cfg.compare.tune_trials
     cfg.tune.confirm_seeds = 0
     return dataclasses.replace(job, cfg=cfg, experiment_name=f"{job.experiment_name}-search-{method}")
 
@@ -183,7 +183,7 @@ def cases_of(job: Job, configs: dict[str, MethodConfig]) -> list[dict[str, Any]]
     """One case per (method, seed), seeds first so that early results cover every method; printed first."""
     for m in configs.values():
         print(m.describe(), flush=True)
-    seeds = fresh_seeds(job, int(job.cfg.compare.seeds), set().union(*(m.selected_on for m in configs.values())))
+    seeds = fresh_seeds(job, job.cfg.compare.seeds, set().union(*(m.selected_on for m in configs.values())))
     print(f"[bkd] seeds {', '.join(map(str, seeds))}: the same student initialisation and data order for every method", flush=True)
     return [{**configs[m].config, "seed": seed} for seed in seeds for m in configs]
 

@@ -11,6 +11,8 @@ import ray.train
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from search_spaces.space import TrialParams
+
 from .config import ConfigError, Job, is_streamed
 from .console import WORKER_ENV, filter_worker_logs
 from .interrupts import STOP
@@ -63,26 +65,26 @@ def trial_resources(job: Job) -> dict[str, float]:
     """What a Tune trial holds: a single-worker trial trains in its own process and holds the
     worker's CPUs/GPUs; a multi-worker trial only drives a Ray Train run, whose workers hold theirs."""
     res = job.cfg.resources
-    if int(res.workers_per_trial) > 1:
+    if res.workers_per_trial > 1:
         return {"cpu": TRIAL_DRIVER_CPU}
-    need = {"cpu": float(res.cpus_per_worker)}
+    need = {"cpu": res.cpus_per_worker}
     if res.use_gpu:
-        need["gpu"] = float(res.gpus_per_worker)
+        need["gpu"] = res.gpus_per_worker
     return need
 
 
 def trial_cpus(job: Job) -> float:
     """CPUs one running trial occupies: its workers (and a multi-worker trial's driver), and its data."""
     res = job.cfg.resources
-    driver = TRIAL_DRIVER_CPU if int(res.workers_per_trial) > 1 else 0.0
-    return float(res.cpus_per_worker) * int(res.workers_per_trial) + driver + data_cpus(job.cfg.data)
+    driver = TRIAL_DRIVER_CPU if res.workers_per_trial > 1 else 0.0
+    return res.cpus_per_worker * res.workers_per_trial + driver + data_cpus(job.cfg.data)
 
 
 def concurrent_trials(job: Job) -> int:
     """``tune.max_concurrent``, lowered for streamed data so that the CPUs of every running trial's
     decode tasks (``data.cpus_per_trial``) stay free: trials never hold the CPUs their data waits for.
     The decode tasks run on any node with a free CPU, CPU-only nodes included."""
-    limit = int(job.cfg.tune.max_concurrent)
+    limit = job.cfg.tune.max_concurrent
     if not data_cpus(job.cfg.data):
         return limit
     fit = max(1, int(ray.cluster_resources().get("CPU", 0.0) // trial_cpus(job)))
@@ -96,7 +98,7 @@ def check_cluster_resources(job: Job) -> None:
     """Refuse, before any trial, a trial that the cluster can never place (instead of waiting forever)."""
     res = job.cfg.resources
     total = ray.cluster_resources()
-    need_gpu = float(res.gpus_per_worker) * res.workers_per_trial if res.use_gpu else 0.0
+    need_gpu = res.gpus_per_worker * res.workers_per_trial if res.use_gpu else 0.0
     driver = TRIAL_DRIVER_CPU if res.workers_per_trial > 1 else 0.0
     data = data_cpus(job.cfg.data)
     need_cpu = trial_cpus(job)
@@ -115,10 +117,10 @@ def check_cluster_resources(job: Job) -> None:
 
 def scaling_config(job: Job) -> ray.train.ScalingConfig:
     res = job.cfg.resources
-    per_worker = {"CPU": float(res.cpus_per_worker)}
+    per_worker = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
-        per_worker["GPU"] = float(res.gpus_per_worker)
-    return ray.train.ScalingConfig(num_workers=int(res.workers_per_trial), use_gpu=bool(res.use_gpu),
+        per_worker["GPU"] = res.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=res.workers_per_trial, use_gpu=res.use_gpu,
                                    resources_per_worker=per_worker, placement_strategy=res.placement_strategy)
 
 
@@ -132,9 +134,9 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
         storage_path=job.storage_path,
         callbacks=[TuneReportCallback()] if report_to_tune else None,
         failure_config=ray.train.FailureConfig(
-            max_failures=int(job.cfg.resources.max_worker_failures),
+            max_failures=job.cfg.resources.max_worker_failures,
             # each worker-group start that times out (60 s) counts; Train's default, -1, waits forever
-            controller_failure_limit=int(job.cfg.resources.max_worker_group_start_failures),
+            controller_failure_limit=job.cfg.resources.max_worker_group_start_failures,
         ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         # tune.console=bkd: Ray Train's own INFO lines (worker group starts, checkpoints, reports) stay in its log files
@@ -142,7 +144,7 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
     )
     data: dict[str, Any] = {}
     if is_streamed(job.cfg.data):  # each worker reads an equal share of "train" (see streaming.trainer_datasets)
-        data = trainer_datasets(job.cfg.data, job.dataset.folders, int(params.get("seed", job.cfg.train.seed)))
+        data = trainer_datasets(job.cfg.data, job.dataset.folders, TrialParams.of(params).seed_or(job.cfg.train.seed))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "params": params, "mode": mode, "teacher_state": teacher_state,

@@ -89,7 +89,7 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
                                         "timestamp_ms": int(row["timestamp"] * 1000)}))
     writer.submit(Write("artifact", {"run_id": run_id, "path": str(path), "artifact_path": "teacher"}))
     writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED"}))
-    writer.drain(float(job.cfg.mlflow.end_wait_s), f"The teacher is at {path} (teacher.checkpoint={path} reuses it).")
+    writer.drain(job.cfg.mlflow.end_wait_s, f"The teacher is at {path} (teacher.checkpoint={path} reuses it).")
     return state, run_id
 
 

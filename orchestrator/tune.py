@@ -65,7 +65,7 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
         return
     params = case_of(config)
     test_epochs = [] if "case" in config else rung_epochs(job)  # listed cases run every epoch: no scheduler
-    if int(job.cfg.resources.workers_per_trial) == 1:  # trains here: a reused process (tune.reuse_actors)
+    if job.cfg.resources.workers_per_trial == 1:  # trains here: a reused process (tune.reuse_actors)
         torch._dynamo.reset()  # compiles this trial's model afresh, as a new process would
         tune_trial_loop({"job": job, "params": params, "mode": "distill", "teacher_state": teacher_state,
                          "test_epochs": test_epochs}, records)
@@ -80,10 +80,10 @@ def rung_epochs(job: Job) -> list[int]:
     """The epochs after which ASHA may stop a trial (its rungs, as Ray's ``AsyncHyperBandScheduler``
     places them for one bracket): a trial scores its weights on the test split there and at its last
     epoch, so that a trial stopped early has the test accuracy of the weights it ended with."""
-    t, epochs = job.cfg.tune, int(job.cfg.train.epochs)
+    t, epochs = job.cfg.tune, job.cfg.train.epochs
     if t.scheduler != "asha":
         return []
-    grace, factor = int(t.grace_period), float(t.reduction_factor)
+    grace, factor = t.grace_period, t.reduction_factor
     if grace >= epochs:
         return []
     rungs = int(math.log(epochs / grace) / math.log(factor) + 1)
@@ -147,29 +147,29 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
     t = job.cfg.tune
     name = name or job.experiment_name
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), trial_resources(job))
-    total = len(cases) if cases is not None else int(t.num_samples)
+    total = len(cases) if cases is not None else t.num_samples
     callbacks = [callback] if t.console == "ray" else [callback, ProgressPrinter(total)]
     run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=callbacks,
-                                failure_config=tune.FailureConfig(max_failures=int(t.max_failures)),
+                                failure_config=tune.FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbosity(job))
     path = os.path.join(job.storage_path, name)
     if t.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if cases is not None:
         return tune.Tuner(trainable, param_space={"case": tune.grid_search(cases)}, run_config=run_config,
-                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max", reuse_actors=bool(t.reuse_actors),
+                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max", reuse_actors=t.reuse_actors,
                                                       max_concurrent_trials=concurrent_trials(job)))
-    sampler = optuna.samplers.RandomSampler(seed=int(t.seed)) if t.searcher == "random" else None  # None: TPE
+    sampler = optuna.samplers.RandomSampler(seed=t.seed) if t.searcher == "random" else None  # None: TPE
     searcher = OptunaSearch(
         space=functools.partial(suggest, space=job.cfg.search, num_blocks=job.num_blocks, fixed=job.cfg.fixed),
-        metric="val_acc", mode="max", seed=None if sampler else int(t.seed), sampler=sampler)
+        metric="val_acc", mode="max", seed=None if sampler else t.seed, sampler=sampler)
     scheduler = None
     if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(job.cfg.train.epochs),
-                                  grace_period=int(t.grace_period), reduction_factor=float(t.reduction_factor))
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=job.cfg.train.epochs,
+                                  grace_period=t.grace_period, reduction_factor=t.reduction_factor)
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
-                                  num_samples=int(t.num_samples), max_concurrent_trials=concurrent_trials(job),
-                                  time_budget_s=t.time_budget_s, reuse_actors=bool(t.reuse_actors))
+                                  num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(job),
+                                  time_budget_s=t.time_budget_s, reuse_actors=t.reuse_actors)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)
 
 
@@ -207,7 +207,7 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
     check_cluster_resources(job)
     teacher_state, teacher_source, trained_now = obtain_teacher(job, client, experiment_id)
     teacher_scores = score_teacher(job, teacher_state, announce=not trained_now)
-    parent_id = parent_run(client, experiment_id, job, resume=bool(job.cfg.tune.resume))
+    parent_id = parent_run(client, experiment_id, job, resume=job.cfg.tune.resume)
     if teacher_scores:
         log_metrics(client, parent_id, teacher_scores, 0, int(time.time() * 1000))
     m, out = job.cfg.mlflow, Path(job.output_dir) / job.experiment_name
@@ -233,7 +233,7 @@ def search(job: Job, cases: Optional[list[dict] | Plan] = None, report: Optional
 
     def run_search(variant: Job, label: str) -> NestedSearch:
         """``variant``'s search (its Tune experiment ``variant.experiment_name``) as a nested run of this parent."""
-        resume = bool(job.cfg.tune.resume)
+        resume = job.cfg.tune.resume
         run_id = parent_run(client, experiment_id, variant, resume=resume, parent_id=parent_id)
         writer = MLflowWriter(job.tracking_uri, experiment_id, run_id, m.retry_interval_s, spool=out / f"mlflow_pending_{label}.jsonl")
         callback = MLflowTrialLogger(writer, common_params(variant, teacher_source), TrialRecords(job.storage_path, variant.experiment_name),
@@ -320,7 +320,7 @@ def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool
         params = case_of(result.config or {})
         param_names += [k for k in params if k not in param_names]
         row = trial_row(result, params, run_ids.get(trial.trial_id), status, record)
-        row.setdefault("seed", int(job.cfg.train.seed))  # the seed it trained with: compare never reuses it
+        row.setdefault("seed", job.cfg.train.seed)  # the seed it trained with: compare never reuses it
         rows.append(row)
         curves[trial.trial_id] = val_acc_curve(result, record)
     return ranked(rows), curves, param_names
@@ -345,7 +345,7 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
     if interrupted or STOP.received is not None:
         print(f"\nresults so far: {out}/trials.parquet", flush=True)
         return rows
-    importances = param_importances(rows, job.cfg.search, job.num_blocks, job.cfg.fixed, int(job.cfg.tune.seed))
+    importances = param_importances(rows, job.cfg.search, job.num_blocks, job.cfg.fixed, job.cfg.tune.seed)
     figure = search_figure(rows, curves, job.experiment_name, importances)
     figure.savefig(out / "search.png", dpi=110)
     student = export_student(TrialRecords(job.storage_path, job.experiment_name), best["trial_id"], out) if best else None
@@ -403,7 +403,7 @@ def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_nam
     if k < 1:
         return ""
     config = {p: best[p] for p in param_names if p in best and best[p] is not None and p != "seed"}
-    base = int(job.cfg.train.seed)
+    base = job.cfg.train.seed
     print(f"\n[bkd] confirming the best configuration (trial {best['trial_id']}) on {k} fresh seeds", flush=True)
     name = f"{job.experiment_name}-confirm"
     results = run_cases([{**config, "seed": base + i} for i in range(1, k + 1)], name)

@@ -115,7 +115,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     rank, world, device = session.rank, session.world, session.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, int(job.cfg.resources.cpus_per_worker)))
+    torch.set_num_threads(max(1, job.cfg.resources.cpus_per_worker))
     cfg = train_config(job.cfg, params, mode).resolved(device)
     cfg.batch_size = max(1, cfg.batch_size // world)  # train.batch_size is the global batch: same steps for any worker count
     if world > 1 and job.cfg.train.compile_mode is None:
