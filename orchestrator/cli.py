@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError, Job, apply_env_defaults, compose, validate
-from .interrupts import STOP
+from .console import close_worker_output
+from .interrupts import STOP, Interrupted, OutOfTime
 
 def usage(command: str) -> str:
     """bkd's own help: the command line, the groups, the main keys (from the schema), where the rest is."""
@@ -53,10 +54,17 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, com
         with STOP.installed():
             try:
                 code = run(job)
-            except KeyboardInterrupt:
-                print(f"\n[bkd] {STOP.name or 'SIGINT'}: {job.experiment_name} was interrupted; finished trials are kept. "
+            except KeyboardInterrupt as exc:
+                close_worker_output()  # a line a worker printed before the stop must not follow the command below
+                what, kept = (exc.what, exc.kept) if isinstance(exc, Interrupted) else (job.experiment_name, "finished trials are kept")
+                print(f"\n[bkd] {STOP.name or 'SIGINT'}: {what} was interrupted; {kept}. "
                       f"To continue it:\n  {resume_command(run, argv, job.experiment_name)}", file=sys.stderr, flush=True)
                 return STOP.exit_code
+            except OutOfTime as exc:
+                close_worker_output()
+                print(f"\n[bkd] tune.time_budget_s ran out: {exc.what} was stopped; {exc.kept}. "
+                      f"To continue it:\n  {resume_command(run, argv, job.experiment_name)}", file=sys.stderr, flush=True)
+                return 1
     except ConfigError as exc:
         print(f"\nbkd: configuration error in `{exc.key}`:\n  {str(exc).split(': ', 1)[1]}\n", file=sys.stderr)
         return 2

@@ -52,6 +52,8 @@ def quiet_driver() -> None:
     """In the driver: Tune's start-of-experiment table and TensorBoard hint, Optuna's and MLflow's INFO lines,
     Ray Data's progress bars go unprinted (bkd prints its own progress and where the results are)."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's legacy reporter, silent at verbose=0 (the new one prints a table)
+    # "Experiment state snapshotting has been triggered multiple times": said when epochs are short and checkpointed
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -69,10 +71,11 @@ def quiet_worker() -> None:
 
 
 def drop_tune_records(record: logging.LogRecord) -> bool:
-    """A logging filter: Tune's "Trial task failed" record (pages of traceback) and its "Resume experiment
-    with: Tuner.restore(...)" hint are not printed."""
+    """A logging filter: Tune's "Trial task failed" record (pages of traceback), its "Stop signal received"
+    line (bkd says what it stops) and its "Resume experiment with: Tuner.restore(...)" hint are not printed."""
     text = str(record.msg)
-    return not (text.startswith("Trial task failed for trial") or "Tuner.restore(" in text or "Resume training with" in text)
+    return not (text.startswith(("Trial task failed for trial", "Stop signal received")) or "Tuner.restore(" in text
+                or "Resume training with" in text)
 
 
 # Ray's C++ log lines that a worker also writes to stderr, e.g.
@@ -99,6 +102,14 @@ def keep_lines(lines: list[str]) -> list[str]:
     return kept + held
 
 
+WORKER_OUTPUT = {"closed": False}
+
+
+def close_worker_output() -> None:
+    """Print no more worker output (a command's last lines follow; Ray's log files keep the rest)."""
+    WORKER_OUTPUT["closed"] = True
+
+
 def filter_worker_logs() -> None:
     """Print the workers' output through ``keep_lines`` (the driver's copy only: the log files keep all).
     Uses Ray's worker-log dispatcher; where this Ray has none, the output is printed as it is."""
@@ -112,6 +123,8 @@ def filter_worker_logs() -> None:
         return
 
     def print_kept(data: dict[str, Any]) -> None:
+        if WORKER_OUTPUT["closed"]:
+            return
         lines = keep_lines(list(data.get("lines") or []))
         own = [line for line in lines if line.startswith("[bkd]")]  # bkd's own lines, as the driver prints them
         if own:

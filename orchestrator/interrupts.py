@@ -22,6 +22,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._graceful = False
+        self._stopping = ""
         self._active = False
 
     @property
@@ -58,9 +59,10 @@ class StopSignals:
                 signal.signal(s, self._handle)
 
     @contextlib.contextmanager
-    def graceful(self) -> Iterator[None]:
-        """Within this block (``Tuner.fit``), the first signal stops Tune instead of raising."""
-        self._graceful = True
+    def graceful(self, stopping: str = "the trials and saving the search") -> Iterator[None]:
+        """Within this block (``Tuner.fit``), the first signal stops Tune instead of raising; the line
+        printed then says it is ``stopping`` what."""
+        self._graceful, self._stopping = True, stopping
         try:
             yield
         finally:
@@ -70,7 +72,7 @@ class StopSignals:
         first = self.received is None
         self.received = self.received or signum
         if first and self._graceful and hasattr(signal, "SIGUSR1"):
-            print(f"\n[bkd] {signal.Signals(signum).name} received: stopping the trials and saving the search "
+            print(f"\n[bkd] {signal.Signals(signum).name} received: stopping {self._stopping} "
                   "(a second one stops at once)", flush=True)
             os.kill(os.getpid(), signal.SIGUSR1)
             return
@@ -78,3 +80,19 @@ class StopSignals:
 
 
 STOP = StopSignals()
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal ended a phase (the teacher's training, a search): ``what`` ended and what is ``kept``."""
+
+    def __init__(self, what: str, kept: str) -> None:
+        super().__init__(what)
+        self.what, self.kept = what, kept
+
+
+class OutOfTime(Exception):
+    """``tune.time_budget_s`` ran out before a phase the rest depends on (the teacher's training) ended."""
+
+    def __init__(self, what: str, kept: str) -> None:
+        super().__init__(what)
+        self.what, self.kept = what, kept

@@ -298,6 +298,14 @@ def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else ""
 
 
+def epoch_write(result: Mapping[str, Any], trial_id: str, run_id: Optional[str] = None) -> Write:
+    """The metrics write of one reported epoch (step = epoch) of a trial's run (or of ``run_id``)."""
+    step = int(result.get("epoch", result.get("training_iteration", 0)))
+    metrics = {k: v for k, v in result.items() if k not in SKIPPED_METRICS and isinstance(v, (int, float))}
+    args = {"metrics": metrics, "step": step, "timestamp_ms": int(result.get("timestamp", 0) * 1000)}
+    return Write("metrics", args | ({"run_id": run_id} if run_id else {}), trial_id)
+
+
 class MLflowTrialLogger(Callback):
     """One nested MLflow run per Tune trial: its parameters, per-epoch metrics (step = epoch) and a
     final status (FINISHED, FAILED with the error, or KILLED at a driver's resume). Writes go
@@ -318,10 +326,7 @@ class MLflowTrialLogger(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(RECORDED):
             return  # a resumed trial replaying its record: logged when it first ran
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items() if k not in SKIPPED_METRICS and isinstance(v, (int, float))}
-        self.writer.submit(Write("metrics", {"metrics": metrics, "step": step,
-                                             "timestamp_ms": int(result.get("timestamp", 0) * 1000)}, trial.trial_id))
+        self.writer.submit(epoch_write(result, trial.trial_id))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -36,58 +35,19 @@ from .mlflow_extras import log_dataset, log_student_model
 from .interrupts import STOP
 from .plots import search_figure
 from .progress import ProgressPrinter
-from .records import RECORDED, TrialRecords
+from .records import TrialRecords
 from .results import case_of, format_table, ranked, trial_id_of, trial_row, trial_status, val_acc_curve, write_parquet
 from .stats import mean_std
-from .runtime import check_cluster_resources, concurrent_trials, init_ray, make_trainer, trial_resources
+from .runtime import check_cluster_resources, concurrent_trials, init_ray, trial_resources
 from .teacher import obtain_teacher, score_teacher
 from .tracking import (
     END_TAG, PARENT_TAG, ROLE_TAG, MLflowTrialLogger, MLflowWriter, Write, child_runs, connect, end_leftover_runs, flatten, first_line,
     log_metrics, log_params, reopen,
     require_answer,
 )
-from .worker import tune_trial_loop
+from .trial import run_trial
 
 PARENT_FILE = "bkd_parent_run.json"
-
-
-def run_trial(config: dict[str, Any], job: Job, teacher_state: dict) -> None:
-    """Tune function trainable. One worker: the trial trains in its own process. Several: one Ray
-    Train run (DDP over the workers), named after the Tune trial id so that a retried trial resumes
-    from its last checkpoint. A trial that already ended (its record exists: a resumed search whose
-    snapshot predates the end) reports its recorded result and returns."""
-    context = tune.get_context()
-    records = TrialRecords(job.storage_path, context.get_experiment_name())  # the search's, or its -confirm runs'
-    trial_id = context.get_trial_id()
-    record = records.read(trial_id)
-    if record is not None:
-        tune.report({**record.metrics, RECORDED: 1})
-        return
-    params = case_of(config)
-    test_epochs = [] if "case" in config else rung_epochs(job)  # listed cases run every epoch: no scheduler
-    if job.cfg.resources.workers_per_trial == 1:  # trains here: a reused process (tune.reuse_actors)
-        torch._dynamo.reset()  # compiles this trial's model afresh, as a new process would
-        tune_trial_loop({"job": job, "params": params, "mode": "distill", "teacher_state": teacher_state,
-                         "test_epochs": test_epochs}, records)
-        return
-    # rank 0 records the trial's end before its last report (Train's result keeps only checkpointed reports)
-    make_trainer(job, params, "distill", name=f"{job.experiment_name}-train-{trial_id}", teacher_state=teacher_state,
-                 report_to_tune=True, record_as=(job.storage_path, context.get_experiment_name(), trial_id),
-                 test_epochs=test_epochs).fit()
-
-
-def rung_epochs(job: Job) -> list[int]:
-    """The epochs after which ASHA may stop a trial (its rungs, as Ray's ``AsyncHyperBandScheduler``
-    places them for one bracket): a trial scores its weights on the test split there and at its last
-    epoch, so that a trial stopped early has the test accuracy of the weights it ended with."""
-    t, epochs = job.cfg.tune, job.cfg.train.epochs
-    if t.scheduler != "asha":
-        return []
-    grace, factor = t.grace_period, t.reduction_factor
-    if grace >= epochs:
-        return []
-    rungs = int(math.log(epochs / grace) / math.log(factor) + 1)
-    return sorted({min(epochs, math.ceil(grace * factor ** k - 1e-9)) for k in range(rungs)})
 
 
 def common_params(job: Job, teacher_source: str) -> dict[str, Any]:

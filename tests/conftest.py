@@ -73,7 +73,8 @@ def write_unlearnable_test_folder(root: Path, classes: int = 3, train_per_class:
 
 RAY_OWN_LINES = ("Reporting training result", "TrainingReport(", "core_worker.cc", "Progress bars disabled",
                  "Token authentication is enabled", "Exception ignored in", "Tuner.restore(", "TensorBoard",
-                 "requirements_utils", "Running Dataset")
+                 "requirements_utils", "Running Dataset", "PlacementGroupCleaner", "State API", "Stop signal received",
+                 "snapshotting has been triggered", "Traceback")
 
 
 def assert_console_is_bkds(console: str) -> None:

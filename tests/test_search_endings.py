@@ -3,6 +3,7 @@ defaults (a local Ray cluster started by the command, Tune's own snapshot timing
 sqlite store; the driver killed alone right after a trial finished, SIGINT, SIGTERM, a time budget,
 and a search whose trials all diverge."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,25 +23,38 @@ pytestmark = pytest.mark.ray
 
 
 class Search:
-    """One named search of the default demo (digits, tiny pair, a fixed random teacher) in ``tmp``."""
+    """One named search of the default demo (digits, tiny pair) in ``tmp``: with a fixed random teacher
+    file, or (``own_teacher``) training its teacher first, as the default command does. ``command``: the
+    entry point."""
 
-    def __init__(self, tmp: Path, name: str, *extra: str) -> None:
-        self.tmp, self.name = tmp, name
+    def __init__(self, tmp: Path, name: str, *extra: str, own_teacher: bool = False, command: str = "orchestrator.tune") -> None:
+        self.tmp, self.name, self.command = tmp, name, command
         teacher = tmp / "teacher.pt"
-        if not teacher.is_file():
+        if not own_teacher and not teacher.is_file():
             torch.manual_seed(0)
             torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
         self.args = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
-                     f"tune.name={name}", f"teacher.checkpoint={teacher}", "ray.address=local", *extra]
+                     f"tune.name={name}", "ray.address=local", *([] if own_teacher else [f"teacher.checkpoint={teacher}"]), *extra]
         self.client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
         self.proc = None
 
     def start(self, *more: str) -> subprocess.Popen:
+        """The command in its own process group, as a shell runs it (Ctrl-C: SIGINT to the group)."""
         self.log = open(self.tmp / f"{self.name}-{int(time.time() * 1000)}.log", "w+")
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TUNE_GLOBAL_CHECKPOINT_S")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.tune", *self.args, *more], cwd=REPO, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", self.command, *self.args, *more], cwd=REPO, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         return self.proc
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def teacher_runs(self) -> list:
+        exp = self.client.get_experiment_by_name("bkd")
+        return self.client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'teacher'") if exp else []
+
+    def teacher_epochs_printed(self) -> list[int]:
+        return [int(m) for m in re.findall(r"\[bkd\] teacher epoch (\d+)/", self.output)]
 
     def run(self, *more: str, timeout: float = 400) -> int:
         self.start(*more)
@@ -200,3 +214,104 @@ def test_a_search_whose_trials_all_diverge_exits_1_and_says_why(tmp):
     assert {r["status"] for r in search.rows()} == {"DIVERGED"}
     assert search.parent().info.status == "FAILED" and "NaN/inf" in search.parent().data.tags["bkd.error"]
     assert not (tmp / "out" / "all-bad" / "student.pt").exists()
+
+
+# --- the default path: the command trains its teacher first ---------------------------------------------
+
+
+def last_line(search: Search) -> str:
+    return search.output.strip().splitlines()[-1].strip()
+
+
+def test_ctrl_c_mid_teacher_and_mid_trials_end_killed_and_each_resume_continues(tmp):
+    """Ctrl-C (SIGINT to the process group) while the command trains its teacher: exit 130, the teacher's
+    run KILLED, the resume command last. The resume continues the teacher after its last epoch in the same
+    run, then the trials start; Ctrl-C there stops them within a minute (exit 130). The next resume reuses
+    the finished teacher and finishes the search."""
+    search = Search(tmp, "own", "teacher.epochs=30", "train.epochs=40", "tune.num_samples=2", "tune.scheduler=none",
+                    "train.checkpoint_min_interval_s=0", own_teacher=True)
+    try:
+        search.start()
+        search.wait_for(lambda: "teacher epoch 3/" in search.output, "a third teacher epoch")
+        search.ctrl_c()
+        assert search.wait(120) == 130, search.output[-4000:]
+        assert "the teacher's training (epoch" in search.output
+        assert last_line(search).startswith("python -m orchestrator.tune") and "tune.resume=true tune.name=own" in last_line(search)
+        assert_console_is_bkds(search.output)
+        (teacher,) = search.teacher_runs()
+        assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
+        logged = search.steps(teacher)
+        assert logged and logged == list(range(1, len(logged) + 1)), logged
+
+        search.start("tune.resume=true")
+        search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged trial epoch")
+        sent = time.time()
+        search.ctrl_c()
+        assert search.wait(120) == 130, search.output[-4000:]
+        assert time.time() - sent < 60, "the driver took over a minute to stop"
+        printed = search.teacher_epochs_printed()
+        assert printed and 1 < printed[0] <= len(logged) + 1 and printed[-1] == 30, printed
+        (teacher,) = search.teacher_runs()
+        assert teacher.info.status == "FINISHED" and "bkd.end_reason" not in teacher.data.tags
+        assert search.steps(teacher) == list(range(1, 31)), "one point per teacher epoch, in the same run"
+        assert search.parent().info.status == "KILLED"
+        assert search.parent().data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
+        assert "tune.resume=true tune.name=own" in last_line(search)
+        assert_console_is_bkds(search.output)
+
+        assert search.run("tune.resume=true") == 0, search.output[-4000:]
+        assert "reusing teacher from MLflow run" in search.output and not search.teacher_epochs_printed()
+        assert len(search.teacher_runs()) == 1
+        assert search.parent().info.status == "FINISHED"
+        assert len(search.rows()) == 2 and all(r["status"] == "FINISHED" for r in search.rows())
+    finally:
+        search.kill()
+
+
+def test_killed_driver_mid_teacher_resumes_the_teacher_where_it_stopped(tmp):
+    """SIGKILL to the driver alone while the teacher trains: the resume continues the teacher (its first
+    epoch > 1) in the same run and runs the search."""
+    search = Search(tmp, "kill-teacher", "teacher.epochs=25", "train.epochs=2", "tune.num_samples=1", "tune.scheduler=none",
+                    "train.checkpoint_min_interval_s=0", own_teacher=True)
+    try:
+        search.start()
+        search.wait_for(lambda: "teacher epoch 8/" in search.output, "an eighth teacher epoch")
+        search.proc.send_signal(signal.SIGKILL)
+        search.wait(60)
+        (teacher,) = search.teacher_runs()
+        assert teacher.info.status == "RUNNING"
+
+        assert search.run("tune.resume=true") == 0, search.output[-4000:]
+        printed = search.teacher_epochs_printed()
+        assert printed and printed[0] > 1 and printed[-1] == 25, printed
+        (teacher,) = search.teacher_runs()
+        assert teacher.info.status == "FINISHED"
+        assert search.steps(teacher) == list(range(1, 26))
+        assert search.parent().info.status == "FINISHED"
+    finally:
+        search.kill()
+
+
+def test_sigterm_mid_teacher_of_the_teacher_command_exits_143(tmp):
+    search = Search(tmp, "term-teacher", "teacher.epochs=400", own_teacher=True, command="orchestrator.teacher")
+    try:
+        search.start()
+        search.wait_for(lambda: "teacher epoch 2/" in search.output, "a second teacher epoch")
+        search.proc.send_signal(signal.SIGTERM)
+        assert search.wait(120) == 143, search.output[-4000:]
+        assert last_line(search).startswith("python -m orchestrator.teacher") and "tune.resume=true" in last_line(search)
+        (teacher,) = search.teacher_runs()
+        assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "interrupted (SIGTERM)"
+        assert_console_is_bkds(search.output)
+    finally:
+        search.kill()
+
+
+def test_time_budget_during_the_teacher_ends_its_run_killed_with_the_resume_command(tmp):
+    search = Search(tmp, "teacher-budget", "teacher.epochs=400", "tune.time_budget_s=8", own_teacher=True)
+    assert search.run() == 1, search.output[-4000:]
+    assert "tune.time_budget_s ran out: the teacher's training (epoch" in search.output
+    assert "tune.resume=true tune.name=teacher-budget" in last_line(search)
+    (teacher,) = search.teacher_runs()
+    assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "stopped by tune.time_budget_s"
+    assert search.steps(teacher), "the epochs it trained are logged"
