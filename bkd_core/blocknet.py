@@ -6,6 +6,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from .exactness import check_same_output
+
 AttrPaths = Union[str, Sequence[str]]
 
 
@@ -77,7 +79,7 @@ class BlockNet(nn.Module):
         Example (torchvision ResNet): ``stem=["conv1", "bn1", "relu", "maxpool"],
         blocks=["layer1", "layer2", "layer3", "layer4"], head=["avgpool", "fc"]``.
         Running the listed modules in order must compute what ``model`` computes: checked on
-        ``sample_input`` in eval mode (``graph_split.check_same_output``), a ``SplitError`` otherwise
+        ``sample_input`` in eval mode (``exactness.check_same_output``), a ``SplitError`` otherwise
         (a forward with functional ops between modules: ``graph_split.split_model`` cuts along it).
         """
         if len(blocks) == 0:
@@ -93,8 +95,6 @@ class BlockNet(nn.Module):
             built.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
         net = cls(built, Head([_get_attr(model, p) for p in head]))
         net.remember_source(model)
-        from .graph_split import check_same_output
-
         check_same_output(model, net, sample_input)
         return net
 

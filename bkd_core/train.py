@@ -19,7 +19,8 @@ from torch import nn
 
 from .blocknet import BlockNet
 from .data import BatchLoader, DataSplits, ImageDataset
-from .distiller import BlockKD, BlockKDOutput
+from .methods.base import Distiller, DistillOutput
+from .methods.none import Supervised
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -77,25 +78,6 @@ class TrainConfig:
                               "compile_mode": mode, "cudnn_benchmark": pick(self.cudnn_benchmark, cuda)})
 
 
-class Supervised(nn.Module):
-    """Wraps a plain classifier so that it trains through the same loop: ``forward(x, y)`` -> output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.student = model
-
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return self.student.parameters()
-
-    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return self.student(x), {}
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> BlockKDOutput:
-        logits = self.student(x)
-        loss = F.cross_entropy(logits.float(), y)
-        return BlockKDOutput(loss, logits, logits.detach(), {}, {"loss": loss.detach()})
-
-
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DDP and/or torch.compile wrappers."""
     while True:
@@ -144,7 +126,7 @@ def uses_cuda_graphs(cfg: TrainConfig) -> bool:
 
 
 def train_step(step: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, device: torch.device) -> BlockKDOutput:
+               cfg: TrainConfig, device: torch.device) -> DistillOutput:
     """One optimisation step of ``step`` (from ``step_module``) on a batch; no host sync.
 
     Under CUDA graphs a replay overwrites the previous step's outputs: read or copy them before
@@ -188,7 +170,7 @@ def train_epoch(
     """
     device = loader.device
     inner = unwrap(module)
-    if isinstance(inner, BlockKD):
+    if isinstance(inner, Distiller):
         inner.epoch = float(epoch)
     module.train()
     loader.set_epoch(epoch)
@@ -280,7 +262,7 @@ def fit(
     device: Union[str, torch.device] = "cpu",
     on_epoch: Optional[EpochCallback] = None,
 ) -> dict[str, float]:
-    """Train ``module`` (a ``BlockKD``/``LogitKD`` or a ``Supervised`` classifier) for ``cfg.epochs``.
+    """Train ``module`` (any ``bkd_core.methods`` distiller, or a ``Supervised`` classifier) for ``cfg.epochs``.
 
     Every epoch reports ``val_acc`` on ``data.val`` (``data.hold_out(0.1)`` makes one; without it, on
     the test split). Calls ``on_epoch(epoch, metrics)`` after every epoch and returns the last epoch's

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from search_spaces.space import BLOCKKD_ONLY, parse_cuts
+from search_spaces.space import BLOCKKD_ONLY, method_of, parse_cuts
 
 from .schema import DATA_SCHEMAS, OPEN_MAPS, Key, fields_of, keys
 
@@ -105,14 +105,13 @@ def data_groups() -> dict[str, str]:
 def check_fixed(fixed: Mapping[str, Any], space: Mapping[str, Any], num_blocks: int, prefix: str = "fixed.") -> None:
     """``fixed.*`` values against the search space: known names, types, ranges, choices, cuts in 1..n."""
     params = space.get("params") or {}
-    blockkd = space.get("method", "blockkd") == "blockkd"
+    method = method_of(space)
     name = space.get("name")
     for key, value in fixed.items():
         full = f"{prefix}{key}"
-        if not blockkd and (key in BLOCKKD_ONLY or key.startswith("w_")):
-            what = "trains a logit-only baseline" if space.get("method") == "logit" else "trains the student alone"
-            raise ConfigError(full, f"is a Block-KD parameter, but search={name} {what} (no stepping stones); drop it, "
-                              "or use search=blockkd to train stepping stones.")
+        if not method.uses_partition and (key in BLOCKKD_ONLY or key.startswith("w_")):
+            raise ConfigError(full, f"is a Block-KD parameter, but search={name} trains {method.summary} (no stepping stones); "
+                              "drop it, or use search=blockkd to train stepping stones.")
         if key == "cuts":
             check_cuts(full, value, num_blocks)
         elif key.startswith("w_"):
@@ -123,10 +122,10 @@ def check_fixed(fixed: Mapping[str, Any], space: Mapping[str, Any], num_blocks: 
         elif key in params:
             check_param(full, value, params[key])
         else:
-            valid = list(params) + (["cuts", "w_<cut>"] if blockkd else [])
+            valid = list(params) + (["cuts", "w_<cut>"] if method.uses_partition else [])
             raise ConfigError(full, f"is not a parameter of search space {name!r}{suggestion(key, valid) or '.'} Valid: "
                               f"{', '.join(valid)}.")
-    if blockkd and "cuts" in fixed:
+    if method.uses_partition and "cuts" in fixed:
         cuts = parse_cuts(",".join(str(c) for c in _as_list(fixed["cuts"])))
         stray = [k for k in fixed if k.startswith("w_") and int(k[2:]) not in cuts]
         if stray:

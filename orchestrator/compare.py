@@ -24,10 +24,8 @@ from typing import Any, Mapping, Optional
 
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
-import search_spaces
-from search_spaces.space import SearchSpaceError, defaults
+from search_spaces.space import SearchSpaceError, defaults, display as space_display, load_space as load_search_space, uses_partition
 
 from .checks import ConfigError, check_fixed
 from .cli import entry_point
@@ -37,22 +35,19 @@ from .stats import Interval, paired_difference, verdict
 from .tune import RunCases, RunSearch, collect_rows, first_failure, search
 from .tracking import MLflowWriter, Write
 
-SPACES = Path(search_spaces.__file__).parent / "conf" / "search"
-DISPLAY = {"none": "The student alone", "kd": "KD", "dkd": "DKD", "blockkd": "Block-KD"}
 COLUMNS = ("method", "seed", "test_acc", "val_acc", "best_val_acc", "status", "epochs", "mlflow_run_id", "trial_id")
 SPACE_DEFAULTS = "its search space's defaults"
 
 
 def display(method: str) -> str:
-    return DISPLAY.get(method, method)
+    return space_display(method)
 
 
 def load_space(method: str) -> dict[str, Any]:
-    path = SPACES / f"{method}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in SPACES.glob("*.yaml"))
-        raise ConfigError("compare.methods", f"unknown method {method!r}; valid: {', '.join(known)} (none: the student alone).")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    try:
+        return load_search_space(method)
+    except SearchSpaceError as exc:
+        raise ConfigError("compare.methods", str(exc)) from None
 
 
 def best_of_search(source: str, method: str, job: Job) -> dict[str, Any]:
@@ -113,13 +108,13 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
     compare.fixed."""
     space = load_space(method)
     c = job.cfg.compare
-    names = set(space.get("params") or {}) | ({"cuts"} if space.get("method", "blockkd") == "blockkd" else set())
+    names = set(space.get("params") or {}) | ({"cuts"} if uses_partition(space) else set())
     chosen: dict[str, Any] = {}
     sources, selected_on = [], set()
     found, where = (searched if searched else (None, ""))
     if found is None and (c.from_search or {}).get(method):
         found, where = best_of_search(str(c.from_search[method]), method, job), f"compare.from_search.{method}={c.from_search[method]}"
-        if space.get("method") != "blockkd" and found.get("cuts"):
+        if not uses_partition(space) and found.get("cuts"):
             raise ConfigError(f"compare.from_search.{method}", f"that search trained stepping stones (cuts={found['cuts']}); "
                               f"{method} has none. Give a {method} search.")
     if found is not None:

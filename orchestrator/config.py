@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from bkd_core import data as bkd_data
 from bkd_core.losses import LOGIT_LOSSES
 from bkd_core.train import TrainConfig
-from search_spaces.space import SearchSpaceError, TrialParams, partitions
+from search_spaces.space import SearchSpaceError, TrialParams, method_of, partitions
 
 from .checks import ConfigError, check_fixed, check_number, check_values
 from .mlflow_extras import dataset_spec
@@ -295,10 +295,11 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
                         for role in ("teacher", "student"))
     search = c.search
-    method = search.get("method", "blockkd")
-    if method not in ("blockkd", "logit", "none"):
-        raise ConfigError("search.method", f"unknown method {method!r}; use blockkd, logit or none (the student alone).")
-    if method == "blockkd" and teacher.num_blocks != student.num_blocks:
+    try:
+        method = method_of(search)
+    except ValueError as exc:
+        raise ConfigError("search.method", f"{exc} (none: the student alone).") from None
+    if method.uses_partition and teacher.num_blocks != student.num_blocks:
         ends = {role: block_names(spec, net, blocks) for role, spec, net, blocks in
                 (("teacher", c.pair.teacher, teacher, c.pair.teacher_blocks), ("student", c.pair.student, student, c.pair.student_blocks))}
         raise ConfigError(

@@ -23,12 +23,12 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from bkd_core import BlockKD, LogitKD
+from bkd_core import methods
 from bkd_core.train import (
     NonFiniteLossError, Supervised, as_test, eval_loader, evaluate, load_pretrained, make_loaders, make_optimizer, make_scheduler,
     score_on_test, step_module, train_epoch,
 )
-from search_spaces.space import TrialParams
+from search_spaces.space import TrialParams, load_space, method_of
 
 from .config import Job, build_model, is_streamed, load_dataset, train_config
 from .records import DIVERGED as DIVERGED_STATUS, FINISHED, TrialRecords
@@ -40,7 +40,8 @@ HISTORY_FILE = "history.json"  # every epoch's metrics so far (Train V2 results 
 
 
 def build_module(job: Job, params: Mapping[str, Any], mode: str, teacher_state: Any, sample: torch.Tensor) -> torch.nn.Module:
-    """``Supervised(teacher)`` for teacher training, else ``BlockKD``/``LogitKD`` with the frozen teacher."""
+    """``Supervised(teacher)`` for teacher training, else the method of the trial's search space (from the
+    ``bkd_core.methods`` registry) with the frozen teacher."""
     c, trial = job.cfg, TrialParams.of(params) if mode != "teacher" else None
     n, channels, shape = job.num_classes, job.in_channels, job.dataset.shape
     torch.manual_seed(trial.seed_or(c.train.seed) if trial else c.train.seed)  # the same student init in every method
@@ -53,12 +54,10 @@ def build_module(job: Job, params: Mapping[str, Any], mode: str, teacher_state: 
     student = build_model(c, "student", n, channels, shape)
     if c.student.init:
         load_pretrained(student, c.student.init, "student.init")
-    if trial.method == "none" or c.search.get("method") == "none":
-        return Supervised(student)  # the student alone: compare's baseline without a teacher
+    space = load_space(trial.method) if trial.method else c.search  # compare's cases name their method's space
+    method = method_of(space)
     kwargs = trial.distill_kwargs() | {"warmup_epochs": c.train.distill_warmup_epochs}
-    if not trial.cuts:
-        return LogitKD(teacher, student, **kwargs)
-    return BlockKD(teacher, student, connector=c.train.connector, sample_input=sample, **kwargs)
+    return methods.make(method.name, teacher, student, connector=c.train.connector, sample_input=sample, **kwargs)
 
 
 @dataclass

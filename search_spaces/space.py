@@ -2,7 +2,8 @@
 
 A space is a plain dict (a composed Hydra ``search`` group):
 
-    method: blockkd            # blockkd (stepping stones) | logit (plain KD/DKD/KD-LS baseline) | none (no teacher)
+    method: blockkd            # a bkd_core.methods name: blockkd (stepping stones) | logit (KD/DKD/KD-LS) | none
+    display: Block-KD          # how tables and plots name it
     params:                    # scalar hyper-parameters, each a range, a choice list or a constant
       temperature: {low: 1.0, high: 8.0, default: 4.0}
       lr: {low: 0.01, high: 0.3, log: true, default: 0.05}
@@ -23,7 +24,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+from bkd_core import methods
+
+SPACES = Path(__file__).parent / "conf" / "search"  # one YAML per space; its ``method`` names a bkd_core method
 
 
 # Parameters that only Block-KD has (logit baselines refuse them); so do the stone weights w_<cut>.
@@ -34,9 +40,40 @@ class SearchSpaceError(ValueError):
     """A search space that cannot produce a valid trial (names the key and the fix)."""
 
 
+def names() -> list[str]:
+    """The search spaces shipped in ``conf/search`` (what ``search=`` and ``compare.methods`` take)."""
+    return sorted(p.stem for p in SPACES.glob("*.yaml"))
+
+
+def load_space(name: str) -> dict[str, Any]:
+    """The space ``name`` as a plain dict; a ``SearchSpaceError`` naming the known spaces otherwise."""
+    import yaml
+
+    path = SPACES / f"{name}.yaml"
+    if not path.is_file():
+        raise SearchSpaceError(f"unknown method {name!r}; valid: {', '.join(names())} (none: the student alone).")
+    return yaml.safe_load(path.read_text())
+
+
+def method_of(space: Mapping[str, Any]) -> type[methods.Distiller]:
+    """The ``bkd_core.methods`` class a space trains (its ``method``, default blockkd)."""
+    return methods.get(space.get("method", "blockkd"))
+
+
+def uses_partition(space: Mapping[str, Any]) -> bool:
+    """Whether the space's method searches a block partition (cuts, stone weights w_<cut>)."""
+    return method_of(space).uses_partition
+
+
+def display(name: str) -> str:
+    """A space's display name (its ``display``, e.g. "Block-KD"), else its name."""
+    path = SPACES / f"{name}.yaml"
+    return (load_space(name).get("display") if path.is_file() else None) or name
+
+
 def partitions(space: Mapping[str, Any], num_blocks: int) -> list[str]:
-    """Every block partition the space allows, as "1,3"-style strings ([] for logit baselines)."""
-    if space.get("method", "blockkd") in ("logit", "none"):
+    """Every block partition the space allows, as "1,3"-style strings ([""] for methods without stones)."""
+    if not uses_partition(space):
         return [""]
     part = space.get("partition") or {}
     if part.get("fixed") == "all":
@@ -133,8 +170,8 @@ def defaults(space: Mapping[str, Any], num_blocks: int, fixed: Optional[Mapping[
         else:
             config[name] = spec
     options = partitions(space, num_blocks)
-    blockkd = space.get("method", "blockkd") == "blockkd"
-    config["cuts"] = _cuts_string(fixed["cuts"]) if "cuts" in fixed else options[-1] if blockkd else ""
+    stones = uses_partition(space)
+    config["cuts"] = _cuts_string(fixed["cuts"]) if "cuts" in fixed else options[-1] if stones else ""
     for cut in (int(c) for c in config["cuts"].split(",") if c):
         config[f"w_{cut}"] = float(fixed.get(f"w_{cut}", 2.0 ** -(num_blocks - cut)))
     return config

@@ -1,27 +1,19 @@
-"""BlockKD: the student, its stepping stones through the frozen teacher, and the Block-KD loss."""
+"""``blockkd``: the student, its stepping stones through the frozen teacher, and the Block-KD loss."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocknet import BlockNet
-from .connectors import build_connector
-from .losses import make_logit_distance, warmup_factor
+from ..blocknet import BlockNet
+from ..connectors import build_connector
+from ..losses import make_logit_distance, warmup_factor
+from .base import Distiller, DistillOutput
+from .registry import register
 
-
-@dataclass
-class BlockKDOutput:
-    """What one Block-KD step produces. ``parts`` holds detached scalar terms for logging."""
-
-    loss: torch.Tensor
-    student_logits: torch.Tensor
-    teacher_logits: torch.Tensor
-    stone_logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+BlockKDOutput = DistillOutput  # the name Block-KD's output had before every method shared it
 
 
 def default_stone_weights(cuts: Sequence[int], num_blocks: int) -> list[float]:
@@ -47,7 +39,8 @@ def validate_cuts(cuts: Optional[Sequence[int]], num_blocks: int) -> list[int]:
     return sorted(cuts)
 
 
-class BlockKD(nn.Module):
+@register("blockkd")
+class BlockKD(Distiller):
     """Block-wise logit distillation (Yu et al., 2024).
 
     ``loss = alpha*L_task + beta*L_distill + gamma*L_cross`` over the student S and the stepping
@@ -107,6 +100,14 @@ class BlockKD(nn.Module):
         teacher.eval()
         if sample_input is not None:
             self.build_connectors(sample_input)
+
+    uses_partition = True
+    summary = "the student with Block-KD's stepping stones"
+
+    @classmethod
+    def build(cls, teacher: nn.Module, student: nn.Module, *, sample_input: Optional[torch.Tensor] = None,
+              connector: str = "conv1x1", **params: Any) -> "BlockKD":
+        return cls(teacher, student, sample_input=sample_input, connector=connector, **params)
 
     def _partition(self, cuts: Optional[Sequence[int]]) -> list[int]:
         if self.teacher.num_blocks != self.student.num_blocks:
@@ -200,11 +201,11 @@ class BlockKD(nn.Module):
         feats = self.student.features(x)
         return self.student.head(feats[-1]), self.stone_forward(feats)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> BlockKDOutput:
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> DistillOutput:
         teacher_logits = self.teacher_logits(x)  # first: on CPU, 10-15 % faster than last (bench/step_bench.py)
         student_logits, stones = self.logits(x)
         loss, parts = self.loss(student_logits, stones, teacher_logits, y)
-        return BlockKDOutput(loss, student_logits, teacher_logits, stones, parts)
+        return DistillOutput(loss, student_logits, teacher_logits, stones, parts)
 
     def loss(
         self,
@@ -236,19 +237,3 @@ class BlockKD(nn.Module):
             parts["loss_cross"] = torch.zeros((), device=loss.device)
         parts["loss"] = loss.detach()
         return loss, parts
-
-
-class LogitKD(BlockKD):
-    """Plain logit distillation of the student (no stepping stones): the KD/DKD/KD-LS baselines.
-
-    ``loss = alpha*CE(S, y) + beta*d(S, T)``; with ``beta=0`` it trains the student without KD.
-    """
-
-    def __init__(self, teacher: BlockNet, student: BlockNet, **kwargs) -> None:
-        stone_args = sorted({"cuts", "stone_weights", "stone_temperature", "connector", "gamma"} & set(kwargs))
-        if stone_args:
-            raise ValueError(f"LogitKD has no stepping stones; drop {stone_args} or use BlockKD.")
-        super().__init__(teacher, student, **kwargs)
-
-    def _partition(self, cuts: Optional[Sequence[int]]) -> list[int]:
-        return []
