@@ -63,8 +63,9 @@ def check_node(node: DictConfig, prefix: str) -> None:
 
 
 def check_key(key: Key, value: Any, section: DictConfig) -> None:
-    """One value against its schema entry (``applies="use_gpu"``: only checked with a GPU)."""
-    if key.check is None or (value is None and key.nullable) or (key.applies == "use_gpu" and not section.get("use_gpu")):
+    """One value against its schema entry, whether or not the key is read in this run (a bad
+    ``resources.gpus_per_worker`` is refused on a CPU run too)."""
+    if key.check is None or (value is None and key.nullable):
         return
     if key.check.choices:
         if value not in key.check.choices:

@@ -38,13 +38,16 @@ def log_dataset(client: MlflowClient, run_id: str, spec: Mapping[str, str]) -> N
 
 def log_student_model(tracking_uri: str, run_id: str, student: Any, example: Any, registered_name: Optional[str]) -> str:
     """Log ``student`` (a torch module) on ``run_id`` as an MLflow PyTorch model with a signature and an
-    input example; register it as ``registered_name`` when given. Returns the model URI."""
+    input example, its batch dimension dynamic (``pyfunc.predict`` takes any batch); register it as
+    ``registered_name`` when given. Returns the model URI."""
     import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
 
     student = student.eval()
+    if example.shape[0] < 2:  # torch.export makes a batch of 1 static: serve any batch size
+        example = example.expand(2, *example.shape[1:]).contiguous()
     with torch.no_grad():
         output = student(example).numpy()
     mlflow.set_tracking_uri(tracking_uri)

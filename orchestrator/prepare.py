@@ -21,13 +21,14 @@ import io
 import json
 import random
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checks import ConfigError, check_values
@@ -229,9 +230,26 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return {"classes": len(classes), "shards": len(shards), "reused_shards": reused, **written, "skipped": len(skipped)}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def usage() -> str:
+    """prepare's own help: the command line and every key of its schema."""
+    from .schema import keys
 
+    lines = ["usage: python -m orchestrator.prepare source=SRC output=DST [KEY=VALUE ...] [--help]", "",
+             "Writes an image folder (SRC/train/<class>/<image>, SRC/val/<class>/<image>) as Parquet shards that "
+             "data=parquet streams.", "Example: python -m orchestrator.prepare source=/data/imagenet "
+             "output=s3://BUCKET/imagenet-parquet val_fraction=0.008", "", "Keys:"]
+    for key in keys(PrepareConfig):
+        text = f"(required) {key.doc}" if key.default == MISSING else f"{key.doc} (default {key.default!r})"
+        lines.append(f"  {key.name:<18} {textwrap.shorten(text, 100, placeholder=' ...')}")
+    lines += ["", "Exit codes: 0 done, 2 configuration error."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return 0
     try:
         cfg = compose(argv, config_name="prepare")
         missing = sorted(OmegaConf.missing_keys(cfg))

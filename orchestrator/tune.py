@@ -341,7 +341,7 @@ def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     model = instantiate(job.student_model, job.num_classes, job.in_channels, "pair.student")  # the user's own class
     state = torch.load(student_file, map_location="cpu", weights_only=True)
     model.load_state_dict(model.from_source_names(state) if hasattr(model, "from_source_names") else state, strict=True)
-    example = torch.zeros(1, *job.dataset.shape)
+    example = torch.zeros(2, *job.dataset.shape)  # a batch of 2: the logged model serves any batch size
     try:
         require_answer(job.tracking_uri)
         uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg.mlflow.registered_model)

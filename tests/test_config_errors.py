@@ -230,3 +230,21 @@ def test_help_is_bkds_own():
     proc = subprocess.run([sys.executable, "-m", "orchestrator.tune", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "docs/reference/config.md" in proc.stdout and "tune.num_samples" in proc.stdout
     assert "Powered by Hydra" not in proc.stdout
+
+
+def test_every_entry_point_answers_help_with_its_own_usage(capsys):
+    """In-process: each entry point's main(["--help"]) prints its usage and exits 0 (prepare included)."""
+    import importlib
+
+    for command in ("tune", "train", "teacher", "compare", "describe", "prepare"):
+        module = importlib.import_module(f"orchestrator.{command}")
+        assert module.main(["--help"]) == 0, command
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: python -m orchestrator.{command}"), (command, out[:200])
+        assert "Lexer" not in out and "Powered by Hydra" not in out
+
+
+def test_negative_or_zero_gpus_per_worker_is_refused_without_a_gpu(capsys):
+    for value in ("-1", "0"):
+        check([f"resources.gpus_per_worker={value}"], "resources.gpus_per_worker", "a number of GPUs in (0, 8]", capsys=capsys)
+    check(["resources.gpus_per_worker=abc"], "resources.gpus_per_worker", "abc", capsys=capsys)

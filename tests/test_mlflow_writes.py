@@ -78,3 +78,27 @@ def test_a_trial_restarted_from_an_older_checkpoint_logs_each_epoch_once(tmp_pat
         resumed.submit(metrics(step, 99.0))
     history = client.get_metric_history(writer.run_ids["t1"], "val_acc")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 99.0)]
+
+
+def test_the_logged_student_serves_any_batch_size_through_pyfunc(tmp_path):
+    """The best student is logged from a one-image example as a search logs it; pyfunc predicts batches
+    of 3 and 1 with the model's own logits."""
+    import mlflow.pyfunc
+    import numpy as np
+    import torch
+
+    from bkd_core import models
+    from orchestrator.mlflow_extras import log_student_model
+
+    uri, client, exp = store(tmp_path)
+    run_id = client.create_run(exp).info.run_id
+    torch.manual_seed(0)
+    student = models.create("tiny_cnn", 10, 1).eval()
+    model_uri = log_student_model(uri, run_id, student, torch.zeros(1, 1, 8, 8), None)
+    served = mlflow.pyfunc.load_model(model_uri)
+    for n in (3, 1):
+        x = torch.randn(n, 1, 8, 8)
+        with torch.no_grad():
+            expected = student(x).numpy()
+        got = np.asarray(served.predict(x.numpy()))
+        assert got.shape == (n, 10) and np.allclose(got, expected, atol=1e-5)
