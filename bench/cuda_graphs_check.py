@@ -14,9 +14,9 @@ import argparse
 import sys
 
 import torch
+from step_bench import random_cifar  # bench/ is on sys.path when run as a script
 
 from bkd_core import BlockKD, data, models, train
-from step_bench import random_cifar  # bench/ is on sys.path when run as a script
 
 
 def run(mode: str, batches: list, device: torch.device, batch: int) -> tuple[list[float], dict]:

@@ -89,8 +89,8 @@ def ray_data_throughput(shards: Path, size: int, cpus: int, batch: int = 64) -> 
     normalisation; the driver's CPU seconds per 1,000 images for each; Ray Data's own stats."""
     import ray
 
-    from orchestrator.schema import ParquetData
-    from orchestrator.streaming import StreamLoader, make_dataset
+    from orchestrator.config.schema import ParquetData
+    from orchestrator.data.streaming import StreamLoader, make_dataset
 
     ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -30,7 +30,8 @@ LRS, TEMPERATURES, PARTITIONS = (0.02, 0.06, 0.18), (2.0, 4.0, 8.0), ("1", "2", 
 
 def job_for(tmp: Path, name: str, *overrides: str, teacher: bool = True):
     """The job of one run; ``teacher=False`` before the teacher exists (it is trained first)."""
-    from orchestrator.config import compose, validate
+    from orchestrator.config.compose import compose
+    from orchestrator.config.job import validate
     given = [f"teacher.checkpoint={tmp}/teacher.pt"] if teacher else []
     return validate(compose([f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray",
                              f"output_dir={tmp}/out", f"tune.name={name}", *given, *FIXED, *overrides]))
@@ -47,14 +48,14 @@ class Searches:
     def rows(self, name: str, *overrides: str, cases: list[dict] | None = None) -> list[dict]:
         import pyarrow.parquet as pq
 
-        from orchestrator import tune as tune_entry
-        from orchestrator.results import write_parquet
+        from orchestrator.search.search import search
+        from orchestrator.tracking.results import write_parquet
         kept = self.out / f"{name}.parquet"
         if kept.exists():
             print(f"[hpo] {name}: read from {kept}")
             return pq.read_table(kept).to_pylist()
         self.ensure_teacher()
-        rows = tune_entry.search(job_for(self.tmp, name, *self.common, *overrides), cases)
+        rows = search(job_for(self.tmp, name, *self.common, *overrides), cases)
         write_parquet(rows, str(kept))
         return rows
 

@@ -24,7 +24,8 @@ import torch
 
 from bkd_core import BlockKD, data, models, train
 from orchestrator import train as train_entry
-from orchestrator.config import compose, validate
+from orchestrator.config.compose import compose
+from orchestrator.config.job import validate
 
 
 def main() -> None:

@@ -19,8 +19,9 @@ import torch
 
 from bkd_core import models
 from orchestrator import tune as tune_entry
-from orchestrator.config import compose, validate
-from orchestrator.runtime import init_ray
+from orchestrator.config.compose import compose
+from orchestrator.config.job import validate
+from orchestrator.worker.runtime import init_ray
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import argparse
 import time
 
 import torch
+from step_bench import random_cifar  # bench/ is on sys.path when run as a script
 
 from bkd_core import BlockKD, data, models, train
-from step_bench import random_cifar  # bench/ is on sys.path when run as a script
 
 
 def main() -> None:

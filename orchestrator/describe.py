@@ -9,83 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-import torch
-from torch import nn
-
-from bkd_core import BlockNet
-from bkd_core.connectors import build_connector
-from bkd_core.graph_split import ATOL, RTOL
-
-from .cli import entry_point
-from .config import Job, build_model
-from .model_spec import block_names, spec_name
-
-
-def multiply_adds(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(module(x), multiply-adds per image of its convolutions and linear layers)."""
-    total = [0]
-
-    def count(layer: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        if isinstance(layer, nn.Conv2d):
-            total[0] += out[0].numel() * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
-        elif isinstance(layer, nn.Linear):
-            total[0] += layer.in_features * layer.out_features
-
-    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        out = module(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return out, total[0]
-
-
-def block_rows(net: BlockNet, sample: torch.Tensor) -> list[tuple[tuple[int, ...], int, int]]:
-    """(output shape, parameters, multiply-adds per image) of every block and, last, the head."""
-    rows, x = [], sample
-    for part in [*net.blocks, net.head]:
-        x, macs = multiply_adds(part, x)
-        rows.append((tuple(x.shape[1:]), sum(p.numel() for p in part.parameters()), macs))
-    return rows
-
-
-def table(job: Job) -> str:
-    """The pair's per-block table (what ``describe`` prints and a search logs as ``describe.txt``)."""
-    shape = job.dataset.shape
-    sample = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    nets = {role: build_model(job.cfg, role, job.num_classes, job.in_channels, shape).eval() for role in ("teacher", "student")}
-    pair = job.cfg.pair
-    ends = {role: block_names(getattr(pair, role), net, getattr(pair, f"{role}_blocks")) for role, net in nets.items()}
-    with torch.no_grad():
-        rows = {role: block_rows(net, sample) for role, net in nets.items()}
-    head = ["block", "teacher ends at", "teacher output", "params", "MACs", "student ends at", "student output", "params",
-            "MACs", "connector"]
-    lines = [head]
-    count = max(len(rows["teacher"]), len(rows["student"]))
-    for i in range(count):
-        cells = ["head" if i == count - 1 else str(i + 1)]
-        for role in ("teacher", "student"):
-            if i < len(rows[role]):
-                out, params, macs = rows[role][i]
-                name = "head" if i == len(rows[role]) - 1 else ends[role][i]
-                cells += [name, "x".join(map(str, out)), f"{params:,}", f"{macs / 1e6:.2f}M"]
-            else:
-                cells += ["-"] * 4
-        connector = "-"
-        if i < count - 1 and i < len(rows["teacher"]) - 1 and i < len(rows["student"]) - 1:
-            c = build_connector(job.cfg.train.connector, rows["student"][i][0], rows["teacher"][i][0])
-            connector = f"{type(c).__name__} {sum(p.numel() for p in c.parameters()):,} params"
-        lines.append(cells + [connector])
-    widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    totals = {role: (sum(r[1] for r in rows[role]), sum(r[2] for r in rows[role])) for role in rows}
-    return "\n".join([
-        f"teacher {spec_name(job.teacher_model)}: {totals['teacher'][0]:,} parameters, {totals['teacher'][1] / 1e6:.2f}M "
-        f"multiply-adds per image; student {spec_name(job.student_model)}: {totals['student'][0]:,}, "
-        f"{totals['student'][1] / 1e6:.2f}M (input {'x'.join(map(str, shape))})", *text,
-        f"exactness: each model as blocks reproduces its own logits on a sample batch in eval mode (within {ATOL:g} + "
-        f"{RTOL:g} x max|logit|; zoo models are built as blocks)"])
+from orchestrator.config.job import Job
+from orchestrator.config.pair_table import table
+from orchestrator.console.cli import entry_point
 
 
 def run(job: Job) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from orchestrator.config.checks import ConfigError
+from orchestrator.config.job import Job
+from orchestrator.console.cli import entry_point
+from orchestrator.search.search import search
 from search_spaces.space import SearchSpaceError, defaults
-
-from .cli import entry_point
-from .config import ConfigError, Job
-from .tune import search
 
 
 def run(job: Job) -> int:

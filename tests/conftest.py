@@ -11,7 +11,7 @@ import pytest
 # Ray 2.60 local clusters use token authentication; a driver joining a `ray start` cluster must say so
 # before ray is imported (the mode is read once per process).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # as orchestrator.runtime.init_ray sets it
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # as orchestrator.worker.runtime.init_ray sets it
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"

@@ -4,7 +4,6 @@ import re
 import pytest
 import ray
 import yaml
-
 from conftest import REPO
 
 CLUSTER = REPO / "cluster"
@@ -62,7 +61,7 @@ def test_kuberay_manifest(path, doc):
     if doc["kind"] == "RayJob":
         assert doc["spec"]["entrypoint"].startswith("python -m orchestrator.tune ")
         assert doc["spec"]["shutdownAfterJobFinishes"] is True and doc["spec"]["ttlSecondsAfterFinished"] > 0
-        from orchestrator.config import compose  # the entrypoint's overrides compose
+        from orchestrator.config.compose import compose
         overrides = doc["spec"]["entrypoint"].split()[3:]
         cfg = compose(overrides)
         assert cfg.pair.teacher == "resnet32x4" and cfg.resources.use_gpu is True

@@ -11,10 +11,12 @@ from mlflow.tracking import MlflowClient
 from bkd_core import models
 from orchestrator import compare
 from orchestrator import tune as tune_entry
-from orchestrator.cli import entry_point
-from orchestrator.config import compose, validate
-from orchestrator.stats import Interval, paired_difference, verdict
-from orchestrator.worker import build_module
+from orchestrator.config.compose import compose
+from orchestrator.config.job import validate
+from orchestrator.console.cli import entry_point
+from orchestrator.search.comparison import COLUMNS
+from orchestrator.tracking.stats import Interval, paired_difference, verdict
+from orchestrator.worker.loop import build_module
 
 
 def test_interval_and_paired_difference_by_hand():
@@ -93,7 +95,7 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
                for r in rows)
     assert "[bkd] KD (kd): lr=0.05, temperature=4, alpha=1, beta=1, logit_loss=kd, cuts=  <- its search space's defaults" in out
     assert "compare.fixed.blockkd: cuts; its search space's defaults for the rest" in out
-    assert set(compare.COLUMNS) <= set(rows[0])
+    assert set(COLUMNS) <= set(rows[0])
     assert all(r["val_acc_stone_1"] is not None for r in rows if r["method"] == "blockkd")
     assert (tmp_path / "out" / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 

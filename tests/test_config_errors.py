@@ -3,12 +3,12 @@ import subprocess
 import sys
 
 import torch
+from conftest import REPO, write_idx
 
 from bkd_core import models
-from orchestrator.cli import entry_point
-from orchestrator.config import compose, validate
-
-from conftest import REPO, write_idx
+from orchestrator.config.compose import compose
+from orchestrator.config.job import validate
+from orchestrator.console.cli import entry_point
 
 
 def never_run(job):
@@ -112,7 +112,7 @@ def test_unwritable_storage_and_output(capsys):
 
 
 def test_unreachable_or_unwritable_mlflow(tmp_path, capsys, monkeypatch):
-    from orchestrator.tune import search  # connects to MLflow before Ray starts
+    from orchestrator.search.search import search
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
@@ -193,14 +193,14 @@ def test_unknown_keys_are_refused_also_with_plus_and_never_suggest_plus(capsys):
 def test_the_open_maps_and_a_models_own_arguments_take_new_keys():
     cfg = compose(["fixed.temperature=3", "compare.fixed.kd.alpha=0.5", "compare.from_search.blockkd=results/x",
                    "pair.teacher={_target_:bkd_core.models.small.tiny_resnet}", "+pair.teacher.width=4"])
-    from orchestrator.checks import check_values
+    from orchestrator.config.checks import check_values
 
     check_values(cfg)  # no error
     assert cfg.fixed.temperature == 3 and cfg.compare.fixed.kd.alpha == 0.5 and cfg.pair.teacher.width == 4
 
 
 def test_the_reference_page_is_generated_from_the_schema_and_every_key_has_a_doc():
-    from orchestrator.reference import PAGE, render, undocumented
+    from orchestrator.config.reference import PAGE, render, undocumented
 
     assert undocumented() == []
     assert PAGE.read_text() == render(), "docs/reference/config.md is stale: run `python -m orchestrator.reference`"
@@ -212,8 +212,8 @@ def test_the_yaml_files_state_no_default_the_schema_has():
     """config.yaml holds only its defaults list; a data group only what differs from its schema."""
     import yaml
 
-    from orchestrator.checks import data_groups
-    from orchestrator.schema import DATA_SCHEMAS, fields_of
+    from orchestrator.config.checks import data_groups
+    from orchestrator.config.schema import DATA_SCHEMAS, fields_of
 
     conf = REPO / "orchestrator" / "conf"
     assert set(yaml.safe_load((conf / "config.yaml").read_text())) == {"defaults", "hydra"}

@@ -9,11 +9,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import fashion_root
 
 from bkd_core import data
 from bkd_core.data import Augmentation, BatchLoader, ImageDataset
-
-from conftest import fashion_root
 
 
 def test_digits_embedded():

@@ -3,11 +3,9 @@ written, the site builds strictly, and the text speaks of the product only."""
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 DOCS = REPO / "docs"

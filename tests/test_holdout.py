@@ -6,14 +6,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import REPO, write_idx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bkd_core import data
 from bkd_core.data import stratified_holdout
-from orchestrator.config import compose, load_dataset, validate
-from orchestrator.schema import BuiltinData
-
-from conftest import REPO, write_idx
+from orchestrator.config.compose import compose
+from orchestrator.config.job import validate
+from orchestrator.config.schema import BuiltinData
+from orchestrator.data.datasets import load_dataset
 
 
 @settings(max_examples=200, deadline=None)
@@ -69,7 +71,7 @@ def test_every_trial_seed_and_method_sees_the_same_val_split_and_train_size_neve
 
 def test_the_split_is_the_same_in_another_process():
     """Every DDP worker and Ray worker loads the dataset itself: the split must not depend on the process."""
-    code = ("import hashlib; from orchestrator.config import load_dataset; from orchestrator.schema import BuiltinData; "
+    code = ("import hashlib; from orchestrator.data.datasets import load_dataset; from orchestrator.config.schema import BuiltinData; "
             "s = load_dataset(BuiltinData(name='digits', val_fraction=0.1, split_seed=0)); "
             "print(hashlib.sha1(s.val.images.numpy().tobytes() + s.val.labels.numpy().tobytes()).hexdigest())")
     here = load_dataset(BuiltinData(name="digits", val_fraction=0.1, split_seed=0))
@@ -103,7 +105,7 @@ def test_image_folder_test_split_uses_the_training_statistics(tmp_path):
 
 
 def test_bad_val_fraction_is_named_before_ray(tmp_path, monkeypatch):
-    from orchestrator.checks import ConfigError
+    from orchestrator.config.checks import ConfigError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"data.val_fraction: must be a fraction of the training images in \[0, 0.5\]"):

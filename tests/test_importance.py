@@ -7,8 +7,8 @@ import optuna
 import pytest
 import yaml
 
-from orchestrator.importance import format_importances, param_importances
-from orchestrator.plots import search_figure
+from orchestrator.tracking.importance import format_importances, param_importances
+from orchestrator.tracking.plots import search_figure
 from search_spaces.space import suggest
 
 SPACE = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces/conf/search/blockkd.yaml").read_text())

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from bkd_core import methods, models
-from bkd_core.methods import DistillOutput, Distiller, register
-from search_spaces.space import load_space, method_of, names as space_names
+from bkd_core.methods import Distiller, DistillOutput, register
+from search_spaces.space import load_space, method_of
+from search_spaces.space import names as space_names
 
 
 def pair():

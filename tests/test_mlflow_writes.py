@@ -4,11 +4,11 @@ import json
 import socket
 import time
 
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import MLflowWriter, Write, answers, is_outage
-
-from conftest import free_port
+from orchestrator.tracking.runs import answers
+from orchestrator.tracking.writer import MLflowWriter, Write, is_outage
 
 
 def store(tmp_path):
@@ -46,7 +46,7 @@ def test_an_unreachable_server_is_an_outage(tmp_path, monkeypatch):
 def test_a_writer_waiting_out_an_outage_probes_instead_of_retrying_and_keeps_every_write(tmp_path, monkeypatch):
     """While nothing listens, a try costs a TCP probe, not MLflow's HTTP retries, and every write
     submitted meanwhile is in the spool file (a resume replays that file)."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as orchestrator.tracking.connect sets it
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as orchestrator.tracking.runs.connect sets it
     uri = f"http://127.0.0.1:{free_port()}"
     assert not answers(uri) and answers(f"sqlite:///{tmp_path}/x.db")
     with socket.create_server(("127.0.0.1", 0)) as listening:
@@ -88,7 +88,7 @@ def test_the_logged_student_serves_any_batch_size_through_pyfunc(tmp_path):
     import torch
 
     from bkd_core import models
-    from orchestrator.mlflow_extras import log_student_model
+    from orchestrator.tracking.mlflow_models import log_student_model
 
     uri, client, exp = store(tmp_path)
     run_id = client.create_run(exp).info.run_id

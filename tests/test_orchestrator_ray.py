@@ -5,18 +5,16 @@ import re
 import pyarrow.parquet as pq
 import pytest
 import ray
-from mlflow.tracking import MlflowClient
-
 import torch
+from conftest import write_unlearnable_test_folder
+from mlflow.tracking import MlflowClient
 
 from bkd_core import models
 from bkd_core.data import BatchLoader, load
 from bkd_core.train import Supervised, evaluate
 from orchestrator import train as train_entry
 from orchestrator import tune as tune_entry
-from orchestrator.cli import entry_point
-
-from conftest import write_unlearnable_test_folder
+from orchestrator.console.cli import entry_point
 
 pytestmark = pytest.mark.ray
 

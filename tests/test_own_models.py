@@ -8,11 +8,10 @@ import textwrap
 import pytest
 import ray
 import torch
+from conftest import REPO, assert_console_is_bkds
 
 from orchestrator import tune as tune_entry
-from orchestrator.cli import entry_point
-
-from conftest import REPO, assert_console_is_bkds
+from orchestrator.console.cli import entry_point
 
 MODULE = textwrap.dedent('''
     import torch
@@ -107,7 +106,8 @@ def pretrained(project, classes=5):
 
 
 def test_pretrained_starts_load_what_fits_and_replace_the_classifier(project, capsys):
-    from orchestrator.config import compose, validate
+    from orchestrator.config.compose import compose
+    from orchestrator.config.job import validate
 
     path = pretrained(project)
     job = validate(compose(common(project) + ["pair.teacher=mymodels:teacher", f"teacher.init={path}", "pair.student=mymodels:teacher",

@@ -11,13 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from bkd_core.data import ParquetImages
 from bkd_core.data.parquet import center_box, decode_crop
-
-from conftest import REPO
 
 CLASSES = ["golden retriever", "tabby cat", "zebra"]
 
@@ -178,7 +177,7 @@ def test_more_than_one_percent_corrupt_fails_the_epoch_with_one_paragraph(tmp_pa
 
 def test_prepare_writes_the_row_groups_readers_share(prepared):
     from bkd_core.data.parquet import ROWS_PER_GROUP
-    from orchestrator.prepare import ROW_GROUP
+    from orchestrator.data.prepare import ROW_GROUP
 
     assert ROW_GROUP == ROWS_PER_GROUP
     _, dst = prepared
@@ -190,7 +189,7 @@ def test_prepare_writes_the_row_groups_readers_share(prepared):
 def test_prepare_writes_rows_in_a_seeded_random_order_so_every_shard_mixes_the_classes(tmp_path):
     """A sorted folder would give shards (and row groups) of one class each, which a reader's few-row-group
     shuffle window cannot mix; the plan shuffles, the same way on every run (resume relies on it)."""
-    from orchestrator.prepare import plan
+    from orchestrator.data.prepare import plan
 
     for split, n in (("train", 90), ("val", 9)):
         for name in CLASSES:

@@ -1,7 +1,7 @@
 """The search summary figure: what each panel shows, written as a real PNG."""
 import math
 
-from orchestrator.plots import search_figure
+from orchestrator.tracking.plots import search_figure
 
 
 def rows_and_curves():

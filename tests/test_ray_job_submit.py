@@ -4,9 +4,8 @@ import re
 import subprocess
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import BIN, REPO, free_port
+from mlflow.tracking import MlflowClient
 from test_parquet_data import prepare, write_folder
 
 pytestmark = pytest.mark.ray

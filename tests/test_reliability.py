@@ -13,16 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import BIN, REPO, free_port, write_idx
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
 from bkd_core import models
 from orchestrator import train as train_entry
 from orchestrator import tune as tune_entry
-from orchestrator.cli import entry_point
-from orchestrator.tracking import connect
-
-from conftest import BIN, REPO, free_port, write_idx
+from orchestrator.console.cli import entry_point
+from orchestrator.tracking.runs import connect
 
 pytestmark = pytest.mark.ray
 

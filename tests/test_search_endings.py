@@ -13,11 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, assert_console_is_bkds
 from mlflow.tracking import MlflowClient
 
 from bkd_core import models
-
-from conftest import REPO, assert_console_is_bkds
 
 pytestmark = pytest.mark.ray
 

@@ -4,7 +4,7 @@ import pickle
 
 import optuna
 
-from orchestrator.config import compose
+from orchestrator.config.compose import compose
 from search_spaces import defaults, partitions, suggest
 
 

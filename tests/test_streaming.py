@@ -16,19 +16,18 @@ import pytest
 import ray
 import ray.train
 import torch
+from conftest import BIN, free_port, write_unlearnable_test_folder
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from ray.train.torch import TorchTrainer
+from test_parquet_data import CLASSES, prepare, write_folder, write_with_corrupt_rows
 
 from bkd_core import models
 from bkd_core.data import ParquetImages
 from orchestrator import tune as tune_entry
-from orchestrator.cli import entry_point
-from orchestrator.schema import ParquetData
-from orchestrator.streaming import StreamLoader, make_dataset, stream_loaders, trainer_datasets
-
-from conftest import BIN, free_port, write_unlearnable_test_folder
-from test_parquet_data import CLASSES, prepare, write_folder, write_with_corrupt_rows
+from orchestrator.config.schema import ParquetData
+from orchestrator.console.cli import entry_point
+from orchestrator.data.streaming import StreamLoader, make_dataset, stream_loaders, trainer_datasets
 
 pytestmark = pytest.mark.ray
 
@@ -266,7 +265,8 @@ def test_an_unreachable_bucket_is_one_paragraph_and_exit_2(tmp_path):
 
 
 def test_imagenet_recipe_composes_over_shards_without_decoding_them(tmp_path):
-    from orchestrator.config import compose, validate
+    from orchestrator.config.compose import compose
+    from orchestrator.config.job import validate
 
     write_shards(tmp_path / "shards", count=1100, classes=4, size=(80, 60))  # more than one batch of 512
     job = validate(compose(["recipe=imagenet", f"data.root={tmp_path / 'shards'}", f"ray.storage_path={tmp_path}/ray",

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from bkd_core import BlockKD, LogitKD
-from orchestrator.config import compose, train_config, validate
-from orchestrator.runtime import TRIAL_DRIVER_CPU, make_trainer, trial_resources
-from orchestrator.worker import build_module
+from orchestrator.config.compose import compose
+from orchestrator.config.job import train_config, validate
+from orchestrator.worker.loop import build_module
+from orchestrator.worker.runtime import TRIAL_DRIVER_CPU, make_trainer, trial_resources
 from search_spaces.space import defaults
 
 

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+
 def case_of(config: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's parameters: a search's suggestion, or one listed case (``{"case": {...}}``) of
     ``orchestrator.train``, ``compare`` and confirmation runs."""

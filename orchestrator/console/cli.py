@@ -7,13 +7,16 @@ from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, Job, apply_env_defaults, compose, validate
-from .console import close_worker_output
-from .interrupts import STOP, Interrupted, OutOfTime
+from orchestrator.config.checks import ConfigError
+from orchestrator.config.compose import apply_env_defaults, compose
+from orchestrator.config.job import Job, validate
+from orchestrator.console.filters import close_worker_output
+from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime
+
 
 def usage(command: str) -> str:
     """bkd's own help: the command line, the groups, the main keys (from the schema), where the rest is."""
-    from .schema import find_key
+    from orchestrator.config.schema import find_key
 
     main = ["data.root", "pair.teacher", "pair.student", "tune.num_samples", "tune.max_concurrent", "train.epochs",
             "train.batch_size", "teacher.checkpoint", "resources.use_gpu", "resources.workers_per_trial",
@@ -48,7 +51,7 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, com
             return 0
         job = validate(cfg, command=command)
         if job.cfg.tune.console != "ray":
-            from .console import quiet_driver
+            from orchestrator.console.filters import quiet_driver
 
             quiet_driver()
         with STOP.installed():

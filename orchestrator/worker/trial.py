@@ -8,11 +8,11 @@ from typing import Any, Optional
 import torch
 from ray import tune
 
-from .config import Job
-from .records import RECORDED, TrialRecords
-from .results import case_of
-from .runtime import make_trainer
-from .worker import tune_trial_loop
+from orchestrator.config.job import Job
+from orchestrator.tracking.records import RECORDED, TrialRecords
+from orchestrator.tracking.results import case_of
+from orchestrator.worker.loop import tune_trial_loop
+from orchestrator.worker.runtime import make_trainer
 
 
 def run_trial(config: dict[str, Any], job: Job, teacher_state: Optional[dict], mode: str = "distill") -> None:

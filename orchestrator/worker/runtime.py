@@ -11,14 +11,14 @@ import ray.train
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator.config.checks import ConfigError
+from orchestrator.config.job import Job
+from orchestrator.console.filters import WORKER_ENV, filter_worker_logs
+from orchestrator.console.interrupts import STOP
+from orchestrator.data.datasets import is_streamed
+from orchestrator.data.streaming import data_cpus, trainer_datasets
+from orchestrator.worker.loop import train_loop_per_worker
 from search_spaces.space import TrialParams
-
-from .config import ConfigError, Job, is_streamed
-from .console import WORKER_ENV, filter_worker_logs
-from .interrupts import STOP
-from .streaming import data_cpus, trainer_datasets
-from .worker import train_loop_per_worker
-
 
 # The Tune function that drives a trial's Train run holds this much CPU (Tune refuses 0).
 TRIAL_DRIVER_CPU = 0.01
@@ -36,7 +36,7 @@ def init_ray(job: Job) -> None:
     runtime_env: dict[str, Any] = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}}
     quiet = job.cfg.tune.console != "ray"
     if quiet:  # workers keep Ray's own INFO lines in its log files
-        runtime_env["worker_process_setup_hook"] = "orchestrator.console.quiet_worker"
+        runtime_env["worker_process_setup_hook"] = "orchestrator.console.filters.quiet_worker"
         runtime_env["env_vars"] |= WORKER_ENV
     join_or_start(address, job.cfg.ray.num_cpus, log_to_driver=True, runtime_env=runtime_env,
                   logging_level=logging.WARNING if quiet else logging.INFO)

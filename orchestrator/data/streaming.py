@@ -24,16 +24,15 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import ray
 import ray.data
-from ray.data.collate_fn import DefaultCollateFn
 import ray.train
 import torch
+from ray.data.collate_fn import DefaultCollateFn
 
 from bkd_core.data import IMAGENET_MEAN, IMAGENET_STD
 from bkd_core.data.loader import normalise
 from bkd_core.data.parquet import decode_or_warn, skip_budget, too_many_skipped
-
-from .config import is_streamed
-from .schema import DataConfig, ParquetData
+from orchestrator.config.schema import DataConfig, ParquetData
+from orchestrator.data.datasets import is_streamed
 
 DECODE_BATCH = 128  # images per decode task: fewer task starts per epoch; 19 MB blocks at 224 px
 PREFETCH = 2  # batches the iterator prepares ahead of the trial

@@ -13,9 +13,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from orchestrator.config.schema import DATA_SCHEMAS, OPEN_MAPS, Key, fields_of, keys
 from search_spaces.space import BLOCKKD_ONLY, method_of, parse_cuts
-
-from .schema import DATA_SCHEMAS, OPEN_MAPS, Key, fields_of, keys
 
 
 class ConfigError(ValueError):
@@ -94,7 +93,7 @@ def data_groups() -> dict[str, str]:
     """conf/data option -> the schema it extends (``builtin``, ``image_folder``, ``parquet``)."""
     import re
 
-    folder = Path(__file__).parent / "conf" / "data"
+    folder = Path(__file__).parents[1] / "conf" / "data"
     found = {}
     for path in sorted(folder.glob("*.yaml")):
         match = re.search(r"/schema/data@_here_:\s*(\w+)", path.read_text())

@@ -2,8 +2,6 @@
 dataset (Dataset column) and the best student as a logged MLflow model (Models column, Registry)."""
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 if TYPE_CHECKING:
@@ -16,15 +14,6 @@ KIND = "custom_model_development"  # not GenAI: the UI opens the experiment on i
 def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
     if client.get_experiment(experiment_id).tags.get(KIND_TAG) != KIND:
         client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
-
-
-def dataset_spec(data_cfg: Any, rows: Mapping[str, int]) -> dict[str, str]:
-    """Name, digest and source of a run's dataset (``data_cfg``: the typed ``data`` section)."""
-    name = str(data_cfg.name) + (f"[:{data_cfg.train_size}]" if data_cfg.train_size else "")
-    spec = {"data": data_cfg.name, "root": data_cfg.root, "train_size": data_cfg.train_size,
-            "val_fraction": data_cfg.val_fraction, "split_seed": getattr(data_cfg, "split_seed", None), **rows}
-    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    return {"name": name, "digest": digest, "source": str(data_cfg.root or f"bkd_core.data:{data_cfg.name}")}
 
 
 def log_dataset(client: MlflowClient, run_id: str, spec: Mapping[str, str]) -> None:

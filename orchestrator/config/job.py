@@ -1,8 +1,7 @@
-"""Compose the Hydra config, validate it before Ray starts, and resolve it into a ``Job``.
+"""Validate a composed config before Ray starts and resolve it into a ``Job``; a trial's ``TrainConfig``.
 
 Every problem found here is a ``ConfigError`` that names the key and the fix; the entry points print
-it as one paragraph and exit with code 2, before any Ray or MLflow work.
-"""
+it as one paragraph and exit with code 2, before any Ray or MLflow work."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,70 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 from bkd_core import data as bkd_data
 from bkd_core.losses import LOGIT_LOSSES
 from bkd_core.train import TrainConfig
+from orchestrator.config.checks import ConfigError, check_fixed, check_number, check_values
+from orchestrator.config.compose import absolute_path
+from orchestrator.config.models import block_names, build_model, check_pretrained, spec_name
+from orchestrator.config.schema import BkdConfig, ParquetData
+from orchestrator.data.datasets import dataset_spec, describe_dataset, selects_on_test, val_fraction
 from search_spaces.space import SearchSpaceError, TrialParams, method_of, partitions
-
-from .checks import ConfigError, check_fixed, check_number, check_values
-from .mlflow_extras import dataset_spec
-from .model_spec import block_names, spec_name
-from .schema import BkdConfig, DataConfig, ImageFolderData, ParquetData
-
-__all__ = ["ConfigError", "Job", "check_number", "compose", "validate"]
-
-
-OPEN_MAPPINGS = ("fixed.", "compare.fixed.", "compare.from_search.")  # keys added without Hydra's `+`
-
-
-def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
-    """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/),
-    typed by the schema (``orchestrator.schema``).
-
-    ``fixed.KEY=VALUE`` (and ``compare.fixed.*``, ``compare.from_search.*``) adds a key to an open
-    mapping (Hydra would want ``+fixed.KEY``).
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.errors import HydraException
-
-    from .schema import register
-
-    register()
-    given = [f"+{o}" if o.startswith(OPEN_MAPPINGS) else o for o in overrides]
-    try:
-        with initialize_config_module(config_module="orchestrator.conf", version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=given)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise _override_error(str(exc), overrides, config_name) from None
-
-
-def _override_error(text: str, overrides: list[str], config_name: str) -> ConfigError:
-    from .checks import EVERY_KEY, unknown_key
-    from .schema import BkdConfig, PrepareConfig, find_key
-
-    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
-        return ConfigError(group, f"unknown {group} {option!r}; available: {', '.join(options)}. Pick one with {group}=NAME.")
-    merging = re.search(r"Error merging override \+?([\w.]+)=(.*)", text)
-    schema = PrepareConfig if config_name == "prepare" else BkdConfig
-    if merging:  # a value of the wrong type for its key
-        name, value = merging.groups()
-        key = find_key(name, schema)
-        if key is not None:
-            return ConfigError(name, f"must be {key.wanted()}; got {value.strip()!r}.")
-    found = re.search(r"override '\+?([^']+)'|Key '([^']+)'", text)
-    name = next((g for g in found.groups() if g), "overrides") if found else "overrides"
-    if "Could not override" in text and name != "overrides":
-        others = [o for o in overrides if not o.lstrip("+").startswith(f"{name}=")]
-        section = name.rpartition(".")[0]
-        try:
-            base = compose(others, config_name)
-            node = OmegaConf.select(base, section) if section else base
-        except ConfigError:
-            node = None
-        return unknown_key(name, node, OmegaConf.get_type(node) if isinstance(node, DictConfig) else None)
-    first = " ".join(text.strip().split("\n\n")[0].splitlines())
-    return ConfigError(name, f"{first} {EVERY_KEY}")
 
 
 @dataclass
@@ -150,104 +91,6 @@ class Job:
                 "val": [val_fraction(d), getattr(d, "split_seed", 0)],  # a teacher never trained on the val split
                 "teacher": {k: v for k, v in asdict(self.cfg.teacher).items() if k != "checkpoint"}, "seed": self.cfg.train.seed}
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-DEFAULT_VAL_FRACTION = 0.1
-
-
-def val_fraction(data_cfg: DataConfig) -> float:
-    """The share of the training data held out for selection: ``data.val_fraction``; null: 0.1, or for
-    Parquet shards the split their ``prepare`` held out."""
-    if data_cfg.val_fraction is not None:
-        return float(data_cfg.val_fraction)
-    if isinstance(data_cfg, ParquetData):
-        return bkd_data.ShardLayout.of(data_cfg.root).val_fraction
-    return DEFAULT_VAL_FRACTION
-
-
-def selects_on_test(data_cfg: DataConfig) -> bool:
-    """``data.val_fraction=0``: nothing held out, the search selects on the test split."""
-    return val_fraction(data_cfg) == 0
-
-
-def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
-    """The dataset a config names: ``val`` held out of the training data (``data.val_fraction``,
-    ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
-    (used by validation and workers)."""
-    extra: dict[str, Any] = {"image_size": data_cfg.image_size} if isinstance(data_cfg, (ImageFolderData, ParquetData)) else {}
-    if isinstance(data_cfg, ParquetData):  # the shards hold val apart: decode no more training images than used
-        extra["train_size"] = data_cfg.train_size
-    splits = bkd_data.load(data_cfg.name, data_cfg.root, **extra)
-    if isinstance(data_cfg, ParquetData):
-        if selects_on_test(data_cfg):
-            splits.val = None
-    else:
-        splits = splits.hold_out(val_fraction(data_cfg), data_cfg.split_seed)
-    if data_cfg.train_size:
-        splits.train = splits.train.subset(data_cfg.train_size)
-    return splits
-
-
-def shard_folders(data_cfg: ParquetData) -> dict[str, str]:
-    """The shard folder of each split a streamed trial reads: train, val (the test folder when the
-    search selects on test) and test; a ConfigError when data.val_fraction does not match the shards."""
-    layout = bkd_data.ShardLayout.of(data_cfg.root)
-    wanted = data_cfg.val_fraction
-    if wanted is not None and float(wanted) > 0 and abs(float(wanted) - layout.val_fraction) > 1e-9:
-        had = (f"were prepared with val_fraction={layout.val_fraction:g}" if layout.val else
-               "hold no validation split (they were written before prepare held one out, or with val_fraction=0)")
-        raise ConfigError("data.val_fraction", f"{wanted} does not match the shards in {data_cfg.root}, which {had}. "
-                          "Drop data.val_fraction to use the shards' split, set data.val_fraction=0 to select on the test "
-                          f"split, or write the shards again: python -m orchestrator.prepare source=SRC output={data_cfg.root} "
-                          f"val_fraction={wanted}.")
-    val = layout.val if layout.val and not (wanted is not None and float(wanted) == 0) else layout.test
-    return {"train": layout.train, "val": val, "test": layout.test}
-
-
-def is_streamed(data_cfg: DataConfig) -> bool:
-    """Parquet shards streamed by Ray Data (``data.in_memory=false``), not decoded into RAM."""
-    return isinstance(data_cfg, ParquetData) and not data_cfg.in_memory
-
-
-@dataclass(frozen=True)
-class DataShape:
-    """What the driver needs to know of a dataset: classes, channels, sizes of the splits."""
-
-    num_classes: int
-    in_channels: int
-    train: int  # training images (after the hold-out and data.train_size)
-    val: int  # images of the split that selects (the test split's when data.val_fraction=0)
-    test: int
-    image_shape: list[int]  # [C, H, W] of a model input
-    folders: Optional[dict[str, str]] = None  # streamed shards: the folder of each split
-
-
-def describe_dataset(d: DataConfig) -> DataShape:
-    """The dataset's shape: streamed shards from their metadata alone (nothing decoded here), other
-    datasets by loading them."""
-    try:
-        if is_streamed(d):
-            folders = shard_folders(d)
-            train, val, test = (bkd_data.ParquetImages(d.root, folders[split]) for split in ("train", "val", "test"))
-            rows = min(len(train), d.train_size) if d.train_size else len(train)
-            size = d.image_size
-            return DataShape(len(train.classes), 3, rows, len(val), len(test), [3, size, size], folders)
-        if isinstance(d, ParquetData):
-            shard_folders(d)  # data.val_fraction against the shards
-        splits = load_dataset(d)
-    except ConfigError:
-        raise
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError("data.root", f"{exc}") from None
-    except OSError as exc:  # a bucket that cannot be reached or read
-        raise ConfigError("data.root", f"cannot read {d.root}: {exc}. Check the URI and the credentials "
-                          "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
-    return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test),
-                     list(splits.test.images.shape[1:]))
-
-
-def absolute_path(path: str) -> str:
-    """A local path made absolute (workers run elsewhere); URIs as they are."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _tracking_uri(value: Optional[str]) -> str:
@@ -354,35 +197,6 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
                _tracking_uri(c.mlflow.tracking_uri), output_dir, name, dataset)
 
 
-def check_pretrained(c: BkdConfig, role: str, model: Any) -> None:
-    """``teacher.init`` / ``student.init``: made absolute, loaded once here, and what it loads printed."""
-    section = c.teacher if role == "teacher" else c.student
-    path = section.init
-    if not path:
-        return
-    if role == "teacher" and c.teacher.checkpoint:
-        raise ConfigError("teacher.init", "and teacher.checkpoint are both set: teacher.checkpoint is a trained teacher (used as "
-                          "it is), teacher.init a starting point fine-tuned for teacher.epochs; keep one.")
-    section.init = absolute_path(str(path))
-    from bkd_core.train import load_pretrained
-
-    try:
-        report = load_pretrained(model, section.init, what=f"{role}.init")
-    except ValueError as exc:
-        raise ConfigError(f"{role}.init", str(exc)) from None
-    print(f"[bkd] {role}.init={path}: {report.summary()}", flush=True)
-
-
-def build_model(c: BkdConfig, role: str, num_classes: int, in_channels: int, image_shape: list[int],
-                check: bool = False) -> Any:
-    """``pair.<role>`` as a BlockNet (``orchestrator.model_spec``), cut the same way in the driver and every
-    worker; ``check``: prove the cut on a sample (validation does, once, before Ray starts)."""
-    from .model_spec import build
-
-    spec, blocks = (c.pair.teacher, c.pair.teacher_blocks) if role == "teacher" else (c.pair.student, c.pair.student_blocks)
-    return build(spec, num_classes, in_channels, image_shape, f"pair.{role}", blocks, check)
-
-
 def check_batch_fits(c: BkdConfig, train_images: int) -> None:
     """Each worker's share of a batch must fit in its share of the training set (full batches only)."""
     workers = c.resources.workers_per_trial
@@ -436,8 +250,3 @@ def default_experiment_name(c: BkdConfig, storage: str, resume: bool, command: s
             return found[-1]
         raise ConfigError("tune.resume", f"no earlier experiment {prefix}-* under {storage} to resume; pass tune.name=NAME or drop tune.resume.")
     return f"{prefix}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def apply_env_defaults() -> None:
-    """Environment that every entry point wants before Ray starts."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

@@ -1,101 +1,26 @@
-"""MLflow logging: a parent run per invocation, a child run per Tune trial (via a Tune callback on
-the driver, so only the driver needs to reach the tracking server), and the teacher's own run."""
+"""MLflowWriter: a search's MLflow writes in order, queued and spooled through outages."""
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
-from urllib.parse import urlsplit
+from typing import Any, Optional
 
-from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from ray.tune import Callback
 
-from .config import ConfigError
-from .mlflow_extras import log_dataset, mark_model_training
-from .records import RECORDED, STOPPED_EARLY, TrialRecords
-from .results import DIVERGED, case_of, diverged_message
-
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "bkd.trial_id"
-ROLE_TAG = "bkd.role"
-END_TAG = "bkd.end_reason"  # why a run ended KILLED (interrupted, out of time, its driver died)
-# Tune's own bookkeeping, not worth a metric each.
-SKIPPED_METRICS = {"epoch", "workers", "training_iteration", "timestamp", "time_this_iter_s", "time_since_restore",
-                   "iterations_since_restore", "pid", "done", "time_total_s"}
-
-
-def connect(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    """A client and the experiment id (created if needed), with a clear error when unreachable."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    try:
-        client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        mark_model_training(client, experiment_id)
-        return client, experiment_id
-    except Exception as exc:  # mlflow raises many types for unreachable or unwritable stores
-        raise ConfigError("mlflow.tracking_uri", f"cannot use MLflow at {tracking_uri} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:300]}); start the server or point mlflow.tracking_uri at a writable "
-                          "sqlite:///PATH/mlflow.db.") from None
-
-
-def answers(tracking_uri: str, timeout_s: float = 1.0) -> bool:
-    """False when an http(s) tracking server does not even accept a connection: a check that costs at
-    most ``timeout_s`` instead of MLflow's HTTP retries (seconds each call). Other stores: True."""
-    parts = urlsplit(tracking_uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return True
-    try:
-        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def require_answer(tracking_uri: str) -> None:
-    """Raise ConnectionError at once when ``answers`` is False (before a call MLflow would retry)."""
-    if not answers(tracking_uri):
-        raise ConnectionError(f"MLflow at {tracking_uri} does not accept connections")
-
-
-def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": 1}`` from nested mappings or dataclasses (a typed configuration section)."""
-    if dataclasses.is_dataclass(values):
-        values = dataclasses.asdict(values)
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
-
-
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> None:
-    items = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()
-             if k not in SKIPPED_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-    if items:
-        client.log_batch(run_id, metrics=items)
-
-
-def trial_params(config: Mapping[str, Any], common: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's searched and constant parameters, flat (``temperature``, ``cuts``, ``w_3``, ...)."""
-    return {**common, **{k: v for k, v in case_of(config).items() if not isinstance(v, Mapping)}}
+from orchestrator.tracking.mlflow_models import log_dataset
+from orchestrator.tracking.runs import (
+    PARENT_TAG,
+    ROLE_TAG,
+    TRIAL_TAG,
+    answers,
+    child_runs,
+    first_line,
+    log_metrics,
+    log_params,
+    reopen,
+)
 
 
 @dataclass
@@ -292,91 +217,3 @@ def is_outage(exc: BaseException) -> bool:
 def _plain(value: Any) -> Any:
     """JSON for the numpy scalars a result may hold."""
     return value.item() if hasattr(value, "item") else str(value)
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else ""
-
-
-def epoch_write(result: Mapping[str, Any], trial_id: str, run_id: Optional[str] = None) -> Write:
-    """The metrics write of one reported epoch (step = epoch) of a trial's run (or of ``run_id``)."""
-    step = int(result.get("epoch", result.get("training_iteration", 0)))
-    metrics = {k: v for k, v in result.items() if k not in SKIPPED_METRICS and isinstance(v, (int, float))}
-    args = {"metrics": metrics, "step": step, "timestamp_ms": int(result.get("timestamp", 0) * 1000)}
-    return Write("metrics", args | ({"run_id": run_id} if run_id else {}), trial_id)
-
-
-class MLflowTrialLogger(Callback):
-    """One nested MLflow run per Tune trial: its parameters, per-epoch metrics (step = epoch) and a
-    final status (FINISHED, FAILED with the error, or KILLED at a driver's resume). Writes go
-    through an ``MLflowWriter``: an MLflow outage delays them; the search never waits for it."""
-
-    def __init__(self, writer: MLflowWriter, common_params: Mapping[str, Any], records: TrialRecords,
-                 end_wait_s: float = 120.0, dataset: Optional[Mapping[str, Any]] = None) -> None:
-        self.writer = writer
-        self.dataset = dict(dataset or {})
-        self.common_params = dict(common_params)
-        self.records = records
-        self.end_wait_s = float(end_wait_s)
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        params = trial_params(trial.config, self.common_params)
-        self.writer.submit(Write("start", {"params": params, "dataset": self.dataset}, trial.trial_id))
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get(RECORDED):
-            return  # a resumed trial replaying its record: logged when it first ran
-        self.writer.submit(epoch_write(result, trial.trial_id))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        if self.records.read(trial.trial_id) is None:  # it did not finish: the scheduler stopped it
-            self.records.write(trial.trial_id, STOPPED_EARLY, last, [])
-            self._end(trial, "FINISHED", reason=f"stopped early by the scheduler after epoch {last.get('epoch', '?')}")
-        elif last.get(DIVERGED):
-            self._end(trial, "FAILED", diverged_message(last))
-        else:
-            self._end(trial, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "FAILED", trial_error(trial))
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.writer.drain(self.end_wait_s, "Every trial's results are in Tune's storage and trials.parquet.")
-
-    def _end(self, trial: Any, status: str, error: Optional[str] = None, reason: Optional[str] = None) -> None:
-        if reason:
-            self.writer.submit(Write("tags", {"tags": {END_TAG: reason}}, trial.trial_id))
-        self.writer.submit(Write("end", {"status": status, "error": error}, trial.trial_id))
-
-
-def trial_error(trial: Any) -> str:
-    path = getattr(trial, "error_file", None) or ""
-    text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
-    lines = [l for l in text.strip().splitlines() if l.strip()]
-    useful = [l for l in lines if "Error" in l or "error" in l]
-    return (useful[-1] if useful else lines[-1] if lines else "trial failed").strip()
-
-
-def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
-    """trial id -> run id of the children of a parent run."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000)
-    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
-
-
-def reopen(client: MlflowClient, run_id: str) -> None:
-    """A run that goes on (a resumed search or trial): RUNNING again, without an earlier end's reason."""
-    if END_TAG in client.get_run(run_id).data.tags:
-        client.delete_tag(run_id, END_TAG)
-    client.update_run(run_id, status="RUNNING")
-
-
-def end_leftover_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, status: str = "KILLED",
-                      reason: str = "its driver stopped before the trial ended") -> int:
-    """Mark children left RUNNING as ``status``, tagged with ``reason``; returns how many."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'")
-    for run in runs:
-        client.set_tag(run.info.run_id, END_TAG, reason)
-        client.set_terminated(run.info.run_id, status)
-    return len(runs)
-

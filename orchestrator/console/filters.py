@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RAY_DATA_LOGGING = str(Path(__file__).parent / "conf" / "ray_data_logging.yaml")  # Ray Data's console at WARNING
+RAY_DATA_LOGGING = str(Path(__file__).parents[1] / "conf" / "ray_data_logging.yaml")  # Ray Data's console at WARNING
 
 # Environment of every Ray worker process.
 WORKER_ENV = {

@@ -7,8 +7,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .records import RECORDED
-from .tracking import trial_error
+from orchestrator.tracking.records import RECORDED
+from orchestrator.tracking.trial_logger import trial_error
 
 ENDED = ("TERMINATED", "ERROR")
 

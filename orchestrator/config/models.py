@@ -21,8 +21,9 @@ from torch import nn
 
 from bkd_core import BlockNet, models
 from bkd_core.graph_split import SplitError, evaluating, wrap
-
-from .checks import ConfigError
+from orchestrator.config.checks import ConfigError
+from orchestrator.config.compose import absolute_path
+from orchestrator.config.schema import BkdConfig
 
 Spec = Any  # str (zoo name or "module:factory") or a mapping with "_target_"
 
@@ -117,3 +118,31 @@ def _cause(exc: BaseException) -> str:
         exc = exc.__cause__
     text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_pretrained(c: BkdConfig, role: str, model: Any) -> None:
+    """``teacher.init`` / ``student.init``: made absolute, loaded once here, and what it loads printed."""
+    section = c.teacher if role == "teacher" else c.student
+    path = section.init
+    if not path:
+        return
+    if role == "teacher" and c.teacher.checkpoint:
+        raise ConfigError("teacher.init", "and teacher.checkpoint are both set: teacher.checkpoint is a trained teacher (used as "
+                          "it is), teacher.init a starting point fine-tuned for teacher.epochs; keep one.")
+    section.init = absolute_path(str(path))
+    from bkd_core.train import load_pretrained
+
+    try:
+        report = load_pretrained(model, section.init, what=f"{role}.init")
+    except ValueError as exc:
+        raise ConfigError(f"{role}.init", str(exc)) from None
+    print(f"[bkd] {role}.init={path}: {report.summary()}", flush=True)
+
+
+def build_model(c: BkdConfig, role: str, num_classes: int, in_channels: int, image_shape: list[int],
+                check: bool = False) -> Any:
+    """``pair.<role>`` as a BlockNet (``orchestrator.model_spec``), cut the same way in the driver and every
+    worker; ``check``: prove the cut on a sample (validation does, once, before Ray starts)."""
+
+    spec, blocks = (c.pair.teacher, c.pair.teacher_blocks) if role == "teacher" else (c.pair.student, c.pair.student_blocks)
+    return build(spec, num_classes, in_channels, image_shape, f"pair.{role}", blocks, check)

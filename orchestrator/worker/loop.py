@@ -25,14 +25,26 @@ from ray import tune
 
 from bkd_core import methods
 from bkd_core.train import (
-    NonFiniteLossError, Supervised, as_test, eval_loader, evaluate, load_pretrained, make_loaders, make_optimizer, make_scheduler,
-    score_on_test, step_module, train_epoch,
+    NonFiniteLossError,
+    Supervised,
+    as_test,
+    eval_loader,
+    evaluate,
+    load_pretrained,
+    make_loaders,
+    make_optimizer,
+    make_scheduler,
+    score_on_test,
+    step_module,
+    train_epoch,
 )
+from orchestrator.config.job import Job, train_config
+from orchestrator.config.models import build_model
+from orchestrator.data.datasets import is_streamed, load_dataset
+from orchestrator.tracking.records import DIVERGED as DIVERGED_STATUS
+from orchestrator.tracking.records import FINISHED, TrialRecords
+from orchestrator.tracking.results import DIVERGED
 from search_spaces.space import TrialParams, load_space, method_of
-
-from .config import Job, build_model, is_streamed, load_dataset, train_config
-from .records import DIVERGED as DIVERGED_STATUS, FINISHED, TrialRecords
-from .results import DIVERGED
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
@@ -124,7 +136,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     on_test = not job.selects_on_test
     test_epochs = {int(e) for e in config.get("test_epochs") or ()} | {cfg.epochs}
     if is_streamed(data):
-        from .streaming import stream_loaders
+        from orchestrator.data.streaming import stream_loaders
 
         train_loader, val_loader, test_loader = stream_loaders(data, job.dataset.rows, job.dataset.folders, cfg.batch_size, device, cfg.seed,
                                                                bool(cfg.channels_last), world, session.streams())

@@ -1,0 +1,1 @@
+"""The configuration: the schema, composing and validating it into a ``Job``, model specs, the reference page."""

@@ -1,0 +1,1 @@
+"""The terminal: the shared command-line shell, stop signals, progress lines, log filters."""

@@ -1,0 +1,1 @@
+"""Datasets: read into memory and held out, streamed through Ray Data, written as Parquet shards."""

@@ -1,0 +1,113 @@
+"""Datasets of a config: loaded into memory with the val split held out, or described from shard metadata."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from bkd_core import data as bkd_data
+from orchestrator.config.checks import ConfigError
+from orchestrator.config.schema import DataConfig, ImageFolderData, ParquetData
+
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def val_fraction(data_cfg: DataConfig) -> float:
+    """The share of the training data held out for selection: ``data.val_fraction``; null: 0.1, or for
+    Parquet shards the split their ``prepare`` held out."""
+    if data_cfg.val_fraction is not None:
+        return float(data_cfg.val_fraction)
+    if isinstance(data_cfg, ParquetData):
+        return bkd_data.ShardLayout.of(data_cfg.root).val_fraction
+    return DEFAULT_VAL_FRACTION
+
+
+def selects_on_test(data_cfg: DataConfig) -> bool:
+    """``data.val_fraction=0``: nothing held out, the search selects on the test split."""
+    return val_fraction(data_cfg) == 0
+
+
+def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
+    """The dataset a config names: ``val`` held out of the training data (``data.val_fraction``,
+    ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
+    (used by validation and workers)."""
+    extra: dict[str, Any] = {"image_size": data_cfg.image_size} if isinstance(data_cfg, (ImageFolderData, ParquetData)) else {}
+    if isinstance(data_cfg, ParquetData):  # the shards hold val apart: decode no more training images than used
+        extra["train_size"] = data_cfg.train_size
+    splits = bkd_data.load(data_cfg.name, data_cfg.root, **extra)
+    if isinstance(data_cfg, ParquetData):
+        if selects_on_test(data_cfg):
+            splits.val = None
+    else:
+        splits = splits.hold_out(val_fraction(data_cfg), data_cfg.split_seed)
+    if data_cfg.train_size:
+        splits.train = splits.train.subset(data_cfg.train_size)
+    return splits
+
+
+def shard_folders(data_cfg: ParquetData) -> dict[str, str]:
+    """The shard folder of each split a streamed trial reads: train, val (the test folder when the
+    search selects on test) and test; a ConfigError when data.val_fraction does not match the shards."""
+    layout = bkd_data.ShardLayout.of(data_cfg.root)
+    wanted = data_cfg.val_fraction
+    if wanted is not None and float(wanted) > 0 and abs(float(wanted) - layout.val_fraction) > 1e-9:
+        had = (f"were prepared with val_fraction={layout.val_fraction:g}" if layout.val else
+               "hold no validation split (they were written before prepare held one out, or with val_fraction=0)")
+        raise ConfigError("data.val_fraction", f"{wanted} does not match the shards in {data_cfg.root}, which {had}. "
+                          "Drop data.val_fraction to use the shards' split, set data.val_fraction=0 to select on the test "
+                          f"split, or write the shards again: python -m orchestrator.prepare source=SRC output={data_cfg.root} "
+                          f"val_fraction={wanted}.")
+    val = layout.val if layout.val and not (wanted is not None and float(wanted) == 0) else layout.test
+    return {"train": layout.train, "val": val, "test": layout.test}
+
+
+def is_streamed(data_cfg: DataConfig) -> bool:
+    """Parquet shards streamed by Ray Data (``data.in_memory=false``), not decoded into RAM."""
+    return isinstance(data_cfg, ParquetData) and not data_cfg.in_memory
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the driver needs to know of a dataset: classes, channels, sizes of the splits."""
+
+    num_classes: int
+    in_channels: int
+    train: int  # training images (after the hold-out and data.train_size)
+    val: int  # images of the split that selects (the test split's when data.val_fraction=0)
+    test: int
+    image_shape: list[int]  # [C, H, W] of a model input
+    folders: Optional[dict[str, str]] = None  # streamed shards: the folder of each split
+
+
+def describe_dataset(d: DataConfig) -> DataShape:
+    """The dataset's shape: streamed shards from their metadata alone (nothing decoded here), other
+    datasets by loading them."""
+    try:
+        if is_streamed(d):
+            folders = shard_folders(d)
+            train, val, test = (bkd_data.ParquetImages(d.root, folders[split]) for split in ("train", "val", "test"))
+            rows = min(len(train), d.train_size) if d.train_size else len(train)
+            size = d.image_size
+            return DataShape(len(train.classes), 3, rows, len(val), len(test), [3, size, size], folders)
+        if isinstance(d, ParquetData):
+            shard_folders(d)  # data.val_fraction against the shards
+        splits = load_dataset(d)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError("data.root", f"{exc}") from None
+    except OSError as exc:  # a bucket that cannot be reached or read
+        raise ConfigError("data.root", f"cannot read {d.root}: {exc}. Check the URI and the credentials "
+                          "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
+    return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test),
+                     list(splits.test.images.shape[1:]))
+
+
+def dataset_spec(data_cfg: Any, rows: Mapping[str, int]) -> dict[str, str]:
+    """Name, digest and source of a run's dataset (``data_cfg``: the typed ``data`` section)."""
+    name = str(data_cfg.name) + (f"[:{data_cfg.train_size}]" if data_cfg.train_size else "")
+    spec = {"data": data_cfg.name, "root": data_cfg.root, "train_size": data_cfg.train_size,
+            "val_fraction": data_cfg.val_fraction, "split_seed": getattr(data_cfg, "split_seed", None), **rows}
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return {"name": name, "digest": digest, "source": str(data_cfg.root or f"bkd_core.data:{data_cfg.name}")}

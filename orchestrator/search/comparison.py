@@ -1,0 +1,318 @@
+"""Does Block-KD pay here? Train every (method, seed) pair once at the same budget, as Tune trials
+under one MLflow parent run, and report means, 95 % intervals and differences paired by seed.
+
+    python -m orchestrator.compare                                              # digits, none/kd/blockkd x 5 seeds
+    python -m orchestrator.compare recipe=fashion_mnist data.root=PATH compare.seeds=5
+    python -m orchestrator.compare compare.methods=[kd,dkd,blockkd] compare.fixed.blockkd.gamma=0
+    python -m orchestrator.compare compare.from_search.blockkd=results/<search>   # its best configuration
+    python -m orchestrator.compare compare.tune_trials=16                         # every method tuned first
+
+Seed s gives every method the same student initialisation and the same data order. The seeds are
+train.seed+1, +2, ...: never a seed a configuration was selected on. Statistics and verdicts use each
+run's final weights on the test split (``test_acc``); configurations come from the held-out val split.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+from orchestrator.config.checks import ConfigError, check_fixed
+from orchestrator.config.job import Job
+from orchestrator.search.search import RunSearch
+from orchestrator.search.summary import RunCases, collect_rows, first_failure
+from orchestrator.tracking.results import write_parquet
+from orchestrator.tracking.stats import Interval, paired_difference, verdict
+from orchestrator.tracking.writer import MLflowWriter, Write
+from search_spaces.space import SearchSpaceError, defaults, uses_partition
+from search_spaces.space import display as space_display
+from search_spaces.space import load_space as load_search_space
+
+COLUMNS = ("method", "seed", "test_acc", "val_acc", "best_val_acc", "status", "epochs", "mlflow_run_id", "trial_id")
+SPACE_DEFAULTS = "its search space's defaults"
+
+
+def display(method: str) -> str:
+    return space_display(method)
+
+
+def load_space(method: str) -> dict[str, Any]:
+    try:
+        return load_search_space(method)
+    except SearchSpaceError as exc:
+        raise ConfigError("compare.methods", str(exc)) from None
+
+
+def best_of_search(source: str, method: str, job: Job) -> dict[str, Any]:
+    """The best configuration of a finished search: a results folder (its trials.parquet) or an
+    MLflow parent run id (its ``best.*`` tags); ``seed`` is the seed it was selected on."""
+    key = f"compare.from_search.{method}"
+    path = Path(source).expanduser()
+    if path.is_dir() or path.suffix == ".parquet":
+        table = path / "trials.parquet" if path.is_dir() else path
+        if not table.is_file():
+            raise ConfigError(key, f"{path} holds no trials.parquet; give a search's results folder (results/<experiment>) "
+                              "or its MLflow parent run id.")
+        rows = [r for r in pq.read_table(table).to_pylist() if r.get("status") == "FINISHED"]
+        if not rows:
+            raise ConfigError(key, f"{table} has no FINISHED trial to take a configuration from.")
+        return {k: v for k, v in rows[0].items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    from mlflow.tracking import MlflowClient
+    try:
+        data = MlflowClient(job.tracking_uri).get_run(source).data
+        tags = data.tags
+    except Exception as exc:
+        raise ConfigError(key, f"{source!r} is neither a results folder nor an MLflow run at {job.tracking_uri} "
+                          f"({type(exc).__name__}); give results/<experiment> or the search's parent run id.") from None
+    best = {k[len("best."):]: v for k, v in tags.items() if k.startswith("best.") and k != "best.trial_id"}
+    if not best:
+        raise ConfigError(key, f"MLflow run {source} has no best.* tags: it is not a finished search's parent run.")
+    found = {k: (v if k in ("cuts", "logit_loss") else _number(v)) for k, v in best.items()}
+    seed = data.params.get("train.seed")  # the seed the search's trials trained with
+    return found | ({"seed": int(seed)} if "seed" not in found and seed is not None else {})
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class MethodConfig:
+    """The configuration a method trains with in a comparison, and where it came from."""
+
+    method: str
+    config: dict[str, Any]
+    source: str
+    selected_on: set[int] = field(default_factory=set)  # seeds the configuration was selected on
+
+    def describe(self) -> str:
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.config.items() if k != "method")
+        return f"[bkd] {display(self.method)} ({self.method}): {values or 'no parameters'}  <- {self.source}"
+
+
+def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any], str]] = None) -> MethodConfig:
+    """A method's configuration: its space's defaults, overridden by a search's best (``searched``: the
+    best row of a ``compare.tune_trials`` search and its run id, else compare.from_search), then by
+    compare.fixed."""
+    space = load_space(method)
+    c = job.cfg.compare
+    names = set(space.get("params") or {}) | ({"cuts"} if uses_partition(space) else set())
+    chosen: dict[str, Any] = {}
+    sources, selected_on = [], set()
+    found, where = (searched if searched else (None, ""))
+    if found is None and (c.from_search or {}).get(method):
+        found, where = best_of_search(str(c.from_search[method]), method, job), f"compare.from_search.{method}={c.from_search[method]}"
+        if not uses_partition(space) and found.get("cuts"):
+            raise ConfigError(f"compare.from_search.{method}", f"that search trained stepping stones (cuts={found['cuts']}); "
+                              f"{method} has none. Give a {method} search.")
+    if found is not None:
+        chosen = {k: v for k, v in found.items() if k in names or (k.startswith("w_") and "cuts" in names)}
+        selected_on = {int(found["seed"])} if found.get("seed") is not None else set()
+        sources.append(f"the best of {where}")
+    fixed = dict((c.fixed or {}).get(method) or {})
+    check_fixed({**chosen, **fixed}, space, job.num_blocks, prefix=f"compare.fixed.{method}.")
+    if fixed:
+        sources.append(f"compare.fixed.{method}: {', '.join(sorted(fixed))}")
+    try:
+        config = defaults(space, job.num_blocks, {**chosen, **fixed})
+    except SearchSpaceError as exc:
+        raise ConfigError(f"compare.fixed.{method}", str(exc)) from None
+    sources.append(f"{SPACE_DEFAULTS} for the rest" if sources else SPACE_DEFAULTS)
+    return MethodConfig(method, {"method": method, **config}, "; ".join(sources), selected_on)
+
+
+def fresh_seeds(job: Job, count: int, used: set[int]) -> list[int]:
+    """``count`` seeds from train.seed+1 on, none of them ``used`` (a seed a configuration was selected on,
+    and train.seed, the seed searches train their trials with)."""
+    used = used | {job.cfg.train.seed}
+    seeds, seed = [], job.cfg.train.seed + 1
+    while len(seeds) < count:
+        if seed not in used:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def method_search_job(job: Job, method: str) -> Job:
+    """The job of a method's own search (``compare.tune_trials``): its space, compare.fixed.<method> as
+    its fixed values, tune.num_samples trials, the comparison's teacher, data and val split."""
+    cfg = copy.deepcopy(job.cfg)
+    cfg.search = load_space(method)
+    cfg.fixed = dict((job.cfg.compare.fixed or {}).get(method) or {})
+    cfg.tune.num_samples = job.cfg.compare.tune_trials
+    cfg.tune.confirm_seeds = 0
+    return dataclasses.replace(job, cfg=cfg, experiment_name=f"{job.experiment_name}-search-{method}")
+
+
+def check_methods(job: Job) -> list[str]:
+    """compare.methods, baseline, fixed and from_search against each other."""
+    c = job.cfg.compare
+    methods = list(c.methods or [])
+    if not methods or len(set(methods)) != len(methods):
+        raise ConfigError("compare.methods", f"must list distinct methods, e.g. [none,kd,blockkd]; got {methods}.")
+    if c.baseline is not None and c.baseline not in methods:
+        raise ConfigError("compare.baseline", f"{c.baseline!r} is not among compare.methods={methods}; add it, or "
+                          "set compare.baseline=null for no paired differences.")
+    unknown = set(c.fixed or {}) - set(methods) | set(c.from_search or {}) - set(methods)
+    if unknown:
+        raise ConfigError("compare.fixed", f"names methods {sorted(unknown)} that are not in compare.methods={methods}.")
+    if c.tune_trials and c.from_search:
+        raise ConfigError("compare.tune_trials", "searches every method itself; drop compare.from_search (or "
+                          "compare.tune_trials=null to take those searches' best configurations).")
+    return methods
+
+
+def cases_of(job: Job, configs: dict[str, MethodConfig]) -> list[dict[str, Any]]:
+    """One case per (method, seed), seeds first so that early results cover every method; printed first."""
+    for m in configs.values():
+        print(m.describe(), flush=True)
+    seeds = fresh_seeds(job, job.cfg.compare.seeds, set().union(*(m.selected_on for m in configs.values())))
+    print(f"[bkd] seeds {', '.join(map(str, seeds))}: the same student initialisation and data order for every method", flush=True)
+    return [{**configs[m].config, "seed": seed} for seed in seeds for m in configs]
+
+
+def cases(job: Job) -> list[dict[str, Any]]:
+    """The cases of a comparison without searches: every method's configuration checked and printed."""
+    return cases_of(job, {m: method_config(job, m) for m in check_methods(job)})
+
+
+class NoConfiguration(RuntimeError):
+    """A method's own search (compare.tune_trials) finished no trial: there is nothing to compare."""
+
+
+def tuned_cases(job: Job, run_search: RunSearch) -> list[dict[str, Any]]:
+    """compare.tune_trials: every method's own search (same trial budget, teacher and val split), then
+    its best configuration on fresh seeds."""
+    configs = {}
+    for method in check_methods(job):
+        if not (load_space(method).get("params") or {}):
+            configs[method] = method_config(job, method)  # nothing to search
+            continue
+        found = run_search(method_search_job(job, method), f"search-{method}")
+        best = next((r for r in found.rows if r["status"] == "FINISHED"), None)
+        if best is None:
+            raise NoConfiguration(f"no trial of {method}'s search finished ({first_failure(found.rows)}); the comparison "
+                                  f"stops before its seeds. Its trials are in {Path(job.output_dir) / job.experiment_name / f'search-{method}'}.")
+        print(f"[bkd] {method}: best of {len(found.rows)} trials, val_acc {best['val_acc']:.2f} (trial {best['trial_id']})", flush=True)
+        configs[method] = method_config(job, method, (best, f"{method}'s search of {len(found.rows)} trials (MLflow run {found.run_id})"))
+    return cases_of(job, configs)
+
+
+METRIC = "test_acc"  # what a comparison reports: each run's final weights on the test split
+
+
+def summaries(rows: list[dict[str, Any]], methods: list[str], baseline: Optional[str]) -> list[dict[str, Any]]:
+    """Per method: its interval of test_acc over finished seeds and its paired difference to ``baseline``."""
+    acc = {m: {r["seed"]: r[METRIC] for r in rows if r["method"] == m and r["status"] == "FINISHED" and r.get(METRIC) is not None}
+           for m in methods}
+    out = []
+    for m in methods:
+        values = list(acc[m].values())
+        entry: dict[str, Any] = {"method": m, "interval": Interval.of(values) if values else None}
+        if baseline and m != baseline:
+            entry["diff"] = paired_difference(acc[m], acc[baseline])
+            entry["verdict"] = verdict(display(m), display(baseline), entry["diff"])
+        out.append(entry)
+    return out
+
+
+def _f(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_summary(summary: list[dict[str, Any]], baseline: Optional[str]) -> str:
+    head = ["method", "n", "mean", "std", "95% CI"] + ([f"diff vs {baseline} (paired)", "95% CI"] if baseline else [])
+    lines = [head]
+    for s in summary:
+        i, d = s["interval"], s.get("diff")
+        cells = [s["method"], str(i.n if i else 0), _f(i and i.mean), _f(i and i.std),
+                 f"{_f(i.low)} to {_f(i.high)}" if i and i.n > 1 else "-"]
+        if baseline:
+            cells += [_f(d and d.mean, 2) if d else "-", f"{_f(d.low)} to {_f(d.high)}" if d and d.n > 1 else "-"]
+        lines.append(cells)
+    widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    sentences = [s["verdict"] for s in summary if s.get("verdict")]
+    return ("\n".join(text) + "\n(test_acc: the final weights on the test split, %; intervals: Student t, 95 %)\n\n"
+            + "\n".join(sentences))
+
+
+def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str) -> Figure:
+    """Every seed as a dot, each method's mean with its 95 % interval; Block-KD's stepping stones beside it."""
+    fig = Figure(figsize=(max(6.0, 1.6 * (len(summary) + 2)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    labels: list[str] = []
+    for s in summary:
+        x = len(labels)
+        labels.append(display(s["method"]))
+        done = [r for r in rows if r["method"] == s["method"] and r["status"] == "FINISHED"]
+        ax.scatter([x + 0.08 * ((k % 5) - 2) for k in range(len(done))], [r[METRIC] for r in done], s=22, alpha=0.7)
+        i = s["interval"]
+        if i is not None:
+            err = [[i.mean - i.low], [i.high - i.mean]] if i.n > 1 else None
+            ax.errorbar([x + 0.3], [i.mean], yerr=err, fmt="D", color="black", capsize=5,
+                        label="mean, 95 % CI" if x == 0 else None)
+        stones = sorted({k for r in done for k in r if k.startswith("test_acc_stone_") and r[k] is not None})
+        for key in stones:  # stepping stones N_i: the student's first i blocks + connector + teacher's rest
+            x = len(labels)
+            labels.append(f"{display(s['method'])}\nstone {key.rsplit('_', 1)[1]}")
+            ax.scatter([x] * len(done), [r[key] for r in done], s=22, alpha=0.4, color="gray")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set(ylabel="test_acc, final weights (%)", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    if summary and summary[0]["interval"] is not None:
+        ax.legend(loc="lower right")
+    return fig
+
+
+def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_cases: RunCases) -> list[dict[str, Any]]:
+    """compare.parquet, compare.png, the printed table and verdicts, and the parent run's metrics."""
+    found, _, _ = collect_rows(job, parent, results, interrupted)
+    rows = sorted(found, key=lambda r: (r.get("method") or "", r.get("seed") or 0))
+    for r in rows:  # fixed names first, for readers of compare.parquet
+        for key in COLUMNS:
+            r.setdefault(key, None)
+    out = Path(job.output_dir) / job.experiment_name
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet([{k: r[k] for k in COLUMNS} | r for r in rows], str(out / "compare.parquet"))
+    c = job.cfg.compare
+    methods, baseline = list(c.methods), c.baseline
+    summary = summaries(rows, methods, baseline)
+    print("\n" + format_summary(summary, baseline))
+    if interrupted:
+        print(f"\nresults so far: {out}/compare.parquet", flush=True)
+        return rows
+    compare_figure(rows, summary, job.experiment_name).savefig(out / "compare.png", dpi=110)
+    print(f"\nresults: {out}/compare.parquet, plot: {out}/compare.png")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open "
+          f"http://127.0.0.1:5000/#/experiments/{parent.experiment_id}?workflowType=machine_learning)")
+    metrics: dict[str, float] = {}
+    for s in summary:
+        i, d, m = s["interval"], s.get("diff"), s["method"]
+        if i is not None:
+            metrics[f"mean_test_acc.{m}"] = i.mean
+            if i.n > 1:
+                metrics[f"std_test_acc.{m}"] = i.std
+        if d is not None and d.n > 0:
+            metrics[f"diff_vs_{baseline}.{m}"] = d.mean
+            if d.n > 1:
+                metrics[f"diff_vs_{baseline}_ci_low.{m}"], metrics[f"diff_vs_{baseline}_ci_high.{m}"] = d.low, d.high
+    parent_id = parent.parent_run_id
+    parent.submit(Write("metrics", {"run_id": parent_id, "metrics": metrics, "step": 0, "timestamp_ms": int(time.time() * 1000)}))
+    parent.submit(Write("tags", {"run_id": parent_id, "tags": {"bkd.verdict": " ".join(s.get("verdict", "") for s in summary)}}))
+    parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "compare.parquet")}))
+    parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "compare.png")}))
+    return rows

@@ -1,0 +1,190 @@
+"""The end of a search: its rows, trials.parquet, plots, the best student, confirmation on fresh seeds."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from orchestrator.config.job import Job
+from orchestrator.console.interrupts import STOP
+from orchestrator.tracking.importance import format_importances, param_importances
+from orchestrator.tracking.mlflow_models import log_student_model
+from orchestrator.tracking.plots import search_figure
+from orchestrator.tracking.records import TrialRecords
+from orchestrator.tracking.results import (
+    case_of,
+    format_table,
+    ranked,
+    trial_row,
+    trial_status,
+    val_acc_curve,
+    write_parquet,
+)
+from orchestrator.tracking.runs import child_runs, first_line, require_answer
+from orchestrator.tracking.stats import mean_std
+from orchestrator.tracking.writer import MLflowWriter, Write
+
+SELECTION_TAG = "bkd.selection"  # val: the search selected on the held-out split; test: on the test split
+
+
+def selection_note(job: Job) -> str:
+    """Which split selects and which reports, in one sentence."""
+    rows = job.dataset.rows
+    if job.selects_on_test:
+        return (f"selection on the TEST split ({rows['test']} images; data.val_fraction=0): the best trial's accuracy is "
+                "chosen on the data it is reported on and is optimistic; hold out a val split (data.val_fraction=0.1) "
+                "for a figure you can trust")
+    return (f"selection on the held-out val split ({rows['val']} images of the training data); test_acc: the final "
+            f"weights on the test split ({rows['test']} images), never used to select")
+
+
+RunCases = Callable[[list[dict], str], Any]  # (cases, Tune experiment name) -> ResultGrid
+
+
+def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool,
+                 name: Optional[str] = None) -> tuple[list[dict[str, Any]], dict[str, list], list[str]]:
+    """(rows best first, val_acc curves by trial id, parameter names) of a finished Tuner.fit.
+    Trials that never reported anything are not rows."""
+    try:
+        require_answer(parent.tracking_uri)
+        run_ids = child_runs(parent.client, parent.experiment_id, parent.parent_run_id)
+    except Exception as exc:  # MLflow down past mlflow.end_wait_s: the table goes without run ids
+        print(f"[bkd] warning: MLflow unreachable ({first_line(exc)}); the table lacks the MLflow run ids.", flush=True)
+        run_ids = {}
+    records = TrialRecords(job.storage_path, name or job.experiment_name)
+    has_budget = job.cfg.tune.time_budget_s is not None
+    rows, curves, param_names = [], {}, []
+    # ResultGrid's results follow its trials in order; Tune's trial states live on the trials
+    for trial, result in zip(results._experiment_analysis.trials, results):
+        record = records.read(trial.trial_id)
+        status = trial_status(trial.status, record, bool(result.metrics and "epoch" in result.metrics), interrupted, has_budget)
+        if status is None:
+            continue  # never started
+        params = case_of(result.config or {})
+        param_names += [k for k in params if k not in param_names]
+        row = trial_row(result, params, run_ids.get(trial.trial_id), status, record)
+        row.setdefault("seed", job.cfg.train.seed)  # the seed it trained with: compare never reuses it
+        rows.append(row)
+        curves[trial.trial_id] = val_acc_curve(result, record)
+    return ranked(rows), curves, param_names
+
+
+def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_cases: RunCases) -> list[dict[str, Any]]:
+    """Write trials.parquet, search.png and the best student (after ``tune.confirm_seeds`` fresh-seed
+    runs of its configuration), then log them and the best trial to the parent run. An interrupted
+    search logs no summary (its resume does)."""
+    rows, curves, param_names = collect_rows(job, parent, results, interrupted)
+    out = Path(job.output_dir) / job.experiment_name
+    out.mkdir(parents=True, exist_ok=True)
+    best = rows[0] if rows and rows[0]["status"] == "FINISHED" and not interrupted else None
+    confirm = confirm_best(job, parent, best, param_names, run_cases) if best is not None else None
+    write_parquet(rows, str(out / "trials.parquet"))
+    print("\n" + format_table(rows, param_names))
+    print(f"\n[bkd] {selection_note(job)}.")
+    if best is not None:
+        print(f"[bkd] best trial {best['trial_id']}: val_acc {best['val_acc']:.2f}, test_acc {best.get('test_acc', float('nan')):.2f}")
+    if confirm:
+        print(confirm)
+    if interrupted or STOP.received is not None:
+        print(f"\nresults so far: {out}/trials.parquet", flush=True)
+        return rows
+    importances = param_importances(rows, job.cfg.search, job.num_blocks, job.cfg.fixed, job.cfg.tune.seed)
+    figure = search_figure(rows, curves, job.experiment_name, importances)
+    figure.savefig(out / "search.png", dpi=110)
+    student = export_student(TrialRecords(job.storage_path, job.experiment_name), best["trial_id"], out) if best else None
+    if importances:
+        print("\n" + format_importances(importances, len(rows)))
+    print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {student}" if student else ""))
+    print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open "
+          f"http://127.0.0.1:5000/#/experiments/{parent.experiment_id}?workflowType=machine_learning)")
+    parent_id = parent.parent_run_id
+    parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "trials.parquet")}))
+    parent.submit(Write("artifact", {"run_id": parent_id, "path": str(out / "search.png")}))
+    summary = {f"importance.{name}": share for name, share in importances.items()}
+    if best is not None:  # tags and metrics, not params: a resumed search may find another best
+        best_config = {f"best.{k}": v for k, v in best.items() if k in param_names} | {"best.trial_id": best["trial_id"]}
+        parent.submit(Write("tags", {"run_id": parent_id, "tags": best_config}))
+        if student:
+            parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
+            log_best_model(job, parent, student)
+        summary["best_val_acc"] = float(best["val_acc"])
+        if best.get("test_acc") is not None and best["test_acc"] == best["test_acc"]:
+            summary["best_test_acc"] = float(best["test_acc"])  # the test accuracy of the best-on-val trial
+        summary.update({k: best[k] for k in CONFIRM_COLUMNS if best.get(k) is not None})
+    summary["trials_finished"] = sum(r["status"] == "FINISHED" for r in rows)
+    parent.submit(Write("metrics", {"run_id": parent_id, "metrics": summary, "step": 0, "timestamp_ms": int(time.time() * 1000)}))
+    return rows
+
+
+def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
+    """The best student as an MLflow model on the parent run (registered as mlflow.registered_model if set).
+    Not queued: during an outage it is skipped with a warning (student.pt and its artifact stay)."""
+    from orchestrator.config.models import instantiate
+
+    model = instantiate(job.student_model, job.num_classes, job.in_channels, "pair.student")  # the user's own class
+    state = torch.load(student_file, map_location="cpu", weights_only=True)
+    model.load_state_dict(model.from_source_names(state) if hasattr(model, "from_source_names") else state, strict=True)
+    example = torch.zeros(2, *job.dataset.shape)  # a batch of 2: the logged model serves any batch size
+    try:
+        require_answer(job.tracking_uri)
+        uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg.mlflow.registered_model)
+        print(f"MLflow model: {uri}" + (f" (registered as {job.cfg.mlflow.registered_model})"
+                                        if job.cfg.mlflow.registered_model else ""))
+    except Exception as exc:
+        print(f"[bkd] warning: could not log the best student as an MLflow model ({type(exc).__name__}: {first_line(exc)}); "
+              f"it is at {student_file}.", flush=True)
+
+
+CONFIRM_COLUMNS = ("confirm_val_acc_mean", "confirm_val_acc_std", "confirm_test_acc_mean", "confirm_test_acc_std")
+
+
+def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_names: list[str], run_cases: RunCases) -> str:
+    """Train the best configuration again with ``tune.confirm_seeds`` seeds the search never used (under
+    the same parent run); put their val and test means and stds on ``best``; return the lines that say
+    how optimistic the search's own figure was."""
+    k = int(job.cfg.tune.confirm_seeds or 0)
+    if k < 1:
+        return ""
+    config = {p: best[p] for p in param_names if p in best and best[p] is not None and p != "seed"}
+    base = job.cfg.train.seed
+    print(f"\n[bkd] confirming the best configuration (trial {best['trial_id']}) on {k} fresh seeds", flush=True)
+    name = f"{job.experiment_name}-confirm"
+    results = run_cases([{**config, "seed": base + i} for i in range(1, k + 1)], name)
+    if STOP.received is not None:
+        return ""
+    rows, _, _ = collect_rows(job, parent, results, False, name)
+    done = [r for r in rows if r["status"] == "FINISHED"]
+    if not done:
+        return f"[bkd] no confirmation run finished ({', '.join(r['status'] for r in rows)})"
+    best["confirm_val_acc_mean"], best["confirm_val_acc_std"] = mean_std([r["val_acc"] for r in done])
+    tests = [r["test_acc"] for r in done if r.get("test_acc") is not None and r["test_acc"] == r["test_acc"]]
+    line = (f"\nbest configuration on {len(done)} fresh seeds: val_acc {best['confirm_val_acc_mean']:.2f} +- "
+            f"{best['confirm_val_acc_std']:.2f}")
+    if tests:
+        best["confirm_test_acc_mean"], best["confirm_test_acc_std"] = mean_std(tests)
+        line += f", test_acc {best['confirm_test_acc_mean']:.2f} +- {best['confirm_test_acc_std']:.2f}"
+    reference = best.get("confirm_test_acc_mean", best["confirm_val_acc_mean"])
+    gap = best["val_acc"] - reference
+    return (line + f"\n(the search reported val_acc {best['val_acc']:.2f} for it: {'optimistic' if gap > 0 else 'pessimistic'} "
+            f"by {abs(gap):.2f} points against the fresh seeds' {'test' if 'confirm_test_acc_mean' in best else 'val'} mean)")
+
+
+def export_student(records: TrialRecords, trial_id: str, out: Path) -> Optional[str]:
+    """The best trial's final student weights (its record) as ``out/student.pt``."""
+    state = records.student(trial_id)
+    if state is None:
+        return None
+    target = out / "student.pt"
+    torch.save(state, target)
+    return str(target)
+
+
+def first_failure(rows: list[dict[str, Any]]) -> str:
+    """Why no trial finished, in one line: the first trial error, else the statuses."""
+    errors = [r["error"] for r in sorted(rows, key=lambda r: r.get("started_at") or 0) if r.get("error")]
+    if errors:
+        return f"the first trial error: {errors[0]}"
+    counts = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
+    return "trial statuses: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial started")

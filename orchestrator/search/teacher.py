@@ -1,0 +1,210 @@
+"""Get the teacher: a given checkpoint, an MLflow URI, an earlier run with the same teacher config,
+or a new training through the same Tune trial path as the search's trials (logged as its own MLflow
+run; interrupted, it continues from its last checkpoint with ``tune.resume=true``).
+
+    python -m orchestrator.teacher data=fashion_mnist data.root=PATH pair=tiny
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune import Callback
+
+from bkd_core.train import load_state_checked
+from orchestrator.config.checks import ConfigError
+from orchestrator.config.job import Job
+from orchestrator.config.models import build_model, spec_name
+from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime
+from orchestrator.data.datasets import is_streamed, load_dataset
+from orchestrator.tracking.records import RECORDED, TrialRecords
+from orchestrator.tracking.runs import END_TAG, ROLE_TAG, first_line, flatten, log_params, reopen
+from orchestrator.tracking.trial_logger import epoch_write
+from orchestrator.tracking.writer import MLflowWriter, Write
+from orchestrator.worker.runtime import trial_resources
+from orchestrator.worker.trial import run_trial
+
+KEY_TAG = "bkd.teacher_key"
+EXPERIMENT_TAG = "bkd.teacher_experiment"  # the teacher's Tune experiment under ray.storage_path
+ARTIFACT = "teacher/teacher.pt"
+
+
+def _empty_teacher(job: Job) -> torch.nn.Module:
+    return build_model(job.cfg, "teacher", job.num_classes, job.in_channels, job.dataset.shape)
+
+
+def load_uri(job: Job, uri: str) -> dict[str, torch.Tensor]:
+    """A teacher state_dict from a local path or an MLflow artifact URI (runs:/..., models:/...)."""
+    path = uri
+    if uri.startswith(("runs:", "models:", "mlflow-artifacts:")) or "://" in uri:
+        import mlflow.artifacts
+        try:
+            path = mlflow.artifacts.download_artifacts(uri, tracking_uri=job.tracking_uri)
+        except Exception as exc:
+            raise ConfigError("teacher.checkpoint", f"cannot download {uri} from MLflow ({exc}); give a run artifact URI "
+                              f"such as runs:/<run_id>/{ARTIFACT} or a local state_dict path.") from None
+    model = _empty_teacher(job)
+    try:
+        load_state_checked(model, path, what=f"teacher checkpoint (teacher.checkpoint={uri})")
+    except ValueError as exc:
+        raise ConfigError("teacher.checkpoint", str(exc)) from None
+    return model.state_dict()
+
+
+def find_trained(client: MlflowClient, experiment_id: str, key: str) -> str | None:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+TEACHER = "teacher"  # the teacher's trial in its writer (repeated epochs are not logged twice)
+WRITERS: dict[str, MLflowWriter] = {}  # teacher run id -> this driver's writer for it
+
+
+class TeacherLogger(Callback):
+    """Logs the teacher's epochs to its MLflow run as Tune reports them. A restored Tuner brings back
+    its own pickled copy of this callback, which finds this driver's writer by the run id."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        writer = WRITERS.get(self.run_id)
+        if writer is not None and not result.get(RECORDED):
+            writer.submit(epoch_write(result, TEACHER, self.run_id))
+
+
+def teacher_tuner(job: Job, name: str, run_id: str) -> tune.Tuner:
+    """The teacher's training as a Tune experiment of one trial (``name``): one worker trains in the
+    trial's process, several as a Ray Train run inside it, like the search's trials. An experiment
+    that already exists (an interrupted teacher) continues from its trial's last checkpoint."""
+    t = job.cfg.tune
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=None, mode="teacher"),
+                                    trial_resources(job))
+    path = os.path.join(job.storage_path, name)
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=[TeacherLogger(run_id)],
+                                failure_config=tune.FailureConfig(max_failures=t.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=2 if t.console == "ray" else 0)
+    return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(num_samples=1, time_budget_s=t.time_budget_s))
+
+
+def find_unfinished(client: MlflowClient, experiment_id: str, key: str) -> Optional[Run]:
+    """The newest teacher run of this teacher config that did not finish and whose Tune experiment is named."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    return next((r for r in runs if EXPERIMENT_TAG in r.data.tags), None)
+
+
+def start_run(job: Job, client: MlflowClient, experiment_id: str) -> tuple[str, str, int]:
+    """(run id, Tune experiment name, epochs already logged): on ``tune.resume``, the run of an interrupted
+    teacher of the same config, reopened; else a new run."""
+    key = job.teacher_key()
+    unfinished = find_unfinished(client, experiment_id, key) if job.cfg.tune.resume else None
+    if unfinished is not None:
+        run_id, name = unfinished.info.run_id, unfinished.data.tags[EXPERIMENT_TAG]
+        if tune.Tuner.can_restore(os.path.join(job.storage_path, name)):
+            reopen(client, run_id)
+            logged = max([m.step for m in client.get_metric_history(run_id, "val_acc")], default=0)
+            print(f"[bkd] continuing the teacher's training from its last checkpoint (epoch {logged}/{job.cfg.teacher.epochs} "
+                  f"logged; MLflow run {run_id})", flush=True)
+            return run_id, name, logged
+    run = client.create_run(experiment_id, run_name=f"teacher-{spec_name(job.teacher_model)}-{job.cfg.data.name}",
+                            tags={ROLE_TAG: "teacher", KEY_TAG: key})
+    run_id = run.info.run_id
+    name = f"teacher-{key}-{run_id[:8]}"
+    client.set_tag(run_id, EXPERIMENT_TAG, name)
+    log_params(client, run_id, {"model": str(job.teacher_model), "data": job.cfg.data.name,
+                                **flatten(job.cfg.teacher, "teacher."), **flatten(job.cfg.data, "data."), **job.split_sizes()})
+    print(f"[bkd] training teacher {spec_name(job.teacher_model)} on {job.cfg.data.name} (MLflow run {run_id})", flush=True)
+    return run_id, name, 0
+
+
+def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Train the teacher (a Tune experiment of one trial; see ``teacher_tuner``), save it as
+    ``<output_dir>/<experiment>/teacher.pt`` and log it as its own MLflow run; returns (state, run id).
+    A stop signal or the time budget ends the run KILLED (``tune.resume=true`` continues it from its
+    last checkpoint); a failure ends it FAILED. An MLflow outage delays the logging (up to
+    ``mlflow.end_wait_s``), never the search."""
+    run_id, name, logged = start_run(job, client, experiment_id)
+    out = Path(job.output_dir) / job.experiment_name
+    writer = MLflowWriter(job.tracking_uri, experiment_id, None, job.cfg.mlflow.retry_interval_s,
+                          spool=out / "mlflow_pending_teacher.jsonl")
+    writer.logged_epoch[TEACHER] = logged
+    WRITERS[run_id] = writer
+    try:
+        with STOP.graceful("the teacher's training and saving it"):
+            results = teacher_tuner(job, name, run_id).fit()
+        trial = results._experiment_analysis.trials[0]  # Tune's trial state lives on the trial
+        result = results[0]
+        state = TrialRecords(job.storage_path, name).student(trial.trial_id)
+        epoch = int((result.metrics or {}).get("epoch", logged))
+        progress = f"the teacher's training (epoch {epoch}/{job.cfg.teacher.epochs}, MLflow run {run_id})"
+        kept = "it continues from its last checkpoint"
+        if STOP.received is not None:
+            raise Interrupted(progress, kept)
+        if result.error is not None:
+            raise result.error
+        if state is None:
+            raise OutOfTime(progress, kept)
+    except BaseException as exc:
+        status, reason, error = "FAILED", None, f"{type(exc).__name__}: {first_line(exc)}"
+        if isinstance(exc, KeyboardInterrupt):
+            status, reason, error = "KILLED", f"interrupted ({STOP.name or 'SIGINT'})", None
+        elif isinstance(exc, OutOfTime):
+            status, reason, error = "KILLED", "stopped by tune.time_budget_s", None
+        if reason:
+            writer.submit(Write("tags", {"run_id": run_id, "tags": {END_TAG: reason}}))
+        writer.submit(Write("end", {"run_id": run_id, "status": status, "error": error}))
+        writer.drain(0.0)
+        raise
+    finally:
+        WRITERS.pop(run_id, None)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "teacher.pt"
+    torch.save(state, path)
+    test = f", test_acc {result.metrics['test_acc']:.2f}%" if "test_acc" in result.metrics else ""
+    print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%{test}, saved to {path}", flush=True)
+    writer.submit(Write("artifact", {"run_id": run_id, "path": str(path), "artifact_path": "teacher"}))
+    writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED"}))
+    writer.drain(job.cfg.mlflow.end_wait_s, f"The teacher is at {path} (teacher.checkpoint={path} reuses it).")
+    return state, run_id
+
+
+def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str, bool]:
+    """(teacher state_dict, where it came from, whether it was trained just now)."""
+    checkpoint = job.cfg.teacher.checkpoint
+    if checkpoint:
+        return load_uri(job, str(checkpoint)), str(checkpoint), False
+    run_id = find_trained(client, experiment_id, job.teacher_key())
+    if run_id:
+        print(f"[bkd] reusing teacher from MLflow run {run_id} (same teacher config)", flush=True)
+        return load_uri(job, f"runs:/{run_id}/{ARTIFACT}"), f"runs:/{run_id}/{ARTIFACT}", False
+    state, run_id = train_teacher(job, client, experiment_id)
+    return state, f"runs:/{run_id}/{ARTIFACT}", True
+
+
+def score_teacher(job: Job, state: dict[str, torch.Tensor], announce: bool = True) -> dict[str, float]:
+    """A teacher's ``teacher_val_acc`` and ``teacher_test_acc``, scored once in the driver before any
+    trial (in-memory data; {} for streamed data): a checkpoint trained with other preprocessing or
+    another class order shows here, not after the search. ``announce``: print them (a teacher trained
+    just now has printed its own)."""
+    if is_streamed(job.cfg.data):
+        return {}
+    from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate, score_on_test
+
+    splits = load_dataset(job.cfg.data)
+    model = _empty_teacher(job)
+    model.load_state_dict(model.from_source_names(state))
+    cfg, cpu = TrainConfig(batch_size=256, channels_last=False), torch.device("cpu")
+    scores = {"teacher_val_acc": evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))["val_acc"],
+              "teacher_test_acc": score_on_test(Supervised(model), eval_loader(splits.test, cfg, cpu))["test_acc"]}
+    if announce:
+        print(f"[bkd] teacher: val_acc {scores['teacher_val_acc']:.2f}%, test_acc {scores['teacher_test_acc']:.2f}%", flush=True)
+    return scores

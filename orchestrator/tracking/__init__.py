@@ -1,0 +1,1 @@
+"""MLflow runs and their write queue, trial records, result tables, plots, importances, statistics."""
