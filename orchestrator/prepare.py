@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(missing[0], "is required; e.g. python -m orchestrator.prepare source=/data/images output=/data/shards.")
-        check_values(cfg)  # every key against the schema (orchestrator.schema.PrepareConfig)
+        check_values(cfg)  # every key against the schema (orchestrator.config.schema.PrepareConfig)
         c: PrepareConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
         summary = prepare(c)
     except (ConfigError, OmegaConfBaseException) as exc:

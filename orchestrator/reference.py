@@ -1,4 +1,4 @@
-"""The configuration reference, generated from the schema (``orchestrator.schema``).
+"""The configuration reference, generated from the schema (``orchestrator.config.schema``).
 
     python -m orchestrator.reference            # writes docs/reference/config.md
     python -m orchestrator.reference --check    # exit 1 when the page is stale (the test suite runs this)

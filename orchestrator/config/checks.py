@@ -1,5 +1,5 @@
 """Value checks of the composed config, run before Ray starts: every key against the schema
-(``orchestrator.schema``: unknown keys, ranges, choices), every ``fixed.*`` value against its search
+(``orchestrator.config.schema``: unknown keys, ranges, choices), every ``fixed.*`` value against its search
 space, and "did you mean" for misspelled keys.
 
 Each problem is a ``ConfigError`` naming the full key, the value and the fix.
@@ -35,7 +35,7 @@ EVERY_KEY = "Every key and its meaning: docs/reference/config.md; `--cfg job` pr
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Every key of the composed config against the schema (``orchestrator.schema``): unknown keys are
+    """Every key of the composed config against the schema (``orchestrator.config.schema``): unknown keys are
     refused (outside the open maps), every value meets its check (range or choices; types were checked
     as Hydra merged it)."""
     check_node(cfg, "")

@@ -15,7 +15,7 @@ OPEN_MAPPINGS = ("fixed.", "compare.fixed.", "compare.from_search.")  # keys add
 
 def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     """The composed config for command-line ``overrides`` (Hydra's compose API: no chdir, no outputs/),
-    typed by the schema (``orchestrator.schema``).
+    typed by the schema (``orchestrator.config.schema``).
 
     ``fixed.KEY=VALUE`` (and ``compare.fixed.*``, ``compare.from_search.*``) adds a key to an open
     mapping (Hydra would want ``+fixed.KEY``).

@@ -50,7 +50,7 @@ class DatasetInfo:
 class Job:
     """The validated, resolved configuration that travels to Ray (plain, picklable values)."""
 
-    cfg: BkdConfig  # the typed configuration (orchestrator.schema), paths made absolute
+    cfg: BkdConfig  # the typed configuration (orchestrator.config.schema), paths made absolute
     num_classes: int
     in_channels: int
     num_blocks: int

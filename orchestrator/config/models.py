@@ -141,7 +141,7 @@ def check_pretrained(c: BkdConfig, role: str, model: Any) -> None:
 
 def build_model(c: BkdConfig, role: str, num_classes: int, in_channels: int, image_shape: list[int],
                 check: bool = False) -> Any:
-    """``pair.<role>`` as a BlockNet (``orchestrator.model_spec``), cut the same way in the driver and every
+    """``pair.<role>`` as a BlockNet (``config.models``), cut the same way in the driver and every
     worker; ``check``: prove the cut on a sample (validation does, once, before Ray starts)."""
 
     spec, blocks = (c.pair.teacher, c.pair.teacher_blocks) if role == "teacher" else (c.pair.student, c.pair.student_blocks)

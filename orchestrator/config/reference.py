@@ -1,4 +1,4 @@
-"""The configuration reference, generated from the schema (``orchestrator.schema``).
+"""The configuration reference, generated from the schema (``orchestrator.config.schema``).
 
     python -m orchestrator.reference            # writes docs/reference/config.md
     python -m orchestrator.reference --check    # exit 1 when the page is stale (the test suite runs this)
@@ -81,7 +81,7 @@ def render() -> str:
     """The whole reference page (Markdown)."""
     out = ["# Configuration reference", "",
            "Every key of `python -m orchestrator.{tune,train,teacher,compare}` and of `python -m orchestrator.prepare`, "
-           "generated from `orchestrator/schema.py` by `python -m orchestrator.reference` (a test fails when this page "
+           "generated from `orchestrator/config/schema.py` by `python -m orchestrator.reference` (a test fails when this page "
            "is stale). Set any key on the command line as `KEY=VALUE`; a key the schema does not list is refused, "
            "except inside the open maps (`fixed.*`, `compare.fixed.*`, `compare.from_search.*`, `search.*` and a "
            "model's own `_target_` arguments). `--cfg job` prints the composed configuration.", ""]

@@ -1,7 +1,7 @@
 """The configuration schema: every key of ``tune``, ``train``, ``teacher``, ``student``, ``compare``,
 ``resources``, ``ray``, ``mlflow``, ``pair``, each ``data`` group and ``prepare``, with its type, default,
 allowed values and a one-line doc. The single source for Hydra (structured configs in its ConfigStore),
-for validation before Ray starts (``orchestrator.checks``), for the typed object the code reads, and
+for validation before Ray starts (``orchestrator.config.checks``), for the typed object the code reads, and
 for the reference page (``python -m orchestrator.reference``).
 
 The YAML files under ``conf/`` keep only what differs per group (a dataset, a pair, a recipe).

@@ -31,7 +31,7 @@ def usage(command: str) -> str:
         if key is not None:
             lines.append(f"  {name:<30} {textwrap.shorten(key.doc, 88, placeholder=' ...')}")
     lines += ["", "Every key, its type, default and allowed values: docs/reference/config.md (generated from",
-              "orchestrator/schema.py). --cfg job prints the composed configuration and exits.",
+              "orchestrator/config/schema.py). --cfg job prints the composed configuration and exits.",
               "Exit codes: 0 done, 1 no trial finished, 2 configuration error (before Ray starts), 130 / 143 interrupted (SIGINT / SIGTERM)."]
     return "\n".join(lines)
 

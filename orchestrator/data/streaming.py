@@ -7,7 +7,7 @@ normalised floats on its own device. No process holds more than a few blocks of 
 
 Where the tasks run: on any node with a free CPU (CPU-only nodes included). A search runs at most as
 many trials at once as leave ``data.cpus_per_trial`` CPUs free per running trial
-(``orchestrator.runtime.concurrent_trials``), so trials never hold every CPU while their data waits.
+(``orchestrator.worker.runtime.concurrent_trials``), so trials never hold every CPU while their data waits.
 (Pinning the tasks into each trial's placement group was tried: Ray Data 2.60 then ran an 18-image
 epoch in 25-30 s instead of 1.5-5 s.)
 

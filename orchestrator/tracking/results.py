@@ -46,7 +46,7 @@ STATUSES = {
 
 
 def trial_status(tune_status: str, record: Any, has_results: bool, interrupted: bool, has_budget: bool) -> Optional[str]:
-    """A trial's status from Tune's state and its record (``orchestrator.records``); None for a trial
+    """A trial's status from Tune's state and its record (``orchestrator.tracking.records``); None for a trial
     that never reported anything (not a row)."""
     if record is not None:
         return record.status

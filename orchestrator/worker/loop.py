@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def tune_trial_loop(config: dict[str, Any], records: Optional[TrialRecords] = None) -> None:
     """A single-worker trial trains inside its Tune trial process: no Train controller or worker
     group to start (seconds per trial), and Tune retries it from its last checkpoint. With ``records``,
-    the trial records its end (``orchestrator.records``) before its last report."""
+    the trial records its end (``orchestrator.tracking.records``) before its last report."""
     use_gpu = config["job"].cfg.resources.use_gpu and torch.cuda.is_available()
     trial_id = tune.get_context().get_trial_id()
     finish = (lambda status, metrics, history, student: records.write(trial_id, status, metrics, history, student)) if records else None
