@@ -1,7 +1,8 @@
 """Every way a search ends, as a user meets it: `python -m orchestrator.tune` in a subprocess at the
-defaults (a local Ray cluster started by the command, Tune's own snapshot timing), a real MLflow
-sqlite store; the driver killed alone right after a trial finished, SIGINT, SIGTERM, a time budget,
-and a search whose trials all diverge."""
+defaults (a local Ray cluster started by the command, Tune's own snapshot timing, the teacher trained by
+the command where the test says so), a real MLflow sqlite store; the driver killed alone mid-teacher and
+right after a trial finished, Ctrl-C mid-teacher and mid-trials, SIGTERM, a time budget, and a search
+whose trials all diverge."""
 import os
 import re
 import signal
@@ -106,35 +107,6 @@ def tmp(tmp_path):
     return tmp_path
 
 
-def test_killed_driver_resumes_without_training_a_finished_trial_again(tmp):
-    """SIGKILL to the driver alone at once after the first trial's run is FINISHED; Tune's snapshot
-    is then older than that end. The resume must not train that trial again (one point per epoch)."""
-    search = Search(tmp, "faults", "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=4")
-    try:
-        search.start()
-        search.wait_for(lambda: any(r.info.status == "FINISHED" for r in search.trials()), "a finished trial")
-        search.proc.send_signal(signal.SIGKILL)
-        search.wait(60)
-        finished_before = {r.data.tags["bkd.trial_id"] for r in search.trials() if r.info.status == "FINISHED"}
-        assert finished_before
-
-        assert search.run("tune.resume=true") == 0, search.output[-4000:]
-        assert search.parent().info.status == "FINISHED"
-        runs = {r.data.tags["bkd.trial_id"]: r for r in search.trials()}
-        assert not [r for r in runs.values() if r.info.status == "RUNNING"]
-        for trial in finished_before:
-            assert runs[trial].info.status == "FINISHED"
-            assert search.steps(runs[trial]) == [1, 2, 3, 4], "a finished trial was trained again"
-        for run in runs.values():  # a trial the kill interrupted continues, or ends KILLED: never two points a step
-            steps = search.steps(run)
-            assert len(steps) == len(set(steps)), (run.data.tags["bkd.trial_id"], steps)
-        rows = search.rows()
-        assert len(rows) == 3 and all(r["status"] == "FINISHED" and r["epochs"] == 4 for r in rows), rows
-        assert finished_before <= {r["trial_id"] for r in rows}
-    finally:
-        search.kill()
-
-
 def stop_after_the_first_epoch(search: Search, sig: signal.Signals, code: int) -> None:
     """Send ``sig`` to the driver once a trial has logged an epoch: it exits with ``code`` within a
     minute, its parent run KILLED with the reason."""
@@ -146,35 +118,6 @@ def stop_after_the_first_epoch(search: Search, sig: signal.Signals, code: int) -
     assert time.time() - sent < 60, "the driver took over a minute to stop"
     assert search.parent().info.status == "KILLED"
     assert search.parent().data.tags["bkd.end_reason"] == f"interrupted ({sig.name})"
-
-
-def test_sigint_ends_killed_with_exit_130_and_resume_finishes_the_search(tmp):
-    search = Search(tmp, "ctrl-c", "tune.num_samples=3", "train.epochs=12", "tune.scheduler=none")
-    try:
-        stop_after_the_first_epoch(search, signal.SIGINT, 130)
-        interrupted = [r for r in search.trials() if r.info.status != "FINISHED"]
-        assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
-        rows = search.rows()
-        assert rows and {r["status"] for r in rows} <= {"FINISHED", "INTERRUPTED"} and "INTERRUPTED" in {r["status"] for r in rows}
-        last = search.output.strip().splitlines()[-1]
-        assert "tune.resume=true tune.name=ctrl-c" in last and last.strip().startswith("python -m orchestrator.tune"), last
-        assert_console_is_bkds(search.output)  # Tune's own `Tuner.restore(...)` hint included
-
-        assert search.run("tune.resume=true") == 0, search.output[-4000:]
-        parent = search.parent()
-        assert parent.info.status == "FINISHED" and "bkd.end_reason" not in parent.data.tags
-        rows = search.rows()
-        assert len(rows) == 3 and all(r["status"] == "FINISHED" for r in rows), rows
-        best = rows[0]
-        assert parent.data.tags["best.trial_id"] == best["trial_id"]
-        assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc"])
-        for run in search.trials():
-            assert run.info.status == "FINISHED"
-            steps = search.steps(run)
-            assert steps == list(range(1, 13)), (run.data.tags["bkd.trial_id"], steps)
-        assert not list((tmp / "out" / "ctrl-c").glob("mlflow_pending_*")), "a refused write was taken for an outage"
-    finally:
-        search.kill()
 
 
 def test_sigterm_ends_killed_with_exit_143(tmp):
@@ -222,25 +165,84 @@ def last_line(search: Search) -> str:
     return search.output.strip().splitlines()[-1].strip()
 
 
-def test_ctrl_c_mid_teacher_and_mid_trials_end_killed_and_each_resume_continues(tmp):
-    """Ctrl-C (SIGINT to the process group) while the command trains its teacher: exit 130, the teacher's
-    run KILLED, the resume command last. The resume continues the teacher after its last epoch in the same
-    run, then the trials start; Ctrl-C there stops them within a minute (exit 130). The next resume reuses
-    the finished teacher and finishes the search."""
-    search = Search(tmp, "own", "teacher.epochs=30", "train.epochs=40", "tune.num_samples=2", "tune.scheduler=none",
+def interrupt_the_teacher(search: Search, stop, code: int, reason: str, after_epoch: int = 3) -> list[int]:
+    """Start the command, stop it (``stop(search)``) once its teacher printed ``after_epoch``: the command
+    exits with ``code`` (None: killed, no exit of its own) and the teacher's one run is KILLED with ``reason``
+    (RUNNING when killed). Returns the epochs the teacher's run logged, one point each, in order."""
+    search.start()
+    search.wait_for(lambda: f"teacher epoch {after_epoch}/" in search.output, f"teacher epoch {after_epoch}")
+    stop(search)
+    exit_code = search.wait(120)
+    (teacher,) = search.teacher_runs()
+    if code is None:
+        assert teacher.info.status == "RUNNING"
+    else:
+        assert exit_code == code, search.output[-4000:]
+        assert "the teacher's training (epoch" in search.output
+        assert last_line(search).startswith("python -m orchestrator.") and "tune.resume=true tune.name=" in last_line(search)
+        assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == reason
+        assert_console_is_bkds(search.output)
+    logged = search.steps(teacher)
+    assert logged and logged == list(range(1, len(logged) + 1)), logged
+    return logged
+
+
+def assert_the_teacher_continued(search: Search, logged: list[int], epochs: int) -> None:
+    """The resume printed the teacher's epochs from after its last checkpoint (never from 1) to the end,
+    and its one MLflow run FINISHED with one point per epoch."""
+    printed = search.teacher_epochs_printed()
+    assert printed and 1 < printed[0] <= len(logged) + 1 and printed[-1] == epochs, printed
+    (teacher,) = search.teacher_runs()
+    assert teacher.info.status == "FINISHED" and "bkd.end_reason" not in teacher.data.tags
+    assert search.steps(teacher) == list(range(1, epochs + 1)), "one point per teacher epoch, in the same run"
+
+
+def test_killed_driver_mid_teacher_and_after_a_trial_resumes_without_training_anything_finished_again(tmp):
+    """The default path: SIGKILL to the driver alone while the command trains its teacher; the resume
+    continues the teacher (its first epoch > 1, the same run). SIGKILL again at once after the first
+    trial's run is FINISHED (Tune's snapshot is then older than that end): the next resume reuses the
+    finished teacher and does not train that trial again (one point per epoch)."""
+    search = Search(tmp, "faults", "teacher.epochs=14", "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none",
+                    "train.epochs=4", "train.checkpoint_min_interval_s=0", own_teacher=True)
+    try:
+        logged = interrupt_the_teacher(search, lambda s: s.proc.send_signal(signal.SIGKILL), None, "", after_epoch=5)
+
+        search.start("tune.resume=true")
+        search.wait_for(lambda: any(r.info.status == "FINISHED" for r in search.trials()), "a finished trial")
+        search.proc.send_signal(signal.SIGKILL)
+        search.wait(60)
+        assert_the_teacher_continued(search, logged, 14)
+        finished_before = {r.data.tags["bkd.trial_id"] for r in search.trials() if r.info.status == "FINISHED"}
+        assert finished_before
+
+        assert search.run("tune.resume=true") == 0, search.output[-4000:]
+        assert "reusing teacher from MLflow run" in search.output and not search.teacher_epochs_printed()
+        assert search.parent().info.status == "FINISHED"
+        runs = {r.data.tags["bkd.trial_id"]: r for r in search.trials()}
+        assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+        for trial in finished_before:
+            assert runs[trial].info.status == "FINISHED"
+            assert search.steps(runs[trial]) == [1, 2, 3, 4], "a finished trial was trained again"
+        for run in runs.values():  # a trial the kill interrupted continues, or ends KILLED: never two points a step
+            steps = search.steps(run)
+            assert len(steps) == len(set(steps)), (run.data.tags["bkd.trial_id"], steps)
+        rows = search.rows()
+        assert len(rows) == 3 and all(r["status"] == "FINISHED" and r["epochs"] == 4 for r in rows), rows
+        assert finished_before <= {r["trial_id"] for r in rows}
+    finally:
+        search.kill()
+
+
+def test_ctrl_c_mid_teacher_and_mid_trials_ends_killed_with_exit_130_and_each_resume_continues(tmp):
+    """The default path, as a user stops it: Ctrl-C (SIGINT to the process group) while the command trains
+    its teacher: exit 130, the teacher's run KILLED, the resume command last. The resume continues the
+    teacher in the same run, then the trials start; Ctrl-C there stops them within a minute (exit 130,
+    trials INTERRUPTED, runs KILLED). The next resume reuses the finished teacher and finishes the search
+    with the true best."""
+    search = Search(tmp, "ctrl-c", "teacher.epochs=14", "tune.num_samples=3", "train.epochs=12", "tune.scheduler=none",
                     "train.checkpoint_min_interval_s=0", own_teacher=True)
     try:
-        search.start()
-        search.wait_for(lambda: "teacher epoch 3/" in search.output, "a third teacher epoch")
-        search.ctrl_c()
-        assert search.wait(120) == 130, search.output[-4000:]
-        assert "the teacher's training (epoch" in search.output
-        assert last_line(search).startswith("python -m orchestrator.tune") and "tune.resume=true tune.name=own" in last_line(search)
-        assert_console_is_bkds(search.output)
-        (teacher,) = search.teacher_runs()
-        assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
-        logged = search.steps(teacher)
-        assert logged and logged == list(range(1, len(logged) + 1)), logged
+        logged = interrupt_the_teacher(search, Search.ctrl_c, 130, "interrupted (SIGINT)")
 
         search.start("tune.resume=true")
         search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged trial epoch")
@@ -248,45 +250,31 @@ def test_ctrl_c_mid_teacher_and_mid_trials_end_killed_and_each_resume_continues(
         search.ctrl_c()
         assert search.wait(120) == 130, search.output[-4000:]
         assert time.time() - sent < 60, "the driver took over a minute to stop"
-        printed = search.teacher_epochs_printed()
-        assert printed and 1 < printed[0] <= len(logged) + 1 and printed[-1] == 30, printed
-        (teacher,) = search.teacher_runs()
-        assert teacher.info.status == "FINISHED" and "bkd.end_reason" not in teacher.data.tags
-        assert search.steps(teacher) == list(range(1, 31)), "one point per teacher epoch, in the same run"
+        assert_the_teacher_continued(search, logged, 14)
         assert search.parent().info.status == "KILLED"
         assert search.parent().data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
-        assert "tune.resume=true tune.name=own" in last_line(search)
-        assert_console_is_bkds(search.output)
+        interrupted = [r for r in search.trials() if r.info.status != "FINISHED"]
+        assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
+        rows = search.rows()
+        assert rows and {r["status"] for r in rows} <= {"FINISHED", "INTERRUPTED"} and "INTERRUPTED" in {r["status"] for r in rows}
+        assert "tune.resume=true tune.name=ctrl-c" in last_line(search) and last_line(search).startswith("python -m orchestrator.tune")
+        assert_console_is_bkds(search.output)  # Tune's own `Tuner.restore(...)` hint included
 
         assert search.run("tune.resume=true") == 0, search.output[-4000:]
         assert "reusing teacher from MLflow run" in search.output and not search.teacher_epochs_printed()
         assert len(search.teacher_runs()) == 1
-        assert search.parent().info.status == "FINISHED"
-        assert len(search.rows()) == 2 and all(r["status"] == "FINISHED" for r in search.rows())
-    finally:
-        search.kill()
-
-
-def test_killed_driver_mid_teacher_resumes_the_teacher_where_it_stopped(tmp):
-    """SIGKILL to the driver alone while the teacher trains: the resume continues the teacher (its first
-    epoch > 1) in the same run and runs the search."""
-    search = Search(tmp, "kill-teacher", "teacher.epochs=25", "train.epochs=2", "tune.num_samples=1", "tune.scheduler=none",
-                    "train.checkpoint_min_interval_s=0", own_teacher=True)
-    try:
-        search.start()
-        search.wait_for(lambda: "teacher epoch 8/" in search.output, "an eighth teacher epoch")
-        search.proc.send_signal(signal.SIGKILL)
-        search.wait(60)
-        (teacher,) = search.teacher_runs()
-        assert teacher.info.status == "RUNNING"
-
-        assert search.run("tune.resume=true") == 0, search.output[-4000:]
-        printed = search.teacher_epochs_printed()
-        assert printed and printed[0] > 1 and printed[-1] == 25, printed
-        (teacher,) = search.teacher_runs()
-        assert teacher.info.status == "FINISHED"
-        assert search.steps(teacher) == list(range(1, 26))
-        assert search.parent().info.status == "FINISHED"
+        parent = search.parent()
+        assert parent.info.status == "FINISHED" and "bkd.end_reason" not in parent.data.tags
+        rows = search.rows()
+        assert len(rows) == 3 and all(r["status"] == "FINISHED" for r in rows), rows
+        best = rows[0]
+        assert parent.data.tags["best.trial_id"] == best["trial_id"]
+        assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc"])
+        for run in search.trials():
+            assert run.info.status == "FINISHED"
+            steps = search.steps(run)
+            assert steps == list(range(1, 13)), (run.data.tags["bkd.trial_id"], steps)
+        assert not list((tmp / "out" / "ctrl-c").glob("mlflow_pending_*")), "a refused write was taken for an outage"
     finally:
         search.kill()
 
@@ -294,14 +282,8 @@ def test_killed_driver_mid_teacher_resumes_the_teacher_where_it_stopped(tmp):
 def test_sigterm_mid_teacher_of_the_teacher_command_exits_143(tmp):
     search = Search(tmp, "term-teacher", "teacher.epochs=400", own_teacher=True, command="orchestrator.teacher")
     try:
-        search.start()
-        search.wait_for(lambda: "teacher epoch 2/" in search.output, "a second teacher epoch")
-        search.proc.send_signal(signal.SIGTERM)
-        assert search.wait(120) == 143, search.output[-4000:]
-        assert last_line(search).startswith("python -m orchestrator.teacher") and "tune.resume=true" in last_line(search)
-        (teacher,) = search.teacher_runs()
-        assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "interrupted (SIGTERM)"
-        assert_console_is_bkds(search.output)
+        interrupt_the_teacher(search, lambda s: s.proc.send_signal(signal.SIGTERM), 143, "interrupted (SIGTERM)", after_epoch=2)
+        assert last_line(search).startswith("python -m orchestrator.teacher")
     finally:
         search.kill()
 
