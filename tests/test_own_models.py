@@ -129,7 +129,7 @@ def test_a_search_and_a_comparison_train_the_users_own_models_from_the_working_d
     models = ["pair.teacher=mymodels:teacher", "pair.student={_target_:mymodels.Net,width:8,num_classes:10,in_channels:1}",
               f"teacher.init={path}", "ray.address=local", "ray.num_cpus=2", "train.epochs=2", "teacher.epochs=2", *common(project)]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(project)}
-    argv = [sys.executable, "-m", "orchestrator.tune", *models, "tune.num_samples=2", "tune.name=own"]
+    argv = [sys.executable, "-m", "orchestrator.tune", *models, "tune.num_samples=1", "tune.name=own"]
     done = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 (fc.weight, fc.bias) replaced" in done.stdout

@@ -202,16 +202,16 @@ def test_killed_driver_mid_teacher_and_after_a_trial_resumes_without_training_an
     continues the teacher (its first epoch > 1, the same run). SIGKILL again at once after the first
     trial's run is FINISHED (Tune's snapshot is then older than that end): the next resume reuses the
     finished teacher and does not train that trial again (one point per epoch)."""
-    search = Search(tmp, "faults", "teacher.epochs=14", "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none",
+    search = Search(tmp, "faults", "teacher.epochs=10", "tune.num_samples=3", "tune.max_concurrent=1", "tune.scheduler=none",
                     "train.epochs=4", "train.checkpoint_min_interval_s=0", own_teacher=True)
     try:
-        logged = interrupt_the_teacher(search, lambda s: s.proc.send_signal(signal.SIGKILL), None, "", after_epoch=5)
+        logged = interrupt_the_teacher(search, lambda s: s.proc.send_signal(signal.SIGKILL), None, "", after_epoch=4)
 
         search.start("tune.resume=true")
         search.wait_for(lambda: any(r.info.status == "FINISHED" for r in search.trials()), "a finished trial")
         search.proc.send_signal(signal.SIGKILL)
         search.wait(60)
-        assert_the_teacher_continued(search, logged, 14)
+        assert_the_teacher_continued(search, logged, 10)
         finished_before = {r.data.tags["bkd.trial_id"] for r in search.trials() if r.info.status == "FINISHED"}
         assert finished_before
 
@@ -239,7 +239,7 @@ def test_ctrl_c_mid_teacher_and_mid_trials_ends_killed_with_exit_130_and_each_re
     teacher in the same run, then the trials start; Ctrl-C there stops them within a minute (exit 130,
     trials INTERRUPTED, runs KILLED). The next resume reuses the finished teacher and finishes the search
     with the true best."""
-    search = Search(tmp, "ctrl-c", "teacher.epochs=14", "tune.num_samples=3", "train.epochs=12", "tune.scheduler=none",
+    search = Search(tmp, "ctrl-c", "teacher.epochs=10", "tune.num_samples=3", "train.epochs=8", "tune.scheduler=none",
                     "train.checkpoint_min_interval_s=0", own_teacher=True)
     try:
         logged = interrupt_the_teacher(search, Search.ctrl_c, 130, "interrupted (SIGINT)")
@@ -250,7 +250,7 @@ def test_ctrl_c_mid_teacher_and_mid_trials_ends_killed_with_exit_130_and_each_re
         search.ctrl_c()
         assert search.wait(120) == 130, search.output[-4000:]
         assert time.time() - sent < 60, "the driver took over a minute to stop"
-        assert_the_teacher_continued(search, logged, 14)
+        assert_the_teacher_continued(search, logged, 10)
         assert search.parent().info.status == "KILLED"
         assert search.parent().data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
         interrupted = [r for r in search.trials() if r.info.status != "FINISHED"]
@@ -273,7 +273,7 @@ def test_ctrl_c_mid_teacher_and_mid_trials_ends_killed_with_exit_130_and_each_re
         for run in search.trials():
             assert run.info.status == "FINISHED"
             steps = search.steps(run)
-            assert steps == list(range(1, 13)), (run.data.tags["bkd.trial_id"], steps)
+            assert steps == list(range(1, 9)), (run.data.tags["bkd.trial_id"], steps)
         assert not list((tmp / "out" / "ctrl-c").glob("mlflow_pending_*")), "a refused write was taken for an outage"
     finally:
         search.kill()

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from scipy import stats as scipy_stats
 
 LEVEL = 0.95
 
@@ -34,6 +33,8 @@ class Interval:
         mean, std = mean_std(values)
         if len(values) < 2:
             return cls(len(values), mean, std, float("nan"), float("nan"))
+        from scipy import stats as scipy_stats  # only comparisons need it (0.5 s to import)
+
         half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1)) * std / math.sqrt(len(values))
         return cls(len(values), mean, std, mean - half, mean + half)
 
