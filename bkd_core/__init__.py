@@ -3,7 +3,7 @@ from . import data, methods, models, train
 from .blocknet import BlockNet
 from .connectors import build_connector
 from .losses import dkd_loss, kd_loss, kd_ls_loss
-from .methods import BlockKD, DistillOutput, Distiller, LogitKD
+from .methods import BlockKD, Distiller, DistillOutput, LogitKD
 from .methods.blockkd import BlockKDOutput
 
 __all__ = [

@@ -1,9 +1,19 @@
-"""Connectors C_i: map a student feature map into the teacher's feature shape at a cut."""
+"""Connectors C_i: map a student block's output into the teacher's feature space at a cut.
+
+Between two conv maps: ``Connector`` (1x1 conv + BN, pooling or resizing the grid). Between any other
+two forms (``bkd_core.forms``: conv maps, channels-last maps, token sequences, pooled vectors):
+``FormConnector``, which reads the student's output as a map, projects its channels, resamples it to the
+teacher's grid and writes it in the teacher's form (supplying the teacher's prefix tokens), normalised.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .forms import Form, infer_form
 
 CONNECTORS = ("conv1x1", "auto")
 
@@ -36,10 +46,76 @@ class Connector(nn.Module):
         return f"{self.in_shape} -> {self.out_shape}"
 
 
-def build_connector(kind: str, in_shape: Sequence[int], out_shape: Sequence[int]) -> nn.Module:
-    """``conv1x1``: always a learned 1x1 conv + BN; ``auto``: identity where shapes already match."""
+class FormConnector(nn.Module):
+    """Any form to any form: the student's output as a (B, C, H, W) map (a channels-last map permuted,
+    tokens without their prefix folded into their grid, a vector as a 1x1 map), a learned per-position
+    projection to the teacher's channels, the grid pooled down or resized up to the teacher's, then
+    written in the teacher's form and normalised (BatchNorm for maps, LayerNorm over channels otherwise).
+    The teacher's prefix tokens are the student's own, projected, when both have as many; else learned
+    tokens plus the mean of the projected patches."""
+
+    def __init__(self, source: Form, target: Form) -> None:
+        super().__init__()
+        self.source, self.target = source, target
+        c_in, c_out = source.channels, target.channels
+        self.project = nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)
+        self.norm = nn.BatchNorm2d(c_out) if target.kind == "map" else nn.LayerNorm(c_out)
+        self.own_prefix = target.kind == "tokens" and source.kind == "tokens" and source.prefix == target.prefix > 0
+        if self.own_prefix:
+            self.prefix = nn.Linear(c_in, c_out, bias=False)
+        elif target.kind == "tokens" and target.prefix:
+            self.prefix_tokens = nn.Parameter(torch.zeros(1, target.prefix, c_out))
+
+    def to_map(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.source
+        if s.kind == "channels_last":
+            return x.permute(0, 3, 1, 2)
+        if s.kind == "tokens":
+            return x[:, s.prefix:].transpose(1, 2).reshape(x.shape[0], s.channels, *s.grid)
+        if s.kind == "vector":
+            return x[:, :, None, None]
+        return x
+
+    def resample(self, m: torch.Tensor) -> torch.Tensor:
+        (h, w), (th, tw) = m.shape[2:], self.target.grid
+        if (h, w) == (th, tw):
+            return m
+        if h >= th and w >= tw:
+            return F.adaptive_avg_pool2d(m, (th, tw))
+        return F.interpolate(m, size=(th, tw), mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.target
+        m = self.resample(self.project(self.to_map(x)))
+        if t.kind == "map":
+            return self.norm(m)
+        if t.kind == "vector":
+            return self.norm(m.mean((2, 3)))
+        if t.kind == "channels_last":
+            return self.norm(m.permute(0, 2, 3, 1).contiguous())
+        patches = m.flatten(2).transpose(1, 2)
+        if self.own_prefix:
+            patches = torch.cat([self.prefix(x[:, :t.prefix]), patches], dim=1)
+        elif t.prefix:
+            patches = torch.cat([self.prefix_tokens + patches.mean(1, keepdim=True), patches], dim=1)
+        return self.norm(patches)
+
+    def extra_repr(self) -> str:
+        return f"{self.source} -> {self.target}"
+
+
+def build_connector(kind: str, in_shape: Sequence[int], out_shape: Sequence[int],
+                    image: Optional[Sequence[int]] = None) -> nn.Module:
+    """The connector from a student output of per-sample ``in_shape`` to a teacher output of
+    ``out_shape``; ``image`` (H, W): the input's size, which tells the forms apart (without it, both are
+    conv maps). ``conv1x1``: always learned; ``auto``: identity where the forms already match."""
     if kind not in CONNECTORS:
         raise ValueError(f"unknown connector {kind!r}; valid: {', '.join(CONNECTORS)}.")
     if kind == "auto" and tuple(in_shape) == tuple(out_shape):
         return nn.Identity()
-    return Connector(in_shape, out_shape, identity_if_equal=(kind == "auto"))
+    if image is None:
+        return Connector(in_shape, out_shape, identity_if_equal=(kind == "auto"))
+    source, target = infer_form(in_shape, image, "the student's block"), infer_form(out_shape, image, "the teacher's block")
+    if source.kind == target.kind == "map":
+        return Connector(in_shape, out_shape, identity_if_equal=(kind == "auto"))
+    return FormConnector(source, target)

@@ -110,23 +110,32 @@ def _piece(traced: fx.GraphModule, nodes: list[fx.Node], part: dict[fx.Node, int
 
 
 def find_cuts(model: nn.Module, sample: torch.Tensor) -> list[str]:
-    """Block boundaries of the usual layouts: ``layer1..layerN`` (torchvision ResNets), ``stages.*``
-    (timm), else the children of ``features`` where the spatial size changes (VGG, MobileNet,
-    EfficientNet, ConvNeXt style). Raises ``SplitError`` when none fits."""
+    """Block boundaries of the usual layouts: ``layer1..layerN`` (torchvision ResNets), each of
+    ``stages.*``, ``blocks.*``, ``layers.*`` (timm's CNNs, ViT/DeiT, Swin) or ``encoder.layers.*``
+    (torchvision's ViT), else the children of ``features`` where the spatial size changes (VGG,
+    MobileNet, EfficientNet, torchvision's ConvNeXt and Swin). Raises ``SplitError`` when none fits."""
     children = dict(model.named_children())
     layers = sorted((n for n in children if re.fullmatch(r"layer\d+", n)), key=lambda n: int(n[5:]))
     if len(layers) >= 2:
         return layers
-    for container in ("stages", "blocks"):
-        stages = children.get(container)
+    for container in ("stages", "blocks", "layers", "encoder.layers"):  # timm (CNNs, ViT, Swin), torchvision ViT
+        stages = _submodule(model, container)
         if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) >= 2:
-            return [f"{container}.{i}" for i in range(len(stages))]
+            return [f"{container}.{name}" for name, _ in stages.named_children()]
     features = children.get("features")
     if isinstance(features, nn.Sequential) and len(features) >= 2:
         return _resolution_cuts(model, features, sample)
     raise SplitError(f"{type(model).__name__}: no usual block layout found (layer1..layerN, stages, or a features "
                      f"Sequential; its children are {', '.join(children) or 'none'}); name the block ends "
                      "(e.g. pair.teacher_blocks=[block1,block2,block3]).")
+
+
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    for name in path.split("."):
+        model = dict(model.named_children()).get(name)
+        if model is None:
+            return None
+    return model
 
 
 def _resolution_cuts(model: nn.Module, features: nn.Sequential, sample: torch.Tensor) -> list[str]:

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocknet import BlockNet
 from .data import BatchLoader, DataSplits, ImageDataset
 from .methods.base import Distiller, DistillOutput
-from .methods.none import Supervised
+from .methods.none import Supervised  # noqa: F401  (train.Supervised: the teacher's own training)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -165,3 +165,35 @@ def test_compare_tune_trials_searches_every_method_then_trains_the_best_on_fresh
         assert len(trials) == 2 and run.info.status == "FINISHED" and "best_val_acc" in run.data.metrics
     assert "mean_test_acc.blockkd" in parent.data.metrics and "diff_vs_kd.blockkd" in parent.data.metrics
 
+
+
+@pytest.mark.ray
+def test_mixed_pairs_search_and_compare_end_to_end(ray_cluster, tmp_path, capsys):
+    """A ViT teacher (timm's layout, its 6 blocks grouped into 3) with a CNN student in a search, and a CNN
+    teacher with a ViT student in a comparison: stones through token connectors both ways, the student's
+    weights in its own class's names."""
+    torch.manual_seed(0)
+    teacher = tmp_path / "vit.pt"
+    torch.save(models.create("vit_tiny_p2_8", 10, 1).source_state_dict(), teacher)
+    base = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+            "train.epochs=1", "tune.scheduler=none"]
+    argv = base + ["tune.name=vit-cnn", f"teacher.checkpoint={teacher}", "pair.teacher=vit_tiny_p2_8", "pair.student=tiny_cnn",
+                   "tune.num_samples=2", "fixed.cuts=[1,2,3]"]
+    assert entry_point(tune_entry.run, argv) == 0
+    rows = pq.read_table(tmp_path / "out" / "vit-cnn" / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "FINISHED" and r["cuts"] == "1,2,3" for r in rows), rows
+    models.create("tiny_cnn", 10, 1).load_state_dict(torch.load(tmp_path / "out" / "vit-cnn" / "student.pt", weights_only=True),
+                                                     strict=True)
+    describe = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("bkd").experiment_id],
+        filter_string="tags.`bkd.role` = 'search'")[0]
+    assert describe.info.status == "FINISHED"
+
+    cnn_teacher = with_random_teacher(tmp_path, "cnn-vit")[-1]
+    argv = base + ["tune.name=cnn-vit", cnn_teacher, "pair.student=vit_tiny_p2_8", "compare.methods=[kd,blockkd]", "compare.seeds=1",
+                   "compare.fixed.blockkd.cuts=[1,2,3]"]
+    assert entry_point(compare.run, argv, command="compare") == 0
+    rows = pq.read_table(tmp_path / "out" / "cnn-vit" / "compare.parquet").to_pylist()
+    assert {r["method"] for r in rows} == {"kd", "blockkd"} and all(r["status"] == "FINISHED" for r in rows), rows
+    out = capsys.readouterr().out
+    assert "teacher epoch" not in out  # the given teachers were used

@@ -52,6 +52,44 @@ MODULE = textwrap.dedent('''
         return 3
 
 
+    def vit(num_classes, in_channels):
+        """timm's ViT layout (6 blocks) on digits: patch 2, a class token."""
+        from bkd_core.models.vit import VisionTransformer
+        return VisionTransformer(num_classes, in_channels, image_size=8, patch=2, dim=32, depth=6, heads=2)
+
+
+    class Lift(nn.Module):
+        def forward(self, x):
+            return x.unsqueeze(1)
+
+
+    class FiveD(nn.Module):
+        """A block that outputs a 5-D tensor."""
+
+        def __init__(self, num_classes=10, in_channels=1):
+            super().__init__()
+            self.layer1 = nn.Conv2d(in_channels, 4, 3, 1, 1)
+            self.layer2, self.layer3 = Lift(), nn.Conv3d(1, 4, 3, 1, 1)
+            self.fc = nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            return self.fc(self.layer3(self.layer2(self.layer1(x))).mean((2, 3, 4)))
+
+
+    class OddTokens(nn.Module):
+        """A block that outputs 74 tokens of an 8x8 image: no prefix of up to 8 leaves a grid."""
+
+        def __init__(self, num_classes=10, in_channels=1):
+            super().__init__()
+            self.layer1 = nn.Conv2d(in_channels, 4, 3, 1, 1)
+            self.layer2, self.layer3 = nn.Linear(8, 74), nn.Linear(4, 4)
+            self.fc = nn.Linear(4, num_classes)
+
+        def forward(self, x):
+            t = self.layer2(self.layer1(x).flatten(2)[:, :, :8]).transpose(1, 2)  # (B, 74, 4)
+            return self.fc(self.layer3(t).mean(1))
+
+
     class Skip(nn.Module):
         def __init__(self, num_classes=10, in_channels=1):
             super().__init__()
@@ -86,6 +124,8 @@ def common(ws):
     (["pair.student={_target_:mymodels.Net,width:4,num_classes:3}"], "pair.student", "gives 3 logits"),
     (["pair.teacher=mymodels:teacher", "pair.teacher_blocks=[layer1,layer2]"], "pair",
      "has 2 blocks (ending at layer1, layer2) and student tiny_cnn has 3"),
+    (["pair.teacher={_target_:mymodels.FiveD}"], "pair", "block 2 of the teacher FiveD (ending at layer2) outputs a 5-D tensor"),
+    (["pair.student={_target_:mymodels.OddTokens}"], "pair", "block 3 of the student OddTokens (ending at layer3) outputs 74 tokens"),
 ])
 def test_bad_model_specs_exit_2_before_ray(project, override, key, fragment, capsys):
     before = ray.is_initialized()
@@ -166,3 +206,17 @@ def test_describe_prints_the_pair_as_blocks_before_any_training(project, capsys)
     assert out.count("layer2") == 2 and "32x4x4" in out and "16x4x4" in out and "Connector 576 params" in out
     assert "student Net: 4,362" in out  # its parameters, counted over the blocks and the head
     assert entry_point(describe.run, common(project) + ["pair.teacher=nosuchmodule:net"]) == 2
+
+
+def test_describe_groups_a_vits_blocks_and_names_each_form_and_connector(project, capsys):
+    """A user's ViT (6 transformer blocks) as teacher of a 3-stage CNN, then as its student."""
+    from orchestrator import describe
+
+    assert entry_point(describe.run, common(project) + ["pair.teacher=mymodels:vit", "pair.student=mymodels:teacher"]) == 0
+    out = capsys.readouterr().out
+    assert "the teacher's 6 blocks (ending at blocks.0, blocks.1, blocks.2, blocks.3, blocks.4, blocks.5) are grouped into 3" in out
+    assert "17x32 (tokens 1+4x4 of 32)" in out and out.count("FormConnector map->tokens") == 3, out
+    assert entry_point(describe.run, common(project) + ["pair.teacher=mymodels:teacher", "pair.student=mymodels:vit",
+                                                       "pair.student_blocks=[blocks.0,blocks.2,blocks.5]"]) == 0
+    out = capsys.readouterr().out
+    assert "grouped" not in out and out.count("FormConnector tokens->map") == 3 and "blocks.2" in out, out

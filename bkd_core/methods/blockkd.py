@@ -141,9 +141,10 @@ class BlockKD(Distiller):
         s_feats = self.student.features(probe.to(device))
         t_feats = self.teacher.features(probe.to(next(self.teacher.parameters()).device))
         self.student.train(was_training)
+        image = tuple(probe.shape[-2:]) if probe.dim() == 4 else None  # tells conv maps, channels-last maps and tokens apart
         for cut in self.cuts:
             s_shape, t_shape = s_feats[cut - 1].shape[1:], t_feats[cut - 1].shape[1:]
-            self.connectors[str(cut)] = build_connector(self.connector_kind, s_shape, t_shape).to(device)
+            self.connectors[str(cut)] = build_connector(self.connector_kind, s_shape, t_shape, image).to(device)
             self.connectors[str(cut)].train(self.training)
 
     def train(self, mode: bool = True) -> "BlockKD":

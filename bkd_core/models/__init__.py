@@ -17,6 +17,7 @@ from .resnet_imagenet import imagenet_resnet
 from .shufflenet import shufflenet_v1, shufflenet_v2
 from .small import small_cnn, tiny_cnn, tiny_resnet
 from .vgg import vgg
+from .vit import vit
 from .wrn import wide_resnet
 
 _P = functools.partial
@@ -44,6 +45,12 @@ _REGISTRY: dict[str, Callable[..., BlockNet]] = {
     "tiny_cnn": tiny_cnn,
     "small_cnn": small_cnn,
     "tiny_resnet": tiny_resnet,
+    # vision transformers in timm's layout, cut into groups of blocks: 3 to pair with the CIFAR models, 4 with ImageNet's
+    "vit_tiny_p2_8": _P(vit, image_size=8, patch=2, dim=32, depth=6, heads=2),  # digits-sized (8x8), 16 patches
+    "vit_tiny_p4_32": _P(vit, image_size=32, patch=4, dim=192, depth=12, heads=3),  # DeiT-Tiny's width on 32-px images
+    "vit_small_p4_32": _P(vit, image_size=32, patch=4, dim=384, depth=12, heads=6),  # ViT-S's width on 32-px images
+    "deit_tiny_patch16_224": _P(vit, image_size=224, patch=16, dim=192, depth=12, heads=3, groups=4),
+    "vit_small_patch16_224": _P(vit, image_size=224, patch=16, dim=384, depth=12, heads=6, groups=4),
 }
 
 

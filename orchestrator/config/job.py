@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bkd_core import data as bkd_data
+from bkd_core.exactness import evaluating
+from bkd_core.forms import FormError, infer_form
 from bkd_core.losses import LOGIT_LOSSES
 from bkd_core.train import TrainConfig
 from orchestrator.config.checks import ConfigError, check_fixed, check_number, check_values
@@ -143,6 +146,10 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     except ValueError as exc:
         raise ConfigError("search.method", f"{exc} (none: the student alone).") from None
     if method.uses_partition and teacher.num_blocks != student.num_blocks:
+        teacher, student = group_blocks(c, teacher, student, shape)
+    if method.uses_partition:
+        check_forms(c, {"teacher": teacher, "student": student}, shape.image_shape)
+    if method.uses_partition and teacher.num_blocks != student.num_blocks:
         ends = {role: block_names(spec, net, blocks) for role, spec, net, blocks in
                 (("teacher", c.pair.teacher, teacher, c.pair.teacher_blocks), ("student", c.pair.student, student, c.pair.student_blocks))}
         raise ConfigError(
@@ -195,6 +202,40 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
                           selection="test" if selects_on_test(d) else "val")
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c.mlflow.tracking_uri), output_dir, name, dataset)
+
+
+def group_blocks(c: BkdConfig, teacher: Any, student: Any, shape: Any) -> tuple[Any, Any]:
+    """A model with more blocks than its partner, cut where bkd found its blocks (no ``pair.*_blocks``), is
+    grouped into as many runs of consecutive blocks; the grouping is printed and kept in ``pair.*_blocks``
+    (every worker cuts the same way)."""
+    nets = {"teacher": teacher, "student": student}
+    more, fewer = ("teacher", "student") if teacher.num_blocks > student.num_blocks else ("student", "teacher")
+    net, k = nets[more], nets[fewer].num_blocks
+    ends = getattr(net, "block_ends", None)
+    if getattr(c.pair, f"{more}_blocks") or not ends:
+        return teacher, student  # named by the user, or a zoo model built as blocks: the count error says what to do
+    grouped = [ends[round((g + 1) * len(ends) / k) - 1] for g in range(k)]
+    setattr(c.pair, f"{more}_blocks", grouped)
+    nets[more] = build_model(c, more, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
+    print(f"[bkd] the {more}'s {len(ends)} blocks (ending at {', '.join(ends)}) are grouped into {k} to pair with the "
+          f"{fewer}'s: they end at {', '.join(grouped)} (pair.{more}_blocks=[...] sets them)", flush=True)
+    return nets["teacher"], nets["student"]
+
+
+def check_forms(c: BkdConfig, nets: dict[str, Any], image_shape: list[int]) -> None:
+    """Every block output has a form a connector bridges (``bkd_core.forms``), before Ray starts."""
+    sample = torch.zeros(2, *image_shape)
+    for role, net in nets.items():
+        spec, blocks = getattr(c.pair, role), getattr(c.pair, f"{role}_blocks")
+        names = block_names(spec, net, blocks)
+        with evaluating(net):
+            outputs = net.features(sample)
+        for i, out in enumerate(outputs):
+            try:
+                infer_form(out.shape[1:], image_shape[-2:], where=f"block {i + 1} of the {role} {spec_name(spec)} (ending at "
+                           f"{names[i]})")
+            except FormError as exc:
+                raise ConfigError(f"pair.{role}_blocks" if blocks else "pair", str(exc)) from None
 
 
 def check_batch_fits(c: BkdConfig, train_images: int) -> None:

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from bkd_core import BlockNet
-from bkd_core.connectors import build_connector
+from bkd_core.connectors import FormConnector, build_connector
+from bkd_core.forms import infer_form
 from bkd_core.graph_split import ATOL, RTOL
 from orchestrator.config.job import Job
 from orchestrator.config.models import block_names, build_model, spec_name
@@ -39,9 +40,17 @@ def block_rows(net: BlockNet, sample: torch.Tensor) -> list[tuple[tuple[int, ...
     return rows
 
 
+def output_form(shape: tuple[int, ...], image: tuple[int, ...]) -> str:
+    """A block output's shape, and its form where it is not a conv map (``bkd_core.forms``)."""
+    text = "x".join(map(str, shape))
+    form = infer_form(shape, image)
+    return text if form.kind == "map" else f"{text} ({form})"
+
+
 def table(job: Job) -> str:
     """The pair's per-block table (what ``describe`` prints and a search logs as ``describe.txt``)."""
     shape = job.dataset.shape
+    image = tuple(shape[-2:])
     sample = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     nets = {role: build_model(job.cfg, role, job.num_classes, job.in_channels, shape).eval() for role in ("teacher", "student")}
     pair = job.cfg.pair
@@ -57,14 +66,16 @@ def table(job: Job) -> str:
         for role in ("teacher", "student"):
             if i < len(rows[role]):
                 out, params, macs = rows[role][i]
-                name = "head" if i == len(rows[role]) - 1 else ends[role][i]
-                cells += [name, "x".join(map(str, out)), f"{params:,}", f"{macs / 1e6:.2f}M"]
+                last = i == len(rows[role]) - 1
+                name = "head" if last else ends[role][i]
+                cells += [name, "x".join(map(str, out)) if last else output_form(out, image), f"{params:,}", f"{macs / 1e6:.2f}M"]
             else:
                 cells += ["-"] * 4
         connector = "-"
         if i < count - 1 and i < len(rows["teacher"]) - 1 and i < len(rows["student"]) - 1:
-            c = build_connector(job.cfg.train.connector, rows["student"][i][0], rows["teacher"][i][0])
-            connector = f"{type(c).__name__} {sum(p.numel() for p in c.parameters()):,} params"
+            c = build_connector(job.cfg.train.connector, rows["student"][i][0], rows["teacher"][i][0], image)
+            kinds = f" {c.source.kind}->{c.target.kind}" if isinstance(c, FormConnector) else ""
+            connector = f"{type(c).__name__}{kinds} {sum(p.numel() for p in c.parameters()):,} params"
         lines.append(cells + [connector])
     widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]

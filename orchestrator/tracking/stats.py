@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-
 LEVEL = 0.95
 
 
