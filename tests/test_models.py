@@ -27,8 +27,18 @@ def test_parameter_counts(name, millions):
     assert count == pytest.approx(millions, abs=0.01)  # published figures are rounded
 
 
+TRANSFORMERS = {"deit_tiny_patch16_224": 5_717_416, "vit_small_patch16_224": 22_050_664}  # timm's counts, 1000 classes
+
+
 def test_names_complete():
-    assert set(PUBLISHED) | set(IMAGENET) | {"tiny_cnn", "small_cnn", "tiny_resnet"} == set(models.names())
+    small = {"tiny_cnn", "small_cnn", "tiny_resnet", "vit_tiny_p2_8", "vit_tiny_p4_32", "vit_small_p4_32"}
+    assert set(PUBLISHED) | set(IMAGENET) | set(TRANSFORMERS) | small == set(models.names())
+
+
+@pytest.mark.parametrize("name, count", TRANSFORMERS.items())
+def test_vision_transformers_have_timms_parameter_counts(name, count):
+    net = models.create(name, 1000, 3)
+    assert sum(p.numel() for p in net.parameters()) == count and net.num_blocks == 4
 
 
 @pytest.mark.parametrize("teacher, student", PAIRS)
