@@ -147,8 +147,6 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
         raise ConfigError("search.method", f"{exc} (none: the student alone).") from None
     if method.uses_partition and teacher.num_blocks != student.num_blocks:
         teacher, student = group_blocks(c, teacher, student, shape)
-    if method.uses_partition:
-        check_forms(c, {"teacher": teacher, "student": student}, shape.image_shape)
     if method.uses_partition and teacher.num_blocks != student.num_blocks:
         ends = {role: block_names(spec, net, blocks) for role, spec, net, blocks in
                 (("teacher", c.pair.teacher, teacher, c.pair.teacher_blocks), ("student", c.pair.student, student, c.pair.student_blocks))}
@@ -158,6 +156,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
             "Block-KD needs the same count. Name as many block ends for each with pair.teacher_blocks=[...] and "
             "pair.student_blocks=[...] (modules whose outputs end a block, in forward order), pick a pair from conf/pair, "
             "or use a logit baseline (search=kd).")
+    if method.uses_partition:
+        check_forms(c, {"teacher": teacher, "student": student}, shape.image_shape)
     try:
         options = partitions(search, student.num_blocks)
     except SearchSpaceError as exc:
@@ -228,8 +228,13 @@ def check_forms(c: BkdConfig, nets: dict[str, Any], image_shape: list[int]) -> N
     for role, net in nets.items():
         spec, blocks = getattr(c.pair, role), getattr(c.pair, f"{role}_blocks")
         names = block_names(spec, net, blocks)
-        with evaluating(net):
-            outputs = net.features(sample)
+        try:
+            with evaluating(net):
+                outputs = net.features(sample)
+        except Exception as exc:  # e.g. a zoo model built for larger images
+            raise ConfigError(f"pair.{role}", f"{spec_name(spec)} does not run on {'x'.join(map(str, image_shape))} images "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); pick a model for this image size "
+                              "(data.image_size sets it for image folders and shards).") from None
         for i, out in enumerate(outputs):
             try:
                 infer_form(out.shape[1:], image_shape[-2:], where=f"block {i + 1} of the {role} {spec_name(spec)} (ending at "
