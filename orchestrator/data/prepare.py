@@ -1,19 +1,6 @@
-"""An image folder -> Parquet shards of encoded images and integer labels, written in parallel by Ray
-tasks: what ``bkd_core.data.ParquetImages`` streams.
-
-    python -m orchestrator.prepare source=/data/imagenet output=/data/imagenet-parquet
-    python -m orchestrator.prepare source=s3://bucket/imagenet output=s3://bucket/imagenet-parquet max_side=null
-
-Layout: ``SRC/train/<class>/<image>`` and ``SRC/val/<class>/<image>`` (any format PIL reads: JPEG,
-PNG, grayscale, CMYK, ...). Output: three splits of Parquet shards (columns ``image``: bytes,
-``label``: int32, ``path``: string): ``DST/train/`` (what trials learn from), ``DST/val/`` (a
-stratified ``val_fraction`` of SRC/train, chosen by ``split_seed``: what a search selects on) and
-``DST/test/`` (SRC/val, scored once at the end); ``DST/splits.json`` (the hold-out and row counts),
-``DST/classes.json`` and ``DST/skipped.txt`` (every file that could not be read or decoded, and why). Images whose longest
-side exceeds ``max_side`` (320) are re-encoded at that size as JPEG (quality 90): decoding then costs
-a fraction of the original's, at the price of detail beyond 320 px (README: what it costs). Run again
-after an interruption, it keeps every shard already written whole (its plan digest matches).
-"""
+"""Writing an image folder as Parquet shards with Ray tasks: the plan (splits, shards, a digest that lets
+a rerun keep what is written whole), each shard's decode and re-encode, ``splits.json``, ``classes.json`` and
+``skipped.txt``. The command, its layout and options: ``orchestrator.prepare``."""
 from __future__ import annotations
 
 import hashlib

@@ -1,16 +1,6 @@
-"""Does Block-KD pay here? Train every (method, seed) pair once at the same budget, as Tune trials
-under one MLflow parent run, and report means, 95 % intervals and differences paired by seed.
-
-    python -m orchestrator.compare                                              # digits, none/kd/blockkd x 5 seeds
-    python -m orchestrator.compare recipe=fashion_mnist data.root=PATH compare.seeds=5
-    python -m orchestrator.compare compare.methods=[kd,dkd,blockkd] compare.fixed.blockkd.gamma=0
-    python -m orchestrator.compare compare.from_search.blockkd=results/<search>   # its best configuration
-    python -m orchestrator.compare compare.tune_trials=16                         # every method tuned first
-
-Seed s gives every method the same student initialisation and the same data order. The seeds are
-train.seed+1, +2, ...: never a seed a configuration was selected on. Statistics and verdicts use each
-run's final weights on the test split (``test_acc``); configurations come from the held-out val split.
-"""
+"""A comparison of methods: each method's configuration (its space's defaults, a search's best, or its own
+search first), the (method, seed) cases on fresh seeds, the summary (means, 95 % intervals, differences
+paired by seed, verdicts), ``compare.parquet`` and ``compare.png``. The command: ``orchestrator.compare``."""
 from __future__ import annotations
 
 import copy
