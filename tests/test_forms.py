@@ -204,3 +204,14 @@ def test_transformer_layouts_are_found_and_cut_exactly(make, ends):
     assert net.block_ends == ends
     assert torch.allclose(net.eval()(x), model(x), atol=1e-5)
     assert all(infer_form(f.shape[1:], (8, 8)) == Form("tokens", f.shape[-1], (4, 4), 1) for f in net.features(x))
+
+
+def test_a_compiled_step_runs_with_a_vision_transformer_teacher():
+    """torch.compile (the trainer's default on CUDA) through a frozen ViT teacher: its class token's ``expand``
+    of a parameter must not meet inference tensors (traced here with the aot_eager backend: no C++ build)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    kd = BlockKD(models.create("vit_tiny_p2_8", 10, 1), models.create("tiny_cnn", 10, 1), cuts=[1, 3], sample_input=x)
+    out = torch.compile(kd, backend="aot_eager")(x, y)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in kd.student.parameters())

@@ -160,12 +160,12 @@ class BlockKD(Distiller):
         yield from self.connectors.parameters()
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's own forward, under ``inference_mode`` (no autograd bookkeeping).
+        """The frozen teacher's own forward, without autograd (the losses read it as a target).
 
-        The result is an inference tensor: the losses read it as a target; clone it before any
-        in-place change.
+        ``no_grad``, not ``inference_mode``: under ``torch.compile`` a teacher that views a parameter
+        (a vision transformer's ``cls_token.expand(...)``) fails with inference tensors.
         """
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.teacher(x)
 
     def stone_forward(self, student_features: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
