@@ -136,13 +136,13 @@ def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
     tmp = two_nodes["tmp"]
     root = write_idx(tmp / "mnist-like", n_train=2000, n_test=500)
     teacher = random_teacher(tmp, "mnist-teacher")
-    # 8 epochs of ~3 s: the kill lands within seconds of epoch 1 reaching MLflow (the state API that finds the
-    # victim is slow on 2 busy cores), while the trial still runs
-    argv = base(tmp, "killworker", teacher) + ["data=mnist", f"data.root={root}", "train.epochs=8", "fixed.cuts=[3]"]
+    # 12 epochs of ~3 s: the kill lands within seconds of epoch 1 reaching MLflow (the state API that finds the
+    # victim is slow on 2 busy cores; 8 epochs were once not enough), while the trial still runs
+    argv = base(tmp, "killworker", teacher) + ["data=mnist", f"data.root={root}", "train.epochs=12", "fixed.cuts=[3]"]
     rc, run = run_and_kill_after_epoch_1(tmp, argv, {"data": "mnist"}, "ImplicitFunc", actors_alive=1)
     assert rc == 0 and run.info.status == "FINISHED"
     assert trial_failures(tmp, "killworker"), "the kill landed after the trial had ended: nothing was retried"
-    assert logged_epochs(tmp, run) == list(range(1, 9)), "a restart from epoch 0 would log epoch 1 twice"
+    assert logged_epochs(tmp, run) == list(range(1, 13)), "a restart from epoch 0 would log epoch 1 twice"
 
 
 def test_killed_ddp_worker_restarts_the_worker_group_from_its_checkpoint(two_nodes):
