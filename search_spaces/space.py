@@ -22,6 +22,7 @@ same names appear in Tune, MLflow and the Parquet export. It is picklable throug
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -65,8 +66,9 @@ def uses_partition(space: Mapping[str, Any]) -> bool:
     return method_of(space).uses_partition
 
 
+@functools.lru_cache(maxsize=None)
 def display(name: str) -> str:
-    """A space's display name (its ``display``, e.g. "Block-KD"), else its name."""
+    """A space's display name (its ``display``, e.g. "Block-KD"), else its name (read once per space)."""
     path = SPACES / f"{name}.yaml"
     return (load_space(name).get("display") if path.is_file() else None) or name
 

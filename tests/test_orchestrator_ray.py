@@ -187,3 +187,17 @@ def test_more_gpus_than_the_cluster_has_is_refused(ray_cluster, workspace, capsy
     assert entry_point(tune_entry.run, argv) == 2
     err = capsys.readouterr().err
     assert "configuration error in `resources.use_gpu`" in err and "the cluster has 0" in err
+
+
+def test_a_diverging_teacher_ends_the_command_with_one_line_and_its_run_failed(ray_cluster, tmp_path, capsys):
+    """The teacher's loss becomes NaN: no retry (none would converge), exit 1 with one line naming the key to
+    change, the teacher's run FAILED with that reason, no search started."""
+    argv = common(tmp_path, "nan-teacher") + ["teacher.lr=1e9", "teacher.epochs=3"]
+    assert entry_point(tune_entry.run, argv) == 1
+    err = capsys.readouterr().err
+    assert "[bkd] the teacher's training loss became NaN/inf in epoch 1: it diverged; lower teacher.lr" in err, err
+    assert "Traceback" not in err
+    _, (teacher,) = runs(tmp_path, "teacher")
+    assert teacher.info.status == "FAILED" and "lower teacher.lr" in teacher.data.tags["bkd.error"]
+    assert not runs(tmp_path, "search")[1], "no search after a failed teacher"
+    assert not list((tmp_path / "ray").glob("teacher-*/*/error.txt")), "a diverged teacher was retried"

@@ -11,7 +11,7 @@ from orchestrator.config.checks import ConfigError
 from orchestrator.config.compose import apply_env_defaults, compose
 from orchestrator.config.job import Job, validate
 from orchestrator.console.filters import close_worker_output
-from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime
+from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime, PhaseFailed
 
 
 def usage(command: str) -> str:
@@ -67,6 +67,10 @@ def entry_point(run: Callable[[Job], Any], argv: Optional[list[str]] = None, com
                 close_worker_output()
                 print(f"\n[bkd] tune.time_budget_s ran out: {exc.what} was stopped; {exc.kept}. "
                       f"To continue it:\n  {resume_command(run, argv, job.experiment_name)}", file=sys.stderr, flush=True)
+                return 1
+            except PhaseFailed as exc:
+                close_worker_output()
+                print(f"\n[bkd] {exc}", file=sys.stderr, flush=True)
                 return 1
     except ConfigError as exc:
         print(f"\nbkd: configuration error in `{exc.key}`:\n  {str(exc).split(': ', 1)[1]}\n", file=sys.stderr)

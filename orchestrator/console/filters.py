@@ -74,7 +74,8 @@ def drop_tune_records(record: logging.LogRecord) -> bool:
     """A logging filter: Tune's "Trial task failed" record (pages of traceback), its "Stop signal received"
     line (bkd says what it stops) and its "Resume experiment with: Tuner.restore(...)" hint are not printed."""
     text = str(record.msg)
-    return not (text.startswith(("Trial task failed for trial", "Stop signal received")) or "Tuner.restore(" in text
+    return not (text.startswith(("Trial task failed for trial", "Stop signal received", "Trials did not complete"))
+                or "Tuner.restore(" in text
                 or "Resume training with" in text)
 
 

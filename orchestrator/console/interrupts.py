@@ -90,6 +90,10 @@ class Interrupted(KeyboardInterrupt):
         self.what, self.kept = what, kept
 
 
+class PhaseFailed(Exception):
+    """A phase the rest depends on (the teacher's training) failed; the message says why, in one line."""
+
+
 class OutOfTime(Exception):
     """``tune.time_budget_s`` ran out before a phase the rest depends on (the teacher's training) ended."""
 

@@ -20,11 +20,13 @@ from bkd_core.train import load_state_checked
 from orchestrator.config.checks import ConfigError
 from orchestrator.config.job import Job
 from orchestrator.config.models import build_model, spec_name
-from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime
+from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime, PhaseFailed
 from orchestrator.data.datasets import is_streamed, load_dataset
-from orchestrator.tracking.records import RECORDED, TrialRecords
+from orchestrator.search.tuner import verbosity
+from orchestrator.tracking.records import DIVERGED, RECORDED, TrialRecords
+from orchestrator.tracking.results import trial_id_of
 from orchestrator.tracking.runs import END_TAG, ROLE_TAG, first_line, flatten, log_params, reopen
-from orchestrator.tracking.trial_logger import epoch_write
+from orchestrator.tracking.trial_logger import epoch_write, trial_error
 from orchestrator.tracking.writer import MLflowWriter, Write
 from orchestrator.worker.runtime import trial_resources
 from orchestrator.worker.trial import run_trial
@@ -91,7 +93,7 @@ def teacher_tuner(job: Job, name: str, run_id: str) -> tune.Tuner:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=[TeacherLogger(run_id)],
                                 failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=2 if t.console == "ray" else 0)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbosity(job))
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(num_samples=1, time_budget_s=t.time_budget_s))
 
 
@@ -141,20 +143,25 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     try:
         with STOP.graceful("the teacher's training and saving it"):
             results = teacher_tuner(job, name, run_id).fit()
-        trial = results._experiment_analysis.trials[0]  # Tune's trial state lives on the trial
         result = results[0]
-        state = TrialRecords(job.storage_path, name).student(trial.trial_id)
+        records = TrialRecords(job.storage_path, name)
+        record = records.read(trial_id_of(result))
         epoch = int((result.metrics or {}).get("epoch", logged))
         progress = f"the teacher's training (epoch {epoch}/{job.cfg.teacher.epochs}, MLflow run {run_id})"
         kept = "it continues from its last checkpoint"
         if STOP.received is not None:
             raise Interrupted(progress, kept)
-        if result.error is not None:
-            raise result.error
-        if state is None:
+        if result.error is not None:  # the traceback stays in Tune's error.txt of the trial
+            raise PhaseFailed(f"the teacher's training failed: {trial_error(results._experiment_analysis.trials[0])} "
+                              f"(MLflow run {run_id}; its traceback: {result.path}/error.txt)")
+        if record is not None and record.status == DIVERGED:
+            raise PhaseFailed(f"the teacher's training loss became NaN/inf in epoch {int(record.metrics.get('epoch', 0))}: it "
+                              f"diverged; lower teacher.lr (MLflow run {run_id}).")
+        if record is None:
             raise OutOfTime(progress, kept)
+        state = records.student(trial_id_of(result))
     except BaseException as exc:
-        status, reason, error = "FAILED", None, f"{type(exc).__name__}: {first_line(exc)}"
+        status, reason, error = "FAILED", None, str(exc) if isinstance(exc, PhaseFailed) else f"{type(exc).__name__}: {first_line(exc)}"
         if isinstance(exc, KeyboardInterrupt):
             status, reason, error = "KILLED", f"interrupted ({STOP.name or 'SIGINT'})", None
         elif isinstance(exc, OutOfTime):

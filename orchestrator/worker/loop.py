@@ -164,14 +164,12 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             if hasattr(train_loader, "skipped"):  # streamed: images of this epoch that did not decode (this rank)
                 metrics["data_skipped"] = train_loader.skipped
         except NonFiniteLossError:
-            if mode == "teacher":
-                raise
             metrics = {DIVERGED: 1}
         metrics.update(evaluate(module, val_loader, bool(cfg.bf16)))
         if epoch in test_epochs and DIVERGED not in metrics:
             metrics.update(score_on_test(module, test_loader, bool(cfg.bf16)) if on_test else as_test(metrics))
         metrics.update(epoch=epoch, workers=world)
-        if mode == "teacher" and rank == 0:  # the teacher is not a Tune trial: its progress is printed here
+        if mode == "teacher" and rank == 0 and DIVERGED not in metrics:  # the teacher's progress (bkd says why it failed)
             test = f", test_acc {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""
             print(f"[bkd] teacher epoch {epoch}/{cfg.epochs}: loss {metrics['train_loss']:.4f}, "
                   f"val_acc {metrics['val_acc']:.2f}%{test}", flush=True)
