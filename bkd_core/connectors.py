@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .forms import Form, infer_form
+from .forms import Form, as_map, infer_form
 
 CONNECTORS = ("conv1x1", "auto")
 
@@ -67,14 +67,7 @@ class FormConnector(nn.Module):
             self.prefix_tokens = nn.Parameter(torch.zeros(1, target.prefix, c_out))
 
     def to_map(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.source
-        if s.kind == "channels_last":
-            return x.permute(0, 3, 1, 2)
-        if s.kind == "tokens":
-            return x[:, s.prefix:].transpose(1, 2).reshape(x.shape[0], s.channels, *s.grid)
-        if s.kind == "vector":
-            return x[:, :, None, None]
-        return x
+        return as_map(x, self.source)
 
     def resample(self, m: torch.Tensor) -> torch.Tensor:
         (h, w), (th, tw) = m.shape[2:], self.target.grid

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 FORMS = ("map", "channels_last", "tokens", "vector")
 MAX_PREFIX = 8  # class + distillation + register tokens of the usual vision transformers
@@ -96,3 +99,27 @@ def infer_form(shape: Sequence[int], image: Sequence[int], where: str = "a block
 def describe_forms() -> str:
     return ("conv maps (B, C, H, W), channels-last maps (B, H, W, C), token sequences (B, N, D) with up to "
             f"{MAX_PREFIX} prefix tokens before a patch grid, and pooled vectors (B, D)")
+
+
+def as_map(x: "torch.Tensor", form: Form) -> "torch.Tensor":
+    """A batch of ``form`` outputs as (B, C, H, W) maps: channels-last permuted, tokens without their
+    prefix folded into their grid, a vector as a 1x1 map."""
+    if form.kind == "channels_last":
+        return x.permute(0, 3, 1, 2)
+    if form.kind == "tokens":
+        return x[:, form.prefix:].transpose(1, 2).reshape(x.shape[0], form.channels, *form.grid)
+    if form.kind == "vector":
+        return x[:, :, None, None]
+    return x
+
+
+def pooled(x: "torch.Tensor", form: Form) -> "torch.Tensor":
+    """A batch of ``form`` outputs as (B, C) embeddings: a map's spatial mean, the first prefix token of
+    token sequences that have one (a class token), else the tokens' mean, a vector as it is."""
+    if form.kind == "map":
+        return x.mean((2, 3))
+    if form.kind == "channels_last":
+        return x.mean((1, 2))
+    if form.kind == "tokens":
+        return x[:, 0] if form.prefix else x.mean(1)
+    return x

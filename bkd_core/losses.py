@@ -1,4 +1,4 @@
-"""Logit distances d(student, teacher): KD, DKD and KD with logit standardisation.
+"""Logit distances d(student, teacher): KD, DKD, KD with logit standardisation, DIST and LoCa-calibrated KD.
 
 All are computed in fp32 (inputs are upcast), averaged over the batch and scaled by T^2 so that
 gradient magnitudes do not shrink with the temperature (Hinton et al., 2015).
@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-LOGIT_LOSSES = ("kd", "dkd", "kd_ls")
+LOGIT_LOSSES = ("kd", "dkd", "kd_ls", "dist", "loca")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,6 +74,44 @@ def dkd_loss(
     return (alpha * tckd + beta * nckd) * temperature**2
 
 
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    """``1 - Pearson correlation`` of ``a`` and ``b`` along ``dim``, averaged over the other dimension."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    r = (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+    return (1 - r).mean()
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+              inter: float = 1.0, intra: float = 1.0) -> torch.Tensor:
+    """DIST (Huang et al., 2022): ``T^2 * (inter * (1 - pearson over classes, per sample) + intra * (1 - pearson
+    over the batch, per class))`` of the two softmax(logits / T) distributions."""
+    p_s = F.softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return temperature**2 * (inter * _pearson_distance(p_s, p_t, 1) + intra * _pearson_distance(p_s, p_t, 0))
+
+
+def loca_targets(teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float, alpha: float = 0.9) -> torch.Tensor:
+    """LoCa (Yang et al., 2024): the teacher's softmax(t / T) calibrated so that the labelled class is its
+    largest probability, the non-target probabilities keeping their ratios. Non-target probabilities are
+    scaled by ``s = alpha / (1 - p_y + p_max)``, the target's becomes ``1 - s * (1 - p_y)``; any alpha in
+    (0, 1) puts the target above every other class."""
+    p = F.softmax(teacher_logits.float() / temperature, dim=1)
+    target = target.long().view(-1, 1)
+    p_y = p.gather(1, target)
+    scale = alpha / (1 - p_y + p.max(dim=1, keepdim=True).values)
+    return (p * scale).scatter(1, target, 1 - scale * (1 - p_y))
+
+
+def loca_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float,
+                 alpha: float = 0.9) -> torch.Tensor:
+    """KD toward LoCa's calibrated teacher targets: ``T^2 * KL(loca(t) || softmax(s/T))``, mean over the batch."""
+    q = loca_targets(teacher_logits, target, temperature, alpha)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    kl = (q * (q.clamp_min(1e-12).log() - log_p_s)).sum(dim=1)
+    return kl.mean() * temperature**2
+
+
 LogitDistance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
@@ -91,20 +129,40 @@ def _dkd_distance(
     return dkd_loss(s, t, y, alpha, beta, temperature)
 
 
+def _dist_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, inter: float, intra: float) -> torch.Tensor:
+    return dist_loss(s, t, temperature, inter, intra)
+
+
+def _loca_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    return loca_kd_loss(s, t, y, temperature, alpha)
+
+
+DISTANCE_PARAMS = {"dkd": ("dkd_alpha", "dkd_beta"), "dist": ("dist_inter", "dist_intra"), "loca": ("loca_alpha",)}
+
+
 def make_logit_distance(name: str, **kwargs: float) -> LogitDistance:
-    """``d(student, teacher, target, temperature)`` for a loss name (DKD takes dkd_alpha, dkd_beta)."""
+    """``d(student, teacher, target, temperature)`` for a loss name (DKD takes dkd_alpha, dkd_beta; DIST
+    dist_inter, dist_intra; LoCa loca_alpha)."""
     if name == "kd":
         _reject_kwargs(name, kwargs)
         return _kd_distance
     if name == "kd_ls":
         _reject_kwargs(name, kwargs)
         return _kd_ls_distance
-    if name == "dkd":
-        unknown = set(kwargs) - {"dkd_alpha", "dkd_beta"}
+    if name in DISTANCE_PARAMS:
+        unknown = set(kwargs) - set(DISTANCE_PARAMS[name])
         if unknown:
-            raise ValueError(f"dkd takes dkd_alpha, dkd_beta and warmup_epochs; unknown: {sorted(unknown)}.")
+            raise ValueError(f"{name} takes {', '.join(DISTANCE_PARAMS[name])} (and warmup_epochs); unknown: {sorted(unknown)}.")
+    if name == "dkd":
         alpha, beta = float(kwargs.get("dkd_alpha", 1.0)), float(kwargs.get("dkd_beta", 8.0))
         return functools.partial(_dkd_distance, alpha=alpha, beta=beta)
+    if name == "dist":
+        return functools.partial(_dist_distance, inter=float(kwargs.get("dist_inter", 1.0)), intra=float(kwargs.get("dist_intra", 1.0)))
+    if name == "loca":
+        alpha = float(kwargs.get("loca_alpha", 0.9))
+        if not 0 < alpha < 1:
+            raise ValueError(f"loca_alpha={alpha}: LoCa's scale needs 0 < loca_alpha < 1 (e.g. 0.9).")
+        return functools.partial(_loca_distance, alpha=alpha)
     raise ValueError(f"unknown logit loss {name!r}; valid: {', '.join(LOGIT_LOSSES)}.")
 
 

@@ -213,6 +213,9 @@ class TrialParams:
     gamma: Optional[float] = None
     dkd_alpha: Optional[float] = None
     dkd_beta: Optional[float] = None
+    dist_inter: Optional[float] = None
+    dist_intra: Optional[float] = None
+    loca_alpha: Optional[float] = None
     cuts: tuple[int, ...] = ()
     stone_weights: tuple[float, ...] = ()
 
@@ -230,7 +233,7 @@ class TrialParams:
 
     def distill_kwargs(self) -> dict[str, Any]:
         """The distiller's keyword arguments the configuration sets (logit loss, temperatures, weights)."""
-        names = ("logit_loss", "temperature", "alpha", "beta", "dkd_alpha", "dkd_beta")
+        names = ("logit_loss", "temperature", "alpha", "beta", "dkd_alpha", "dkd_beta", "dist_inter", "dist_intra", "loca_alpha")
         kwargs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.cuts:
             kwargs |= {n: getattr(self, n) for n in ("stone_temperature", "gamma") if getattr(self, n) is not None}

@@ -18,7 +18,8 @@ def batch(n=6):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-PARAMS = {"none": {}, "logit": {"logit_loss": "dkd", "temperature": 2.0}, "blockkd": {"cuts": [1, 3], "gamma": 1.0}}
+PARAMS = {"none": {}, "logit": {"logit_loss": "dkd", "temperature": 2.0}, "blockkd": {"cuts": [1, 3], "gamma": 1.0},
+          "fitnet": {"hint_block": 2}, "at": {}, "rkd": {}, "crd": {"nce_k": 12}, "reviewkd": {}, "ofa": {"ofa_eps": 1.5}}
 
 
 @pytest.mark.parametrize("name", methods.names())
@@ -38,7 +39,7 @@ def test_every_method_trains_its_student_through_one_output_type(name):
 
 
 def test_the_registry_knows_the_shipped_methods_and_every_space_names_one():
-    assert methods.names() == ["blockkd", "logit", "none"]
+    assert methods.names() == ["at", "blockkd", "crd", "fitnet", "logit", "none", "ofa", "reviewkd", "rkd"]
     for space in space_names():
         assert method_of(load_space(space)).name in methods.names(), space
     assert methods.get("blockkd").uses_partition and not methods.get("logit").uses_partition
@@ -46,7 +47,7 @@ def test_the_registry_knows_the_shipped_methods_and_every_space_names_one():
 
 def test_unknown_method_and_bad_parameters_say_what_to_do():
     teacher, student = pair()
-    with pytest.raises(ValueError, match="unknown distillation method 'fitnett'; registered: blockkd, logit, none"):
+    with pytest.raises(ValueError, match="unknown distillation method 'fitnett'; registered: at, blockkd, crd, fitnet, logit, none, ofa, reviewkd, rkd"):
         methods.make("fitnett", teacher, student)
     with pytest.raises(ValueError, match="none .* takes no parameters; drop \\['temperature'\\]"):
         methods.make("none", teacher, student, temperature=4.0)

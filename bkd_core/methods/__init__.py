@@ -1,18 +1,31 @@
 """Distillation methods, one module each, behind a registry.
 
     from bkd_core import methods
-    methods.names()                                   # ['blockkd', 'logit', 'none']
+    methods.names()          # ['at', 'blockkd', 'crd', 'fitnet', 'logit', 'none', 'ofa', 'reviewkd', 'rkd']
     distiller = methods.make("blockkd", teacher, student, sample_input=x, temperature=4.0, gamma=1.0)
     out = distiller(x, y)                             # DistillOutput: loss, student_logits, parts
+
+``logit`` trains the logit baselines, its ``logit_loss`` one of ``bkd_core.losses.LOGIT_LOSSES`` (KD, DKD,
+logit-standardised KD, DIST, LoCa-calibrated KD), which Block-KD's stepping stones take as well. The feature
+and relation baselines (FitNet, AT, RKD, CRD, ReviewKD, OFA) read both models at the graph split's block
+ends (``features.FeatureDistiller``), so they work on any pair bkd can cut.
 
 Adding a method: a module here whose ``Distiller`` subclass is decorated with ``@register("name")`` (and
 imported below), plus a search space naming it (``search_spaces/conf/search/<name>.yaml``: ``method: name``).
 """
-from . import blockkd, logit, none  # noqa: F401  (each registers its method)
+from . import at, blockkd, crd, fitnet, logit, none, ofa, reviewkd, rkd  # noqa: F401  (each registers its method)
+from .at import AttentionTransfer
 from .base import Distiller, DistillOutput
 from .blockkd import BlockKD
+from .crd import ContrastiveKD
+from .features import FeatureDistiller, MethodParamError
+from .fitnet import FitNet
 from .logit import LogitKD
 from .none import Supervised
+from .ofa import OneForAll
 from .registry import get, make, names, register
+from .reviewkd import ReviewKD
+from .rkd import RelationalKD
 
-__all__ = ["Distiller", "DistillOutput", "BlockKD", "LogitKD", "Supervised", "get", "make", "names", "register"]
+__all__ = ["Distiller", "DistillOutput", "BlockKD", "LogitKD", "Supervised", "FeatureDistiller", "MethodParamError", "FitNet",
+           "AttentionTransfer", "RelationalKD", "ContrastiveKD", "ReviewKD", "OneForAll", "get", "make", "names", "register"]

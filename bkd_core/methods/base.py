@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # what it trains, in a few words ("Block-KD's stepping stones", "the student alone")
     uses_partition: ClassVar[bool] = False  # searches a block partition (cuts, w_<cut>): teacher and student blocks pair up
+    pairs_blocks: ClassVar[bool] = False  # reads block i of both models together: the pair is cut into as many blocks
+    # the method's own parameters (beyond alpha, beta, temperature, ...) and how to read each, also from strings
+    own_params: ClassVar[dict[str, Callable[[Any], Any]]] = {}
     student: nn.Module
     epoch: Optional[float] = None  # set by the trainer every epoch (warm-ups)
 

@@ -25,6 +25,7 @@ class LogitKD(BlockKD):
         super().__init__(teacher, student, **kwargs)
 
     uses_partition = False
+    pairs_blocks = False
     summary = "a logit-only baseline"
 
     @classmethod

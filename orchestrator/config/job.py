@@ -22,13 +22,14 @@ from bkd_core import data as bkd_data
 from bkd_core.exactness import evaluating
 from bkd_core.forms import FormError, infer_form
 from bkd_core.losses import LOGIT_LOSSES
+from bkd_core.methods import Distiller, MethodParamError
 from bkd_core.train import TrainConfig
 from orchestrator.config.checks import ConfigError, check_fixed, check_number, check_values
 from orchestrator.config.compose import absolute_path
 from orchestrator.config.models import block_names, build_model, check_pretrained, spec_name
 from orchestrator.config.schema import BkdConfig, ParquetData
 from orchestrator.data.datasets import dataset_spec, describe_dataset, selects_on_test, val_fraction
-from search_spaces.space import SearchSpaceError, TrialParams, method_of, partitions
+from search_spaces.space import SearchSpaceError, TrialParams, defaults, method_of, partitions
 
 
 @dataclass
@@ -145,18 +146,18 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
         method = method_of(search)
     except ValueError as exc:
         raise ConfigError("search.method", f"{exc} (none: the student alone).") from None
-    if method.uses_partition and teacher.num_blocks != student.num_blocks:
+    if method.pairs_blocks and teacher.num_blocks != student.num_blocks:
         teacher, student = group_blocks(c, teacher, student, shape)
-    if method.uses_partition and teacher.num_blocks != student.num_blocks:
+    if method.pairs_blocks and teacher.num_blocks != student.num_blocks:
         ends = {role: block_names(spec, net, blocks) for role, spec, net, blocks in
                 (("teacher", c.pair.teacher, teacher, c.pair.teacher_blocks), ("student", c.pair.student, student, c.pair.student_blocks))}
         raise ConfigError(
             "pair", f"teacher {spec_name(c.pair.teacher)} has {teacher.num_blocks} blocks (ending at {', '.join(ends['teacher'])}) "
             f"and student {spec_name(c.pair.student)} has {student.num_blocks} (ending at {', '.join(ends['student'])}): "
-            "Block-KD needs the same count. Name as many block ends for each with pair.teacher_blocks=[...] and "
+            f"{method.summary} needs the same count. Name as many block ends for each with pair.teacher_blocks=[...] and "
             "pair.student_blocks=[...] (modules whose outputs end a block, in forward order), pick a pair from conf/pair, "
             "or use a logit baseline (search=kd).")
-    if method.uses_partition:
+    if method.pairs_blocks or method.own_params:
         check_forms(c, {"teacher": teacher, "student": student}, shape.image_shape)
     try:
         options = partitions(search, student.num_blocks)
@@ -168,6 +169,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     if bad:
         raise ConfigError("search.params.logit_loss", f"unknown logit loss {bad}; valid: {', '.join(LOGIT_LOSSES)}.")
     check_fixed(c.fixed, search, student.num_blocks)
+    check_method_params(c, method, teacher, student, shape.image_shape)
 
     check_pretrained(c, "teacher", teacher)
     check_pretrained(c, "student", student)
@@ -241,6 +243,27 @@ def check_forms(c: BkdConfig, nets: dict[str, Any], image_shape: list[int]) -> N
                            f"{names[i]})")
             except FormError as exc:
                 raise ConfigError(f"pair.{role}_blocks" if blocks else "pair", str(exc)) from None
+
+
+def check_method_params(c: BkdConfig, method: type[Distiller], teacher: Any, student: Any, image_shape: list[int]) -> None:
+    """The method built once on the pair with the space's defaults and ``fixed.*``: a value it cannot use
+    (``fitnet``'s hint_block beyond the blocks, a negative weight) exits 2 here, naming its key."""
+    if not method.own_params:
+        return
+    params = defaults(c.search, student.num_blocks, c.fixed)
+    key_of = lambda name: f"fixed.{name}" if name in c.fixed else f"search.params.{name}"  # noqa: E731
+    own = {}
+    for name, cast in method.own_params.items():
+        if params.get(name) is not None:
+            try:
+                own[name] = cast(params[name])
+            except (TypeError, ValueError):
+                raise ConfigError(key_of(name), f"must be a number; got {params[name]!r}.") from None
+    try:
+        with evaluating(student):
+            method.build(teacher, student, sample_input=torch.zeros(2, *image_shape), **own)
+    except MethodParamError as exc:
+        raise ConfigError(key_of(exc.key), str(exc).split(": ", 1)[1]) from None
 
 
 def check_batch_fits(c: BkdConfig, train_images: int) -> None:

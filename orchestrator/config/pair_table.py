@@ -8,8 +8,10 @@ from bkd_core import BlockNet
 from bkd_core.connectors import FormConnector, build_connector
 from bkd_core.forms import infer_form
 from bkd_core.graph_split import ATOL, RTOL
+from bkd_core.methods import FeatureDistiller
 from orchestrator.config.job import Job
 from orchestrator.config.models import block_names, build_model, spec_name
+from search_spaces.space import defaults, method_of
 
 
 def multiply_adds(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -86,4 +88,18 @@ def table(job: Job) -> str:
         f"multiply-adds per image; student {spec_name(job.student_model)}: {totals['student'][0]:,}, "
         f"{totals['student'][1] / 1e6:.2f}M (input {'x'.join(map(str, shape))})", *text,
         f"exactness: each model as blocks reproduces its own logits on a sample batch in eval mode (within {ATOL:g} + "
-        f"{RTOL:g} x max|logit|; zoo models are built as blocks)"])
+        f"{RTOL:g} x max|logit|; zoo models are built as blocks)", *method_line(job, nets, sample)])
+
+
+def method_line(job: Job, nets: dict[str, BlockNet], sample: torch.Tensor) -> list[str]:
+    """What a feature or relation method trains beside the student (its regressors, branches, embeddings)."""
+    method = method_of(job.cfg.search)
+    if not issubclass(method, FeatureDistiller):
+        return []
+    params = defaults(job.cfg.search, nets["student"].num_blocks, job.cfg.fixed)
+    own = {k: cast(params[k]) for k, cast in method.own_params.items() if params.get(k) is not None}
+    built = method.build(nets["teacher"], nets["student"], sample_input=sample.expand(2, *sample.shape[1:]), **own)
+    extra = sum(p.numel() for p in built.trainable_parameters()) - sum(p.numel() for p in nets["student"].parameters())
+    memory = f", and a {built.memory_bytes / 2**20:.1f} MiB memory" if hasattr(built, "memory_bytes") else ""
+    return [f"method: {job.cfg.search.get('name')} ({method.summary}) trains {extra:,} parameters of its own beside the "
+            f"student{memory}; the connector column is Block-KD's"]

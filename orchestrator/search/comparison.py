@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import matplotlib
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
@@ -241,15 +242,22 @@ def format_summary(summary: list[dict[str, Any]], baseline: Optional[str]) -> st
 
 
 def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str) -> Figure:
-    """Every seed as a dot, each method's mean with its 95 % interval; Block-KD's stepping stones beside it."""
-    fig = Figure(figsize=(max(6.0, 1.6 * (len(summary) + 2)), 4.5), layout="constrained")
+    """Every seed as a dot, each method's mean with its 95 % interval; Block-KD's stepping stones beside it.
+    Eleven methods and more stay readable: one colour each (tab20), slanted names, the axis kept to 0-100 %."""
+    stone_count = sum(len({k for r in rows if r["method"] == s["method"] for k in r
+                           if k.startswith("test_acc_stone_") and r[k] is not None}) for s in summary)
+    many = len(summary) + stone_count > 8
+    fig = Figure(figsize=(max(6.0, (0.95 if many else 1.6) * (len(summary) + stone_count + 1)), 4.8 if many else 4.5),
+                 layout="constrained")
     ax = fig.subplots()
+    colours = matplotlib.colormaps["tab20"].colors
     labels: list[str] = []
-    for s in summary:
+    for k_method, s in enumerate(summary):
         x = len(labels)
         labels.append(display(s["method"]))
         done = [r for r in rows if r["method"] == s["method"] and r["status"] == "FINISHED"]
-        ax.scatter([x + 0.08 * ((k % 5) - 2) for k in range(len(done))], [r[METRIC] for r in done], s=22, alpha=0.7)
+        ax.scatter([x + 0.08 * ((k % 5) - 2) for k in range(len(done))], [r[METRIC] for r in done], s=22, alpha=0.7,
+                   color=colours[(2 * k_method) % 20 + (2 * k_method // 20) % 2])
         i = s["interval"]
         if i is not None:
             err = [[i.mean - i.low], [i.high - i.mean]] if i.n > 1 else None
@@ -260,7 +268,9 @@ def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], ti
             x = len(labels)
             labels.append(f"{display(s['method'])}\nstone {key.rsplit('_', 1)[1]}")
             ax.scatter([x] * len(done), [r[key] for r in done], s=22, alpha=0.4, color="gray")
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if many else 0, ha="right" if many else "center")
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -2.0), min(high, 102.0))  # intervals of few seeds can reach past 0 and 100 %: the table has them
     ax.set(ylabel="test_acc, final weights (%)", title=title)
     ax.grid(axis="y", alpha=0.3)
     if summary and summary[0]["interval"] is not None:

@@ -68,7 +68,8 @@ def build_module(job: Job, params: Mapping[str, Any], mode: str, teacher_state: 
         load_pretrained(student, c.student.init, "student.init")
     space = load_space(trial.method) if trial.method else c.search  # compare's cases name their method's space
     method = method_of(space)
-    kwargs = trial.distill_kwargs() | {"warmup_epochs": c.train.distill_warmup_epochs}
+    own = {k: cast(params[k]) for k, cast in method.own_params.items() if params.get(k) is not None}  # e.g. fitnet's hint_block
+    kwargs = trial.distill_kwargs() | own | {"warmup_epochs": c.train.distill_warmup_epochs}
     return methods.make(method.name, teacher, student, connector=c.train.connector, sample_input=sample, **kwargs)
 
 
