@@ -82,18 +82,23 @@ def ray_cluster():
     ray.shutdown()
 
 
+ALL_METHODS = ["none", "kd", "dkd", "fitnet", "at", "rkd", "crd", "reviewkd", "ofa", "dist", "loca", "blockkd"]
+
+
 @pytest.mark.ray
 def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
-    argv = with_random_teacher(tmp_path, "cmp") + ["compare.seeds=2", "train.epochs=2",
-            "compare.fixed.blockkd.cuts=[1,3]"]
+    """Every shipped method, feature and logit baselines beside Block-KD, on fresh paired seeds."""
+    argv = with_random_teacher(tmp_path, "cmp") + ["compare.seeds=2", "train.epochs=1", "compare.fixed.blockkd.cuts=[1,3]",
+                                                   f"compare.methods=[{','.join(ALL_METHODS)}]"]
     assert entry_point(compare.run, argv, command="compare") == 0
     out = capsys.readouterr().out
     rows = pq.read_table(tmp_path / "out" / "cmp" / "compare.parquet").to_pylist()
     # seeds train.seed+1, +2: never train.seed, the seed a search trains its trials with
-    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("none", "kd", "blockkd") for s in (1, 2)}
-    assert all(r["status"] == "FINISHED" and r["epochs"] == 2 and r["val_acc"] > 0 and r["test_acc"] > 0 and r["mlflow_run_id"]
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ALL_METHODS for s in (1, 2)}
+    assert all(r["status"] == "FINISHED" and r["epochs"] == 1 and r["val_acc"] > 0 and r["test_acc"] > 0 and r["mlflow_run_id"]
                for r in rows)
     assert "[bkd] KD (kd): lr=0.05, temperature=4, alpha=1, beta=1, logit_loss=kd, cuts=  <- its search space's defaults" in out
+    assert "[bkd] FitNet (fitnet): lr=0.05, alpha=1, beta=100, hint_block=0, cuts=  <- its search space's defaults" in out
     assert "compare.fixed.blockkd: cuts; its search space's defaults for the rest" in out
     assert set(COLUMNS) <= set(rows[0])
     assert all(r["val_acc_stone_1"] is not None for r in rows if r["method"] == "blockkd")
@@ -107,13 +112,15 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
         (r["method"], str(r["seed"])) for r in rows)
     metrics = parent.data.metrics
     acc = {(r["method"], r["seed"]): r["test_acc"] for r in rows}  # the statistics are the test split's
-    for m in ("none", "kd", "blockkd"):
+    for m in ALL_METHODS:
         assert metrics[f"mean_test_acc.{m}"] == pytest.approx((acc[m, 1] + acc[m, 2]) / 2)
         assert metrics[f"std_test_acc.{m}"] == pytest.approx(abs(acc[m, 1] - acc[m, 2]) / math.sqrt(2))
     diffs = [acc["blockkd", s] - acc["kd", s] for s in (1, 2)]
     assert metrics["diff_vs_kd.blockkd"] == pytest.approx(sum(diffs) / 2)
     assert metrics["diff_vs_kd_ci_low.blockkd"] < metrics["diff_vs_kd.blockkd"] < metrics["diff_vs_kd_ci_high.blockkd"]
     assert "diff_vs_kd.kd" not in metrics and "diff_vs_kd.none" in metrics
+    for m in set(ALL_METHODS) - {"kd"}:  # the same seed, another method: no method silently trains as KD
+        assert all(acc[m, s] != acc["kd", s] for s in (1, 2)), m
     assert "diff vs kd (paired)" in out and ("Block-KD beats KD" in out or "Block-KD trails KD" in out
                                               or "Block-KD and KD are not distinguishable at 2 seeds" in out)
 

@@ -155,6 +155,14 @@ BAD_VALUES = [  # (override, the key named, a fragment of the fix)
     (["data.train_size=10"], "train.batch_size", "10 training images"),
     (["tune.nmu_samples=3"], "tune.nmu_samples", "did you mean `tune.num_samples`?"),
     (["fixed.temprature=3"], "fixed.temprature", "did you mean `temperature`?"),
+    (["search=fitnet", "fixed.hint_block=7"], "fixed.hint_block", "names no block: this pair has blocks 1..3"),
+    (["search=fitnet", "fixed.hint_block=abc"], "fixed.hint_block", "must be a number; got 'abc'"),
+    (["search=at", "search.params.at_p=-1"], "search.params.at_p", "give at_p > 0"),
+    (["search=crd", "fixed.nce_t=5"], "fixed.nce_t", "[0.03, 0.3]"),
+    (["search=ofa", "fixed.ofa_eps=0"], "fixed.ofa_eps", "[1, 2]"),
+    (["search=rkd", "search.params.angle_weight=-3"], "search.params.angle_weight", "give a weight >= 0"),
+    (["search=fitnet", "fixed.gamma=1"], "fixed.gamma", "a FitNet hint (no stepping stones)"),
+    (["search=dist", "fixed.dist_inter=abc"], "fixed.dist_inter", "got 'abc'"),
 ]
 
 

@@ -31,6 +31,25 @@ def test_logit_baseline_from_the_kd_space():
     assert isinstance(module, LogitKD) and module.cuts == []
 
 
+@pytest.mark.parametrize("space, method, own", [
+    ("fitnet", "fitnet", {"hint_block": 1}), ("at", "at", {}), ("rkd", "rkd", {}), ("crd", "crd", {"nce_k": 64}),
+    ("reviewkd", "reviewkd", {}), ("ofa", "ofa", {"ofa_eps": 1.5}), ("dist", "logit", {}), ("loca", "logit", {})])
+def test_every_baselines_space_builds_its_method_as_a_trial_does(space, method, own):
+    """``search=<space>`` (what ``tune`` and ``compare`` run): the trial's module is the space's method with
+    the space's defaults and ``fixed.*``, and it trains a step."""
+    _, params, module = trial_parts([f"search={space}", *(f"fixed.{k}={v}" for k, v in own.items())])
+    assert module.name == method
+    for key, value in own.items():
+        assert module.params[key] == value
+    if space in ("dist", "loca"):
+        assert module.logit_loss == space
+    module.train()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    out = module(x, y)
+    out.loss.backward()
+    assert out.parts["loss_distill"] > 0 and all(p.grad is not None for p in module.student.parameters())
+
+
 def test_trial_resources_follow_the_worker_count():
     one_gpu_quarter = validate(compose(["resources.use_gpu=true", "resources.gpus_per_worker=0.25"]))
     assert trial_resources(one_gpu_quarter) == {"cpu": 1.0, "gpu": 0.25}  # the trial process trains: it holds the GPU share
