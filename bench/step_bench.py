@@ -6,6 +6,7 @@ same device, same teacher/student pair.
     python bench/step_bench.py --device cuda --pack 4   # + 4 small trials packed on one GPU
     python bench/step_bench.py --device cuda --imagenet --batch-sweep 256,512 --compile-mode reduce-overhead
                                                     # ResNet34 -> ResNet18 at 224 px, 1000 classes
+    python bench/step_bench.py --methods all        # every shipped method's step against KD's (its space's defaults)
 
 Reference: fp32, eager, batch 64, a DataLoader that crops and flips each image in Python, teacher
 under no_grad, student + 3 stepping stones through the frozen teacher, KD losses, torch.optim.SGD.
@@ -30,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from bkd_core import BlockKD, LogitKD, data, models, train
+from bkd_core import BlockKD, LogitKD, data, methods, models, train
+from search_spaces.space import defaults, load_space, method_arguments
+from search_spaces.space import names as space_names
 from bkd_core.losses import kd_loss
 
 
@@ -127,10 +130,20 @@ def bench_reference(pair, dataset, device, stones: bool, steps: int, workers: in
     return Result(f"reference {'Block-KD' if stones else 'KD'} fp32 b64{extra}", counted / (time.perf_counter() - start), peak_memory_mb(device))
 
 
+def method_step(space_name: str):
+    """A factory of the method a search space trains, with the space's defaults (as ``compare`` starts)."""
+    space = load_space(space_name)
+
+    def make(teacher, student, sample):
+        name, kwargs = method_arguments(space, defaults(space, student.num_blocks))
+        return methods.make(name, teacher, student, sample_input=sample, **kwargs)
+    return make
+
+
 def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf16: bool | None = None,
               channels_last: bool = True, compile: bool | None = None, cudnn_benchmark: bool | None = None,
               compile_mode: str | None = None, stack_stones: bool = True, seconds: float | None = None,
-              barrier: Path | None = None) -> Result:
+              barrier: Path | None = None, method: str | None = None) -> Result:
     """bkd's step as the trainer runs it; None picks the device's default (all on for CUDA).
 
     Measures ``steps`` steps, or ``seconds`` of steps; with ``barrier`` it waits there after the
@@ -138,7 +151,10 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
     """
     teacher, student = (m.to(device) for m in pair())
     sample = dataset.images[:2].float().to(device)
-    module = BlockKD(teacher, student, sample_input=sample, stack_stones=stack_stones) if stones else LogitKD(teacher, student)
+    if method:
+        module = method_step(method)(teacher, student, sample)
+    else:
+        module = BlockKD(teacher, student, sample_input=sample, stack_stones=stack_stones) if stones else LogitKD(teacher, student)
     cfg = train.TrainConfig(epochs=1, batch_size=batch, lr=0.05, lr_base_batch=64, bf16=bf16,
                             channels_last=channels_last, compile=compile, cudnn_benchmark=cudnn_benchmark,
                             compile_mode=compile_mode).resolved(device)
@@ -180,7 +196,8 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
     compiled = "compile" if cfg.compile_mode == "default" else f"compile({cfg.compile_mode})"
     mode = "+".join(n for n, on in (("bf16", cfg.bf16), ("channels_last", cfg.channels_last), (compiled, cfg.compile)) if on)
     mode = f"{mode or 'fp32 eager'} b{batch}" + ("" if stack_stones or not stones else ", stones one by one")
-    return Result(f"bkd {'Block-KD' if stones else 'KD'} {mode}", counted / (time.perf_counter() - start), peak_memory_mb(device))
+    what = method or ("Block-KD" if stones else "KD")
+    return Result(f"bkd {what} {mode}", counted / (time.perf_counter() - start), peak_memory_mb(device))
 
 
 def wait_at_barrier(folder: Path) -> None:
@@ -250,6 +267,8 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=None, help="also write every figure to this file")
     parser.add_argument("--imagenet", action="store_true",
                         help="the ImageNet pair: ResNet34 -> ResNet18 at 224 px, 1000 classes (3 stones), 2,560 random images")
+    parser.add_argument("--methods", default=None,
+                        help="'all' or a comma list of search spaces: each method's step (bkd's default) against KD's")
     parser.add_argument("--only-bkd", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,6 +299,23 @@ def main() -> None:
             args.json_out.write_text(json.dumps(report, indent=1))
         return r
 
+    if args.methods:
+        names = space_names() if args.methods == "all" else args.methods.split(",")
+        print(f"\neach method's step with its search space's defaults, batch {batch}, bkd's default step for the device"
+              "\n| method | img/s | peak memory (MB) | time per image vs KD |\n|---|---|---|---|", flush=True)
+        bench_bkd(pair, dataset, device, False, steps, batch, method="kd")  # warm-up: the first row of a process runs slow
+        rows = {name: bench_bkd(pair, dataset, device, False, steps, batch, method=name) for name in names}
+        kd_again = bench_bkd(pair, dataset, device, False, steps, batch, method="kd")  # KD before and after: drift shows
+        kd = (rows["kd"].images_per_s + kd_again.images_per_s) / 2 if "kd" in rows else kd_again.images_per_s
+        report["methods"] = {}
+        for name, r in rows.items():
+            report["methods"][name] = {**r.__dict__, "vs_kd": kd / r.images_per_s}
+            print(f"| {name} | {r.images_per_s:,.0f} | {r.peak_mem_mb:,.0f} | {kd / r.images_per_s:.2f}x |", flush=True)
+        print(f"(KD measured twice, {rows['kd'].images_per_s if 'kd' in rows else kd:,.0f} and {kd_again.images_per_s:,.0f} img/s: "
+              "the ratios use their mean)", flush=True)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=1))
+        return
     if args.batch_sweep:
         print("\n| step | img/s | peak memory (MB) |\n|---|---|---|", flush=True)
         ref = record(bench_reference(pair, dataset, device, True, 2 * steps, args.loader_workers)).images_per_s

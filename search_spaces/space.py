@@ -239,3 +239,11 @@ class TrialParams:
             kwargs |= {n: getattr(self, n) for n in ("stone_temperature", "gamma") if getattr(self, n) is not None}
             kwargs |= {"cuts": list(self.cuts), "stone_weights": list(self.stone_weights)}
         return kwargs
+
+
+def method_arguments(space: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registry name of the method ``space`` trains and its keyword arguments for the configuration
+    ``params`` (the shared ones, from ``TrialParams``, and the method's own, read by its ``own_params``)."""
+    method = method_of(space)
+    own = {k: cast(params[k]) for k, cast in method.own_params.items() if params.get(k) is not None}
+    return method.name, TrialParams.of(params).distill_kwargs() | own

@@ -11,7 +11,7 @@ from bkd_core.graph_split import ATOL, RTOL
 from bkd_core.methods import FeatureDistiller
 from orchestrator.config.job import Job
 from orchestrator.config.models import block_names, build_model, spec_name
-from search_spaces.space import defaults, method_of
+from search_spaces.space import defaults, method_arguments, method_of
 
 
 def multiply_adds(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -96,9 +96,8 @@ def method_line(job: Job, nets: dict[str, BlockNet], sample: torch.Tensor) -> li
     method = method_of(job.cfg.search)
     if not issubclass(method, FeatureDistiller):
         return []
-    params = defaults(job.cfg.search, nets["student"].num_blocks, job.cfg.fixed)
-    own = {k: cast(params[k]) for k, cast in method.own_params.items() if params.get(k) is not None}
-    built = method.build(nets["teacher"], nets["student"], sample_input=sample.expand(2, *sample.shape[1:]), **own)
+    _, kwargs = method_arguments(job.cfg.search, defaults(job.cfg.search, nets["student"].num_blocks, job.cfg.fixed))
+    built = method.build(nets["teacher"], nets["student"], sample_input=sample.expand(2, *sample.shape[1:]), **kwargs)
     extra = sum(p.numel() for p in built.trainable_parameters()) - sum(p.numel() for p in nets["student"].parameters())
     memory = f", and a {built.memory_bytes / 2**20:.1f} MiB memory" if hasattr(built, "memory_bytes") else ""
     return [f"method: {job.cfg.search.get('name')} ({method.summary}) trains {extra:,} parameters of its own beside the "

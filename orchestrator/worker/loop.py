@@ -44,7 +44,7 @@ from orchestrator.data.datasets import is_streamed, load_dataset
 from orchestrator.tracking.records import DIVERGED as DIVERGED_STATUS
 from orchestrator.tracking.records import FINISHED, TrialRecords
 from orchestrator.tracking.results import DIVERGED
-from search_spaces.space import TrialParams, load_space, method_of
+from search_spaces.space import TrialParams, load_space, method_arguments
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
@@ -67,10 +67,9 @@ def build_module(job: Job, params: Mapping[str, Any], mode: str, teacher_state: 
     if c.student.init:
         load_pretrained(student, c.student.init, "student.init")
     space = load_space(trial.method) if trial.method else c.search  # compare's cases name their method's space
-    method = method_of(space)
-    own = {k: cast(params[k]) for k, cast in method.own_params.items() if params.get(k) is not None}  # e.g. fitnet's hint_block
-    kwargs = trial.distill_kwargs() | own | {"warmup_epochs": c.train.distill_warmup_epochs}
-    return methods.make(method.name, teacher, student, connector=c.train.connector, sample_input=sample, **kwargs)
+    name, kwargs = method_arguments(space, params)
+    return methods.make(name, teacher, student, connector=c.train.connector, sample_input=sample,
+                        **kwargs | {"warmup_epochs": c.train.distill_warmup_epochs})
 
 
 @dataclass
