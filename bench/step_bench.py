@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from bkd_core import BlockKD, LogitKD, data, methods, models, train
+from bkd_core.losses import kd_loss
 from search_spaces.space import defaults, load_space, method_arguments
 from search_spaces.space import names as space_names
-from bkd_core.losses import kd_loss
 
 
 @dataclass

@@ -21,7 +21,6 @@ from .data import BatchLoader, DataSplits, ImageDataset
 from .methods.base import Distiller, DistillOutput
 from .methods.none import Supervised  # noqa: F401  (train.Supervised: the teacher's own training)
 
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

@@ -51,6 +51,8 @@ def test_a_seed_gives_every_method_the_same_student_and_another_seed_another():
 @pytest.mark.parametrize("argv, key, fragment", [
     (["compare.methods=[kd,foo]"], "compare.methods", "unknown method 'foo'"),
     (["compare.methods=[none,blockkd]"], "compare.baseline", "compare.baseline=null"),
+    (["compare.methods=[kd,fitnet]", "compare.fixed.fitnet.hint_block=5"], "compare.fixed.fitnet.hint_block", "names no block"),
+    (["compare.methods=[kd,crd]", "compare.fixed.crd.nce_k=-1"], "compare.fixed.crd.nce_k", "nce_k >= 0"),
     (["compare.fixed.kd.cuts=[1]"], "compare.fixed.kd.cuts", "logit-only baseline"),
     (["compare.fixed.blockkd.gamma=-1"], "compare.fixed.blockkd.gamma", "[0, 2]"),
     (["compare.from_search.blockkd=/no/such/search"], "compare.from_search.blockkd", "neither a results folder"),

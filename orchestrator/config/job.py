@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -169,7 +169,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     if bad:
         raise ConfigError("search.params.logit_loss", f"unknown logit loss {bad}; valid: {', '.join(LOGIT_LOSSES)}.")
     check_fixed(c.fixed, search, student.num_blocks)
-    check_method_params(c, method, teacher, student, shape.image_shape)
+    check_method_params(method, defaults(search, student.num_blocks, c.fixed),
+                        lambda name: f"fixed.{name}" if name in c.fixed else f"search.params.{name}", teacher, student, shape.image_shape)
 
     check_pretrained(c, "teacher", teacher)
     check_pretrained(c, "student", student)
@@ -245,13 +246,12 @@ def check_forms(c: BkdConfig, nets: dict[str, Any], image_shape: list[int]) -> N
                 raise ConfigError(f"pair.{role}_blocks" if blocks else "pair", str(exc)) from None
 
 
-def check_method_params(c: BkdConfig, method: type[Distiller], teacher: Any, student: Any, image_shape: list[int]) -> None:
-    """The method built once on the pair with the space's defaults and ``fixed.*``: a value it cannot use
-    (``fitnet``'s hint_block beyond the blocks, a negative weight) exits 2 here, naming its key."""
+def check_method_params(method: type[Distiller], params: Mapping[str, Any], key_of: Callable[[str], str], teacher: Any,
+                        student: Any, image_shape: Sequence[int]) -> None:
+    """The method built once on the pair with a configuration's values (``params``): a value it cannot use
+    (``fitnet``'s hint_block beyond the blocks, a negative weight) exits 2 here; ``key_of`` names its key."""
     if not method.own_params:
         return
-    params = defaults(c.search, student.num_blocks, c.fixed)
-    key_of = lambda name: f"fixed.{name}" if name in c.fixed else f"search.params.{name}"  # noqa: E731
     own = {}
     for name, cast in method.own_params.items():
         if params.get(name) is not None:

@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from orchestrator.config.checks import ConfigError, check_fixed
-from orchestrator.config.job import Job
+from orchestrator.config.job import Job, check_method_params
+from orchestrator.config.models import build_model
 from orchestrator.search.search import RunSearch
 from orchestrator.search.summary import RunCases, collect_rows, first_failure
 from orchestrator.tracking.results import write_parquet
 from orchestrator.tracking.stats import Interval, paired_difference, verdict
 from orchestrator.tracking.writer import MLflowWriter, Write
-from search_spaces.space import SearchSpaceError, defaults, uses_partition
+from search_spaces.space import SearchSpaceError, defaults, method_of, uses_partition
 from search_spaces.space import display as space_display
 from search_spaces.space import load_space as load_search_space
 
@@ -120,6 +121,11 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
         config = defaults(space, job.num_blocks, {**chosen, **fixed})
     except SearchSpaceError as exc:
         raise ConfigError(f"compare.fixed.{method}", str(exc)) from None
+    method_class = method_of(space)
+    if method_class.own_params:  # e.g. compare.fixed.fitnet.hint_block beyond the pair's blocks: exit 2 before Ray
+        nets = [build_model(job.cfg, role, job.num_classes, job.in_channels, job.dataset.shape) for role in ("teacher", "student")]
+        check_method_params(method_class, config, lambda name: f"compare.fixed.{method}.{name}" if name in fixed
+                            else f"search space {method}: params.{name}", *nets, job.dataset.shape)
     sources.append(f"{SPACE_DEFAULTS} for the rest" if sources else SPACE_DEFAULTS)
     return MethodConfig(method, {"method": method, **config}, "; ".join(sources), selected_on)
 
