@@ -198,8 +198,8 @@ class TuneSettings:
 
 @dataclass
 class CompareSettings:
-    methods: list[str] = setting(["none", "kd", "blockkd"], "none: the student alone; any search space (kd, dkd, "
-                                 "blockkd, ...)")
+    methods: list[str] = setting(["none", "kd", "blockkd"], "none: the student alone; any search space (kd, dkd, dist, "
+                                 "loca, fitnet, at, rkd, crd, reviewkd, ofa, blockkd, ...)")
     seeds: int = setting(5, "seeds train.seed+1 .. train.seed+seeds per method; statistics on test_acc",
                          at_least(1, " (seeds per method; 5 give useful intervals)"))
     tune_trials: Optional[int] = setting(
