@@ -197,12 +197,19 @@ def test_mixed_pairs_search_and_compare_end_to_end(ray_cluster, tmp_path, capsys
         [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("bkd").experiment_id],
         filter_string="tags.`bkd.role` = 'search'")[0]
     assert describe.info.status == "FINISHED"
+    argv = base + ["tune.name=vit-cnn-ofa", f"teacher.checkpoint={teacher}", "pair.teacher=vit_tiny_p2_8", "pair.student=tiny_cnn",
+                   "tune.num_samples=2", "search=ofa"]  # a feature baseline's own search: its parameters searched and logged
+    assert entry_point(tune_entry.run, argv) == 0
+    rows = pq.read_table(tmp_path / "out" / "vit-cnn-ofa" / "trials.parquet").to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "FINISHED" and 1.0 <= r["ofa_eps"] <= 2.0 and r["train_loss_distill"] > 0
+                                  for r in rows), rows
 
     cnn_teacher = with_random_teacher(tmp_path, "cnn-vit")[-1]
-    argv = base + ["tune.name=cnn-vit", cnn_teacher, "pair.student=vit_tiny_p2_8", "compare.methods=[kd,blockkd]", "compare.seeds=1",
-                   "compare.fixed.blockkd.cuts=[1,2,3]"]
+    mixed = ["kd", "blockkd", "fitnet", "at", "crd", "reviewkd"]  # the feature baselines across forms: maps to tokens
+    argv = base + ["tune.name=cnn-vit", cnn_teacher, "pair.student=vit_tiny_p2_8", f"compare.methods=[{','.join(mixed)}]",
+                   "compare.seeds=1", "compare.fixed.blockkd.cuts=[1,2,3]"]
     assert entry_point(compare.run, argv, command="compare") == 0
     rows = pq.read_table(tmp_path / "out" / "cnn-vit" / "compare.parquet").to_pylist()
-    assert {r["method"] for r in rows} == {"kd", "blockkd"} and all(r["status"] == "FINISHED" for r in rows), rows
+    assert {r["method"] for r in rows} == set(mixed) and all(r["status"] == "FINISHED" for r in rows), rows
     out = capsys.readouterr().out
     assert "teacher epoch" not in out  # the given teachers were used
