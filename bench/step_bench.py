@@ -7,6 +7,7 @@ same device, same teacher/student pair.
     python bench/step_bench.py --device cuda --imagenet --batch-sweep 256,512 --compile-mode reduce-overhead
                                                     # ResNet34 -> ResNet18 at 224 px, 1000 classes
     python bench/step_bench.py --methods all        # every shipped method's step against KD's (its space's defaults)
+    python bench/step_bench.py --pairs vit_tiny_p2_8:tiny_cnn@8,tiny_resnet:vit_tiny_p2_8@8   # mixed pairs, 8-px images
 
 Reference: fp32, eager, batch 64, a DataLoader that crops and flips each image in Python, teacher
 under no_grad, student + 3 stepping stones through the frozen teacher, KD losses, torch.optim.SGD.
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bkd_core import BlockKD, LogitKD, data, methods, models, train
 from bkd_core.losses import kd_loss
+from orchestrator.config.pair_table import block_rows
 from search_spaces.space import defaults, load_space, method_arguments
 from search_spaces.space import names as space_names
 
@@ -200,6 +202,40 @@ def bench_bkd(pair, dataset, device, stones: bool, steps: int, batch: int, *, bf
     return Result(f"bkd {what} {mode}", counted / (time.perf_counter() - start), peak_memory_mb(device))
 
 
+def arithmetic_bound(pair, sample: torch.Tensor) -> float:
+    """Block-KD's step over KD's in multiply-adds (convolutions and linear layers, as ``describe`` counts them).
+    KD: the teacher's forward and the student's forward and backward (T + 3S). Block-KD adds, for every
+    stone, the teacher's blocks after its cut and its head, forward and backward to their inputs (2x)."""
+    teacher, student = (m.eval() for m in pair())
+    with torch.no_grad():
+        t_rows, s_rows = block_rows(teacher, sample), block_rows(student, sample)
+    kd = sum(r[2] for r in t_rows) + 3 * sum(r[2] for r in s_rows)
+    stones = sum(2 * sum(r[2] for r in t_rows[cut:]) for cut in range(1, teacher.num_blocks + 1))
+    return (kd + stones) / kd
+
+
+def bench_pairs(spec: str, device: torch.device, steps: int, batch: int, workers: int, record) -> list[str]:
+    """For each ``teacher:student@size``: the hand-written and bkd's KD and Block-KD steps, and Block-KD's cost
+    over KD's against the pair's arithmetic bound."""
+    lines = []
+    for item in spec.split(","):
+        names, _, size = item.partition("@")
+        teacher_name, student_name = names.split(":")
+        size = int(size or 32)
+        dataset = random_cifar(4096, 10, size)
+        pair = lambda t=teacher_name, s=student_name: (models.create(t, 10), models.create(s, 10))  # noqa: E731
+        print(f"\npair {teacher_name} -> {student_name}, {size}x{size} images, every cut a stone", flush=True)
+        print("| step | img/s | peak memory (MB) |\n|---|---|---|", flush=True)
+        ref = {stones: record(bench_reference(pair, dataset, device, stones, steps, workers)).images_per_s for stones in (False, True)}
+        ours = {stones: record(bench_bkd(pair, dataset, device, stones, steps, batch)).images_per_s for stones in (False, True)}
+        bound = arithmetic_bound(pair, dataset.images[:1].float())
+        line = (f"{teacher_name} -> {student_name}: bkd Block-KD / reference Block-KD {ours[True] / ref[True]:.2f}x; Block-KD "
+                f"cost vs KD: reference {ref[False] / ref[True]:.2f}x, bkd {ours[False] / ours[True]:.2f}x, arithmetic bound {bound:.2f}x")
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
 def wait_at_barrier(folder: Path) -> None:
     (folder / f"ready-{os.getpid()}").touch()
     while not (folder / "go").exists():
@@ -269,6 +305,8 @@ def main() -> None:
                         help="the ImageNet pair: ResNet34 -> ResNet18 at 224 px, 1000 classes (3 stones), 2,560 random images")
     parser.add_argument("--methods", default=None,
                         help="'all' or a comma list of search spaces: each method's step (bkd's default) against KD's")
+    parser.add_argument("--pairs", default=None,
+                        help="comma list of teacher:student@size: each pair's steps and Block-KD's cost against its bound")
     parser.add_argument("--only-bkd", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -316,6 +354,11 @@ def main() -> None:
         if args.json_out:
             args.json_out.write_text(json.dumps(report, indent=1))
         return
+    if args.pairs:
+        report["pairs"] = bench_pairs(args.pairs, device, steps, batch, args.loader_workers, record)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=1))
+        return
     if args.batch_sweep:
         print("\n| step | img/s | peak memory (MB) |\n|---|---|---|", flush=True)
         ref = record(bench_reference(pair, dataset, device, True, 2 * steps, args.loader_workers)).images_per_s
@@ -339,10 +382,11 @@ def main() -> None:
         one_by_one = record(bench_bkd(pair, dataset, device, True, steps, compile_mode=args.compile_mode,
                                       stack_stones=False, **default_kw))
         kd, bkd = ours[(False, default)].images_per_s, ours[(True, default)].images_per_s
+        bound = arithmetic_bound(pair, dataset.images[:1].float())
         lines = [f"bkd Block-KD ({default}) / reference Block-KD: {bkd / ref[True].images_per_s:.2f}x",
                  f"stacked stones (default) / stones one by one: {bkd / one_by_one.images_per_s:.2f}x",
                  f"Block-KD cost vs KD (time per image): reference {ref[False].images_per_s / ref[True].images_per_s:.2f}x, "
-                 f"bkd {kd / bkd:.2f}x"]
+                 f"bkd {kd / bkd:.2f}x, arithmetic bound {bound:.2f}x"]
         for label in (label for label, _ in rows if label != default):
             lines.append(f"  {label}: Block-KD vs KD {ours[(False, label)].images_per_s / ours[(True, label)].images_per_s:.2f}x")
         print("\n" + "\n".join(lines), flush=True)

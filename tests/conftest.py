@@ -81,3 +81,32 @@ def assert_console_is_bkds(console: str) -> None:
     """What a search printed: bkd's own lines, none of Ray's, Tune's, MLflow's or torch's own."""
     for fragment in RAY_OWN_LINES:
         assert fragment not in console, f"{fragment!r} in the console:\n{console[-3000:]}"
+
+
+
+_TEMPLATE: list[Path] = []
+
+
+def migrated_mlflow_store(target: Path) -> Path:
+    """``target`` made an empty MLflow sqlite store with its schema, as MLflow makes one on first use, copied
+    from one made once per session (MLflow's migrations take 1-2 s a store, in every command that meets a
+    new one). Returns ``target``."""
+    import shutil
+    import tempfile
+
+    if not _TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        path = Path(tempfile.mkdtemp(prefix="bkd-mlflow-template-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+        _TEMPLATE.append(path)
+    if not target.exists():
+        shutil.copyfile(_TEMPLATE[0], target)
+    return target
+
+
+@pytest.fixture(autouse=True)
+def _migrated_mlflow_store(request) -> None:
+    """Every test's ``tmp_path/mlflow.db`` starts as the migrated empty store (``migrated_mlflow_store``)."""
+    if "tmp_path" in request.fixturenames:
+        migrated_mlflow_store(request.getfixturevalue("tmp_path") / "mlflow.db")

@@ -14,7 +14,7 @@ from orchestrator import tune as tune_entry
 from orchestrator.config.compose import compose
 from orchestrator.config.job import validate
 from orchestrator.console.cli import entry_point
-from orchestrator.search.comparison import COLUMNS
+from orchestrator.search.comparison import COLUMNS, check_methods, method_config
 from orchestrator.tracking.stats import Interval, paired_difference, verdict
 from orchestrator.worker.loop import build_module
 
@@ -79,7 +79,7 @@ def with_random_teacher(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # nothing here reads it
     yield
     ray.shutdown()
 
@@ -213,3 +213,18 @@ def test_mixed_pairs_search_and_compare_end_to_end(ray_cluster, tmp_path, capsys
     assert {r["method"] for r in rows} == set(mixed) and all(r["status"] == "FINISHED" for r in rows), rows
     out = capsys.readouterr().out
     assert "teacher epoch" not in out  # the given teachers were used
+
+
+@pytest.mark.parametrize("recipe", ["cifar100_baselines", "cifar100_vit_to_resnet"])
+def test_the_cifar100_recipes_validate_with_every_methods_configuration(recipe, tmp_path):
+    """The recipes' pairs, schedules and each method's compare.fixed pass the checks a run makes before Ray."""
+    from tests.test_data import write_cifar
+
+    write_cifar(tmp_path, 100, n=300)
+    job = validate(compose([f"recipe={recipe}", f"data.root={tmp_path}", f"ray.storage_path={tmp_path}/ray",
+                            f"output_dir={tmp_path}/out", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]))
+    configs = {m: method_config(job, m).config for m in check_methods(job)}
+    assert job.cfg.train.epochs == 240 and job.cfg.train.milestones == [0.625, 0.75, 0.875]
+    assert configs["kd"]["alpha"] == 0.1 and configs["kd"]["beta"] == 0.9 and configs["dkd"]["dkd_beta"] == 8.0
+    if recipe == "cifar100_baselines":
+        assert len(configs) == 12 and configs["fitnet"]["beta"] == 100.0 and configs["at"]["beta"] == 1000.0

@@ -27,7 +27,16 @@ def test_parameter_counts(name, millions):
     assert count == pytest.approx(millions, abs=0.01)  # published figures are rounded
 
 
-TRANSFORMERS = {"deit_tiny_patch16_224": 5_717_416, "vit_small_patch16_224": 22_050_664}  # timm's counts, 1000 classes
+TRANSFORMERS = {"deit_tiny_patch16_224": 5_717_416, "vit_small_patch16_224": 22_050_664,  # timm's counts, 1000 classes
+                "swin_tiny_patch4_window7_224": 28_288_354, "convnext_tiny": 28_589_128}
+TIMM_KEYS = {  # names timm's checkpoints of these models hold (a sample of each kind of layer)
+    "swin_tiny_patch4_window7_224": ["patch_embed.proj.weight", "patch_embed.norm.bias", "layers.0.blocks.1.attn.relative_position_bias_table",
+                                     "layers.1.downsample.norm.weight", "layers.1.downsample.reduction.weight",
+                                     "layers.2.blocks.5.mlp.fc2.bias", "norm.weight", "head.fc.weight"],
+    "convnext_tiny": ["stem.0.weight", "stem.1.bias", "stages.0.blocks.2.conv_dw.weight", "stages.1.downsample.0.weight",
+                      "stages.1.downsample.1.weight", "stages.2.blocks.8.gamma", "stages.3.blocks.2.mlp.fc1.weight",
+                      "head.norm.weight", "head.fc.bias"],
+}
 
 
 def test_names_complete():
@@ -39,6 +48,12 @@ def test_names_complete():
 def test_vision_transformers_have_timms_parameter_counts(name, count):
     net = models.create(name, 1000, 3)
     assert sum(p.numel() for p in net.parameters()) == count and net.num_blocks == 4
+    names = net.source_state_dict()
+    assert all(key in names for key in TIMM_KEYS.get(name, [])), [k for k in TIMM_KEYS[name] if k not in names]
+    if name.startswith("swin"):  # stages write channels-last maps, halving the 56x56 grid of 4x4 patches
+        with torch.no_grad():
+            shapes = [tuple(f.shape[1:]) for f in net.features(torch.zeros(1, 3, 224, 224))]
+        assert shapes == [(56, 56, 96), (28, 28, 192), (14, 14, 384), (7, 7, 768)]
 
 
 @pytest.mark.parametrize("teacher, student", PAIRS)

@@ -6,12 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import write_unlearnable_test_folder
 from mlflow.tracking import MlflowClient
 
 from bkd_core import models
 from bkd_core.data import BatchLoader, load
 from bkd_core.train import Supervised, evaluate
+from conftest import migrated_mlflow_store, write_unlearnable_test_folder
 from orchestrator import train as train_entry
 from orchestrator import tune as tune_entry
 from orchestrator.console.cli import entry_point
@@ -21,14 +21,16 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # nothing here reads it
     yield
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    return tmp_path_factory.mktemp("bkd")
+    ws = tmp_path_factory.mktemp("bkd")
+    migrated_mlflow_store(ws / "mlflow.db")
+    return ws
 
 
 def common(ws, name):

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import BIN, REPO, free_port, write_idx
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
 from bkd_core import models
+from conftest import BIN, REPO, free_port, migrated_mlflow_store, write_idx
 from orchestrator import train as train_entry
 from orchestrator import tune as tune_entry
 from orchestrator.console.cli import entry_point
@@ -45,6 +45,7 @@ def two_nodes(tmp_path_factory):
 
 
 def base(tmp, name, teacher=None):
+    migrated_mlflow_store(tmp / "mlflow.db")
     args = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
             f"tune.name={name}", "resources.cpus_per_worker=0.9", "teacher.epochs=1",
             "train.checkpoint_min_interval_s=0"]  # a checkpoint each epoch: the tests kill after epoch 1
@@ -188,6 +189,7 @@ def test_diverging_ddp_trial_stops_on_every_rank(two_nodes):
 
 def start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` (sqlite store, proxied artifacts) in its own process group; waits until it answers."""
+    migrated_mlflow_store(tmp / "server.db")
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination",
          str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],

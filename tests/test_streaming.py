@@ -66,7 +66,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_cluster(shards, bucket):
     """Started after the S3 server: its workers inherit AWS_*, as a cluster's nodes have their credentials."""
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # nothing here reads it
     yield
     ray.shutdown()
 

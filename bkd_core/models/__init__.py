@@ -10,12 +10,14 @@ import functools
 from typing import Callable
 
 from ..blocknet import BlockNet
+from .convnext import convnext
 from .mobilenetv2 import mobilenetv2
 from .mobilenetv2_imagenet import mobilenetv2_imagenet
 from .resnet_cifar import cifar_resnet, resnet50_cifar
 from .resnet_imagenet import imagenet_resnet
 from .shufflenet import shufflenet_v1, shufflenet_v2
 from .small import small_cnn, tiny_cnn, tiny_resnet
+from .swin import swin
 from .vgg import vgg
 from .vit import vit
 from .wrn import wide_resnet
@@ -51,6 +53,9 @@ _REGISTRY: dict[str, Callable[..., BlockNet]] = {
     "vit_small_p4_32": _P(vit, image_size=32, patch=4, dim=384, depth=12, heads=6),  # ViT-S's width on 32-px images
     "deit_tiny_patch16_224": _P(vit, image_size=224, patch=16, dim=192, depth=12, heads=3, groups=4),
     "vit_small_patch16_224": _P(vit, image_size=224, patch=16, dim=384, depth=12, heads=6, groups=4),
+    # Swin-T (channels-last stages) and ConvNeXt-T in timm's layout, cut at their four stages, for 224-px images
+    "swin_tiny_patch4_window7_224": swin,
+    "convnext_tiny": convnext,
 }
 
 

@@ -15,14 +15,15 @@ from search_spaces.space import defaults, method_arguments, method_of
 
 
 def multiply_adds(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(module(x), multiply-adds per image of its convolutions and linear layers)."""
+    """(module(x), multiply-adds per image of its convolutions and linear layers; attention's own products of
+    tokens are not counted)."""
     total = [0]
 
     def count(layer: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         if isinstance(layer, nn.Conv2d):
             total[0] += out[0].numel() * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
-        elif isinstance(layer, nn.Linear):
-            total[0] += layer.in_features * layer.out_features
+        elif isinstance(layer, nn.Linear):  # once per position: every token of a sequence, once for a vector
+            total[0] += out[0].numel() // layer.out_features * layer.in_features * layer.out_features
 
     hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:

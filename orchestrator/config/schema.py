@@ -238,6 +238,8 @@ class RaySettings:
                                       at_least(1, " (CPUs of a local cluster), or null for all"))
     train_poll_interval_s: float = setting(0.1, "how often Ray Train collects reports (its default, 2 s, slows short "
                                            "epochs)", SECONDS_POSITIVE)
+    dashboard: bool = setting(False, "start Ray's dashboard with a local cluster this command starts (2 s more to start, "
+                              "and a process polling the nodes; a cluster from `ray start` keeps its own)")
     storage_path: Optional[str] = setting(None, "null: $BKD_STORAGE_PATH, else <cwd>/results/ray; s3://, gs:// or NFS "
                                           "on clusters")
 

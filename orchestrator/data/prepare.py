@@ -182,7 +182,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         from orchestrator.worker.runtime import join_or_start
 
-        join_or_start(cfg.ray.address, cfg.ray.num_cpus, log_to_driver=False)
+        join_or_start(cfg.ray.address, cfg.ray.num_cpus, log_to_driver=False, include_dashboard=False)
     task = ray.remote(num_cpus=1)(write_shard)
     pending = [task.remote(str(cfg.source), str(cfg.output), s, cfg.max_side, int(cfg.quality)) for s in shards]
     written = {split: 0 for split in OUTPUT_SPLITS}

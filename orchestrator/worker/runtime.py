@@ -38,7 +38,7 @@ def init_ray(job: Job) -> None:
     if quiet:  # workers keep Ray's own INFO lines in its log files
         runtime_env["worker_process_setup_hook"] = "orchestrator.console.filters.quiet_worker"
         runtime_env["env_vars"] |= WORKER_ENV
-    join_or_start(address, job.cfg.ray.num_cpus, log_to_driver=True, runtime_env=runtime_env,
+    join_or_start(address, job.cfg.ray.num_cpus, log_to_driver=True, runtime_env=runtime_env, include_dashboard=job.cfg.ray.dashboard,
                   logging_level=logging.WARNING if quiet else logging.INFO)
     if quiet:
         filter_worker_logs()
@@ -48,7 +48,8 @@ def init_ray(job: Job) -> None:
 def join_or_start(address: Optional[str], num_cpus: Optional[int], **kwargs: Any) -> None:
     """``ray.init``: join ``address`` (null: $RAY_ADDRESS or a cluster ``ray start`` began on this machine),
     else start a local cluster of ``num_cpus`` CPUs. A running cluster found for a null address keeps its own
-    CPUs (Ray refuses ``num_cpus`` when it joins), so the setting is dropped with a line that says so."""
+    CPUs (Ray refuses ``num_cpus`` when it joins), so the setting is dropped with a line that says so. Ray
+    reads ``include_dashboard`` only when it starts a cluster."""
     if num_cpus and address in (None, "local"):
         try:
             ray.init(address=address, num_cpus=int(num_cpus), **kwargs)
