@@ -1,5 +1,6 @@
 """orchestrator.prepare (Ray tasks, real JPEG/PNG files) and bkd_core.data.ParquetImages in a plain
 DataLoader loop: odd sizes, grayscale, CMYK, a PNG, a truncated file, class names with spaces."""
+import contextlib
 import io
 import json
 import subprocess
@@ -49,16 +50,37 @@ def write_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 
 
 def prepare(*args: str, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """``python -m orchestrator.prepare ARGS`` as a user's shell runs it: its own process and Ray cluster."""
     return subprocess.run([sys.executable, "-m", "orchestrator.prepare", "ray.num_cpus=2", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+def prepare_here(*args: str) -> subprocess.CompletedProcess:
+    """The same command run in this process, on the Ray cluster this process joined (``ray_local``): its exit code
+    and console, without a process and a cluster to start."""
+    from orchestrator import prepare as prepare_entry
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = prepare_entry.main(["ray.num_cpus=2", *args])
+    return subprocess.CompletedProcess(["orchestrator.prepare", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_local):
     """The test folder prepared once: 5 files planned per shard, images re-encoded at most 128 px."""
     tmp = tmp_path_factory.mktemp("parquet")
     src, dst = write_folder(tmp / "images"), tmp / "shards"
-    done = prepare(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
+    done = prepare_here(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return src, dst
 
@@ -86,7 +108,7 @@ def test_prepare_writes_shards_skips_bad_files_and_resumes(prepared):
 
     first = (dst / "train" / "part-00000-of-00004.parquet").stat().st_mtime_ns
     (dst / "train" / "part-00003-of-00004.parquet").unlink()  # as if the run had been interrupted
-    again = prepare(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
+    again = prepare_here(f"source={src}", f"output={dst}", "images_per_shard=5", "max_side=128")
     assert again.returncode == 0 and f"({shards - 1} kept from an earlier run)" in again.stdout, again.stdout[-2000:]
     assert (dst / "train" / "part-00000-of-00004.parquet").stat().st_mtime_ns == first
     assert len(pq.read_table(dst / "train")) == len(train) and len((dst / "skipped.txt").read_text().splitlines()) == 2
@@ -97,10 +119,10 @@ def test_prepare_writes_shards_skips_bad_files_and_resumes(prepared):
     (lambda p: (p / "train" / "a").mkdir(parents=True) or (p / "val").mkdir() or (p / "train" / "a" / "x.jpg").write_text("no"),
      "no readable image"),
 ])
-def test_prepare_refuses_bad_sources(tmp_path, make, fragment):
+def test_prepare_refuses_bad_sources(tmp_path, make, fragment, ray_local):
     src = tmp_path / "src"
     make(src)
-    done = prepare(f"source={src}", f"output={tmp_path}/out")
+    done = prepare_here(f"source={src}", f"output={tmp_path}/out")
     assert done.returncode == 2 and "configuration error in `source`" in done.stderr and fragment in done.stderr, done.stderr
 
 

@@ -20,7 +20,7 @@ from conftest import BIN, free_port, write_unlearnable_test_folder
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from ray.train.torch import TorchTrainer
-from test_parquet_data import CLASSES, prepare, write_folder, write_with_corrupt_rows
+from test_parquet_data import CLASSES, prepare, prepare_here, write_folder, write_with_corrupt_rows
 
 from bkd_core import models
 from bkd_core.data import ParquetImages
@@ -55,16 +55,16 @@ def write_shards(root, count: int, classes: int, size=(400, 300), per_shard: int
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(tmp_path_factory, ray_cluster):
     """The test folder of test_parquet_data (odd sizes, grayscale, CMYK, PNG, a truncated file) through prepare."""
     tmp = tmp_path_factory.mktemp("stream")
-    done = prepare(f"source={write_folder(tmp / 'images')}", f"output={tmp / 'shards'}", "max_side=96")
+    done = prepare_here(f"source={write_folder(tmp / 'images')}", f"output={tmp / 'shards'}", "max_side=96")
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp / "shards"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(shards, bucket):
+def ray_cluster(bucket):
     """Started after the S3 server: its workers inherit AWS_*, as a cluster's nodes have their credentials."""
     ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # nothing here reads it
     yield
@@ -97,7 +97,7 @@ def test_a_streamed_search_selects_on_the_held_out_split_not_on_the_test_split(r
     """Test labels shuffled: a search that selects on data held out of training sees its trials learn
     (val_acc far above chance) and reports test_acc at chance; on the old protocol both were the test's."""
     folder = write_unlearnable_test_folder(tmp_path / "images", train_per_class=30)
-    done = prepare(f"source={folder}", f"output={tmp_path / 'shards'}", "val_fraction=0.2")
+    done = prepare_here(f"source={folder}", f"output={tmp_path / 'shards'}", "val_fraction=0.2")
     assert done.returncode == 0, done.stderr[-3000:]
     teacher = tmp_path / "teacher.pt"  # the student alone trains (search=none): no teacher run is needed
     torch.save(models.create("tiny_resnet", 3, 3).state_dict(), teacher)
@@ -232,7 +232,7 @@ def bucket(tmp_path_factory):
 
 def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, ray_cluster, tmp_path):
     uri = f"{bucket}/shards"
-    done = prepare(f"source={write_folder(tmp_path / 'images')}", f"output={uri}", "max_side=64", env=dict(os.environ))
+    done = prepare(f"source={write_folder(tmp_path / 'images')}", f"output={uri}", "max_side=64", env=dict(os.environ))  # a real command
     assert done.returncode == 0, done.stderr[-3000:]
     assert ParquetImages(uri, "train").classes == CLASSES
     data_cfg = ParquetData(root=uri, image_size=24, shuffle_buffer=4)
