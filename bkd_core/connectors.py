@@ -97,6 +97,23 @@ class FormConnector(nn.Module):
         return f"{self.source} -> {self.target}"
 
 
+class SequenceConnector(nn.Module):
+    """A text encoder's hidden states to another's, token by token: Linear D_s -> D_t and LayerNorm; the
+    attention mask (the last channel) passes through."""
+
+    def __init__(self, source: Form, target: Form) -> None:
+        super().__init__()
+        self.source, self.target = source, target
+        self.project = nn.Linear(source.channels, target.channels)
+        self.norm = nn.LayerNorm(target.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.norm(self.project(x[..., :-1])), x[..., -1:]], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.source} -> {self.target}"
+
+
 def build_connector(kind: str, in_shape: Sequence[int], out_shape: Sequence[int],
                     image: Optional[Sequence[int]] = None) -> nn.Module:
     """The connector from a student output of per-sample ``in_shape`` to a teacher output of
@@ -106,6 +123,8 @@ def build_connector(kind: str, in_shape: Sequence[int], out_shape: Sequence[int]
         raise ValueError(f"unknown connector {kind!r}; valid: {', '.join(CONNECTORS)}.")
     if kind == "auto" and tuple(in_shape) == tuple(out_shape):
         return nn.Identity()
+    if image is None and len(in_shape) == 2 == len(out_shape):  # text encoders' hidden states (bkd_core.models.text)
+        return SequenceConnector(infer_form(in_shape, None), infer_form(out_shape, None))
     if image is None:
         return Connector(in_shape, out_shape, identity_if_equal=(kind == "auto"))
     source, target = infer_form(in_shape, image, "the student's block"), infer_form(out_shape, image, "the teacher's block")

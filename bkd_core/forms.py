@@ -4,7 +4,9 @@
 - ``channels_last``: a map as (H, W, C), as Swin and ConvNeXt write theirs in timm's layout;
 - ``tokens``: a sequence (N, D) of ``prefix`` tokens (class, distillation or register tokens) before a
   grid of H x W patch tokens, as vision transformers write it;
-- ``vector``: a pooled (D,) vector.
+- ``vector``: a pooled (D,) vector;
+- ``sequence``: a text encoder's (L, D + 1): hidden states of L tokens with the attention mask as the last
+  channel (``bkd_core.models.text``), told apart by the input not being an image.
 
 A 4-D output is a ``map`` when its last two sizes follow the image's aspect ratio, ``channels_last`` when
 its first two do and its last does not (square images: H == W). Shapes are per sample (no batch size).
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import torch
 
-FORMS = ("map", "channels_last", "tokens", "vector")
+FORMS = ("map", "channels_last", "tokens", "vector", "sequence")
 MAX_PREFIX = 8  # class + distillation + register tokens of the usual vision transformers
 
 
@@ -40,7 +42,8 @@ class Form:
         """The per-sample shape this form has."""
         h, w = self.grid
         return {"map": (self.channels, h, w), "channels_last": (h, w, self.channels),
-                "tokens": (self.prefix + h * w, self.channels), "vector": (self.channels,)}[self.kind]
+                "tokens": (self.prefix + h * w, self.channels), "vector": (self.channels,),
+                "sequence": (h, self.channels + 1)}[self.kind]
 
     def __str__(self) -> str:
         h, w = self.grid
@@ -48,6 +51,8 @@ class Form:
             return f"tokens {self.prefix}+{h}x{w} of {self.channels}"
         if self.kind == "vector":
             return f"vector {self.channels}"
+        if self.kind == "sequence":
+            return f"sequence of {self.channels} (+ mask)"
         return f"{'map' if self.kind == 'map' else 'channels-last map'} {self.channels}@{h}x{w}"
 
 
@@ -72,9 +77,18 @@ def grid_of(count: int, image: tuple[int, int]) -> tuple[int, int] | None:
     return None
 
 
-def infer_form(shape: Sequence[int], image: Sequence[int], where: str = "a block") -> Form:
-    """The form of a per-sample output ``shape`` of a model fed images of ``image`` = (H, W)."""
-    shape, image = tuple(int(s) for s in shape), (int(image[0]), int(image[1]))
+def infer_form(shape: Sequence[int], image: Sequence[int] | None, where: str = "a block") -> Form:
+    """The form of a per-sample output ``shape`` of a model fed images of ``image`` = (H, W); ``image=None``:
+    the model reads text, and a 2-D output is a ``sequence``."""
+    shape = tuple(int(s) for s in shape)
+    if image is None:
+        if len(shape) == 2:
+            return Form("sequence", shape[1] - 1, (shape[0], 1))
+        if len(shape) == 1:
+            return Form("vector", shape[0])
+        raise FormError(f"{where} outputs a tensor of shape (B, {', '.join(map(str, shape))}) from text; bkd bridges a text "
+                        "encoder's hidden states (B, L, D + 1) (bkd_core.models.text).")
+    image = (int(image[0]), int(image[1]))
     if len(shape) == 3:
         a, b, c = shape
         first, last = _follows(b, c, image), _follows(a, b, image)
@@ -110,6 +124,8 @@ def as_map(x: "torch.Tensor", form: Form) -> "torch.Tensor":
         return x[:, form.prefix:].transpose(1, 2).reshape(x.shape[0], form.channels, *form.grid)
     if form.kind == "vector":
         return x[:, :, None, None]
+    if form.kind == "sequence":  # the hidden states as a (D, L, 1) map; the mask dropped
+        return x[..., :-1].transpose(1, 2).unsqueeze(-1)
     return x
 
 
@@ -122,4 +138,6 @@ def pooled(x: "torch.Tensor", form: Form) -> "torch.Tensor":
         return x.mean((1, 2))
     if form.kind == "tokens":
         return x[:, 0] if form.prefix else x.mean(1)
+    if form.kind == "sequence":  # the first token ([CLS])
+        return x[:, 0, :-1]
     return x

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from bkd_core.data import ParquetImages
 from bkd_core.data.parquet import center_box, decode_crop
+from conftest import REPO
 
 CLASSES = ["golden retriever", "tabby cat", "zebra"]
 

@@ -16,7 +16,6 @@ import pytest
 import ray
 import ray.train
 import torch
-from conftest import BIN, free_port, write_unlearnable_test_folder
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from ray.train.torch import TorchTrainer
@@ -24,6 +23,7 @@ from test_parquet_data import CLASSES, prepare, prepare_here, write_folder, writ
 
 from bkd_core import models
 from bkd_core.data import ParquetImages
+from conftest import BIN, free_port, write_unlearnable_test_folder
 from orchestrator import tune as tune_entry
 from orchestrator.config.schema import ParquetData
 from orchestrator.console.cli import entry_point

@@ -76,7 +76,7 @@ class FeatureDistiller(Distiller):
         s_feats, t_feats = self.student.features(probe), self.teacher.features(probe)
         num_classes = self.teacher.head(t_feats[-1]).shape[1]
         self.student.train(was_training)
-        image = self._image = tuple(probe.shape[-2:]) if probe.dim() == 4 else (1, 1)
+        image = self._image = tuple(probe.shape[-2:]) if probe.dim() == 4 else None  # None: text
         forms = [[infer_form(f.shape[1:], image, f"block {i + 1} of the {role}") for i, f in enumerate(feats)]
                  for role, feats in (("student", s_feats), ("teacher", t_feats))]
         return forms[0], forms[1], num_classes

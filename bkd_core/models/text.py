@@ -1,0 +1,129 @@
+"""Text classifiers as blocks: a Hugging Face encoder (``AutoModelForSequenceClassification`` of the BERT,
+RoBERTa, ELECTRA or DistilBERT families) cut into its embeddings and groups of consecutive encoder layers,
+with its own pooler and classifier as the head. The modules are the model's own (shared, not copied): its
+parameter names are kept (``BlockNet.source_state_dict``) and ``model.save_pretrained`` saves what trained.
+
+A batch is one tensor, ``pack(input_ids, attention_mask, token_type_ids)`` of shape (B, 3, L), so that it
+moves, slices and stacks as an image batch does. Every block's output is the hidden states with the
+attention mask as one more channel, (B, L, D + 1): the mask reaches every layer of the student, of the
+teacher and of every stepping stone, also when stones are stacked along the batch.
+
+``transformers`` is imported only when a model is wrapped (``pip install 'bkd[text]'``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..blocknet import BlockNet
+
+
+def pack(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+         token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, L) token ids, mask and segment ids as one (B, 3, L) long tensor (mask: 1 for tokens, 0 for padding)."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    return torch.stack([input_ids, mask, types], dim=1).long()
+
+
+def with_mask(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.cat([hidden, mask.unsqueeze(-1).to(hidden.dtype)], dim=-1)
+
+
+def split_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block output as (hidden states (B, L, D), attention mask (B, L))."""
+    return x[..., :-1], x[..., -1]
+
+
+class Embeddings(nn.Module):
+    """Block 1: the token, position and segment embeddings of a packed batch, the mask carried along."""
+
+    def __init__(self, embeddings: nn.Module, uses_token_types: bool) -> None:
+        super().__init__()
+        self.embeddings, self.uses_token_types = embeddings, uses_token_types
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask, types = x.unbind(1)
+        hidden = self.embeddings(input_ids=ids, token_type_ids=types) if self.uses_token_types else self.embeddings(ids)
+        return with_mask(hidden, mask)
+
+
+class EncoderLayers(nn.Module):
+    """Consecutive encoder layers; each sees the attention mask the model itself would build."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, distilbert: bool) -> None:
+        super().__init__()
+        self.layers, self.config, self.distilbert = nn.ModuleList(layers), config, distilbert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        hidden, mask = split_mask(x)
+        extended = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long())
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=extended) if not self.distilbert else layer(hidden, extended)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return with_mask(hidden, mask)
+
+
+class ClassifierHead(nn.Module):
+    """The model's own head on the last hidden states: BERT's pooler, dropout and classifier; DistilBERT's
+    pre-classifier on the first token; RoBERTa's and ELECTRA's classification heads as they are."""
+
+    def __init__(self, kind: str, classifier: nn.Module, pooler: Optional[nn.Module] = None,
+                 pre_classifier: Optional[nn.Module] = None, dropout: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.kind, self.classifier = kind, classifier
+        self.pooler, self.pre_classifier, self.dropout = pooler, pre_classifier, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = split_mask(x)
+        if self.kind == "sequence":
+            return self.classifier(hidden)
+        if self.kind == "distilbert":
+            return self.classifier(self.dropout(torch.relu(self.pre_classifier(hidden[:, 0]))))
+        pooled = self.pooler(hidden) if self.pooler is not None else hidden[:, 0]
+        return self.classifier(self.dropout(pooled))
+
+
+def group_layers(count: int, groups: int) -> list[range]:
+    """``count`` layers in ``groups`` runs of consecutive layers of about equal length."""
+    if not 1 <= groups <= count:
+        raise ValueError(f"cannot cut {count} encoder layers into {groups} groups; choose 1..{count}.")
+    ends = [round((g + 1) * count / groups) for g in range(groups)]
+    return [range(start, end) for start, end in zip([0] + ends[:-1], ends)]
+
+
+def from_hf(model: nn.Module, groups: Optional[int] = None, sample: Optional[torch.Tensor] = None) -> BlockNet:
+    """A sequence classifier as a BlockNet: the embeddings, then ``groups`` runs of encoder layers (default:
+    one per layer). With ``sample`` (a packed batch), the blocks must give the model's own logits."""
+    model.eval()
+    kind = getattr(model.config, "model_type", "")
+    if hasattr(model, "distilbert"):
+        base, layers, distilbert = model.distilbert, list(model.distilbert.transformer.layer), True
+        head = ClassifierHead("distilbert", model.classifier, pre_classifier=model.pre_classifier, dropout=model.dropout)
+    elif hasattr(model, "base_model") and hasattr(getattr(model.base_model, "encoder", None), "layer"):
+        base, layers, distilbert = model.base_model, list(model.base_model.encoder.layer), False
+        if getattr(base, "pooler", None) is not None and hasattr(model, "dropout"):  # BERT's layout
+            head = ClassifierHead("pooled", model.classifier, pooler=base.pooler, dropout=model.dropout)
+        else:  # RoBERTa, ELECTRA: the head reads the sequence itself
+            head = ClassifierHead("sequence", model.classifier)
+    else:
+        raise ValueError(f"{type(model).__name__} ({kind or 'unknown type'}) is not an encoder bkd cuts into blocks: "
+                         "give a sequence classifier of the BERT, RoBERTa, ELECTRA or DistilBERT families.")
+    uses_types = not distilbert and getattr(model.config, "type_vocab_size", 0) > 0
+    blocks: list[nn.Module] = [Embeddings(base.embeddings, uses_types)]
+    blocks += [EncoderLayers([layers[i] for i in run], model.config, distilbert) for run in group_layers(len(layers), groups or len(layers))]
+    net = BlockNet(blocks, head)
+    net.remember_source(model)
+    if sample is not None:
+        with torch.no_grad():
+            ids, mask, types = sample.unbind(1)
+            own = model(input_ids=ids, attention_mask=mask, **({"token_type_ids": types} if uses_types else {})).logits
+            ours = net(sample)
+        if not torch.allclose(own, ours, atol=1e-4, rtol=1e-4):
+            raise ValueError(f"{type(model).__name__} as blocks gives other logits than its own forward "
+                             f"(max difference {float((own - ours).abs().max()):.2e}).")
+    return net
