@@ -18,6 +18,7 @@ from torch import nn
 
 from .blocknet import BlockNet
 from .data import BatchLoader, DataSplits, ImageDataset
+from .data.text import TextBatchLoader, TextDataset
 from .methods.base import Distiller, DistillOutput
 from .methods.none import Supervised  # noqa: F401  (train.Supervised: the teacher's own training)
 
@@ -232,7 +233,12 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def make_loaders(data: DataSplits, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
-    """Training loader (sharded, augmented) and the selection split's loader (``data.val``, else the test split)."""
+    """Training loader (sharded, augmented) and the selection split's loader (``data.val``, else the test split);
+    text datasets get a ``TextBatchLoader`` (each batch padded to its own longest text)."""
+    if isinstance(data.train, TextDataset):
+        train = TextBatchLoader(data.train, cfg.batch_size, train=True, device=device, seed=cfg.seed, rank=rank,
+                                world_size=world_size)
+        return train, eval_loader(data.selection, cfg, device)
     train = BatchLoader(data.train, cfg.batch_size, train=True, augmentation=data.augmentation, device=device,
                         seed=cfg.seed, rank=rank, world_size=world_size, channels_last=bool(cfg.channels_last))
     return train, eval_loader(data.selection, cfg, device)
@@ -240,6 +246,8 @@ def make_loaders(data: DataSplits, cfg: TrainConfig, device: torch.device, rank:
 
 def eval_loader(dataset: ImageDataset, cfg: TrainConfig, device: torch.device) -> BatchLoader:
     """An evaluation loader over a whole split (no shuffle, no augmentation)."""
+    if isinstance(dataset, TextDataset):
+        return TextBatchLoader(dataset, max(cfg.batch_size, 256), train=False, device=device)
     return BatchLoader(dataset, max(cfg.batch_size, 256), train=False, device=device, channels_last=bool(cfg.channels_last))
 
 
