@@ -327,7 +327,8 @@ def main() -> None:
         print(json.dumps(r.__dict__))
         return
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; pair {teacher_name} -> {student_name}; 3 stones", flush=True)
+    pair_line = "" if args.pairs else f"; pair {teacher_name} -> {student_name}; 3 stones"
+    print(f"device: {name}; torch {torch.__version__}{pair_line}", flush=True)
     report: dict = {"device": name, "torch": torch.__version__, "pair": f"{teacher_name} -> {student_name}", "rows": []}
 
     def record(r: Result) -> Result:
