@@ -39,7 +39,42 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, c
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-class BatchLoader:
+class EpochSampler:
+    """Which samples a rank reads each epoch: ``train=True``: a permutation seeded by (seed, epoch), shared out
+    evenly across ``world_size`` ranks, the last partial batch dropped; else every ``world_size``-th sample in
+    order from ``rank``. ``set_epoch`` picks the epoch. Subclasses gather the batches (``__iter__``)."""
+
+    def __init__(self, count: int, batch_size: int, *, train: bool, device: torch.device, seed: int, rank: int,
+                 world_size: int, name: str, what: str = "samples") -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+        self.count, self.batch_size, self.train, self.device = count, batch_size, train, device
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.samples_per_rank = count // world_size if train else len(range(rank, count, world_size))
+        if train and self.samples_per_rank < batch_size:
+            raise ValueError(
+                f"{name}: {self.samples_per_rank} training {what} per worker is fewer than batch_size={batch_size}; "
+                "lower train.batch_size or use fewer workers."
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.samples_per_rank // self.batch_size
+        return -(-self.samples_per_rank // self.batch_size)
+
+    def _indices(self) -> torch.Tensor:
+        if not self.train:
+            return torch.arange(self.rank, self.count, self.world_size, device=self.device)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.count, generator=g)[: self.samples_per_rank * self.world_size]
+        return perm[self.rank :: self.world_size].to(self.device)
+
+
+class BatchLoader(EpochSampler):
     """Iterate (x, y) batches over a dataset shard. ``set_epoch`` reshuffles deterministically.
 
     ``rank``/``world_size`` shard each epoch's permutation evenly (for DDP); ``train=True`` shuffles,
@@ -59,42 +94,15 @@ class BatchLoader:
         world_size: int = 1,
         channels_last: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
-        self.device = torch.device(device)
+        super().__init__(len(dataset), batch_size, train=train, device=torch.device(device), seed=seed, rank=rank,
+                         world_size=world_size, name=dataset.name)
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(dataset.mean, device=self.device, dtype=torch.float32).view(shape) * 255
         self.inv_std = 1.0 / (torch.tensor(dataset.std, device=self.device, dtype=torch.float32).view(shape) * 255)
-        self.batch_size, self.train = batch_size, train
         self.augmentation = augmentation if train else None
-        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
-        self.epoch = 0
-        per_rank = len(dataset) // world_size if train else len(range(rank, len(dataset), world_size))
-        self.samples_per_rank = per_rank
-        if train and per_rank < batch_size:
-            raise ValueError(
-                f"{dataset.name}: {per_rank} training samples per worker is fewer than batch_size={batch_size}; "
-                "lower train.batch_size or use fewer workers."
-            )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.samples_per_rank // self.batch_size
-        return -(-self.samples_per_rank // self.batch_size)
-
-    def _indices(self) -> torch.Tensor:
-        n = self.images.shape[0]
-        if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.device)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(n, generator=g)[: self.samples_per_rank * self.world_size]
-        return perm[self.rank :: self.world_size].to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = self._indices()

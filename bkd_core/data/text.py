@@ -15,6 +15,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from .loader import EpochSampler
+
 
 @dataclass
 class TextDataset:
@@ -71,39 +73,16 @@ def tokenize(texts: Sequence[str], labels: Sequence[int], tokenizer: Any, max_le
     return TextDataset(tokens, torch.as_tensor(list(labels), dtype=torch.long), num_classes, name).take(torch.arange(len(tokens)), name)
 
 
-class TextBatchLoader:
+class TextBatchLoader(EpochSampler):
     """(x, y) batches of a ``TextDataset``: x is (B, 3, L) int64 with L the batch's own longest text.
     ``set_epoch`` reshuffles deterministically; ``rank``/``world_size`` shard each epoch as ``BatchLoader`` does;
     ``train=True`` shuffles and drops the last partial batch."""
 
     def __init__(self, dataset: TextDataset, batch_size: int, *, train: bool, device: Union[str, torch.device] = "cpu",
                  seed: int = 0, rank: int = 0, world_size: int = 1, **_: Any) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
-        self.device = torch.device(device)
+        super().__init__(len(dataset), batch_size, train=train, device=torch.device(device), seed=seed, rank=rank,
+                         world_size=world_size, name=dataset.name, what="texts")
         self.tokens, self.labels = dataset.tokens.to(self.device), dataset.labels.to(self.device)
-        self.batch_size, self.train, self.seed, self.rank, self.world_size = batch_size, train, seed, rank, world_size
-        self.epoch = 0
-        self.samples_per_rank = len(dataset) // world_size if train else len(range(rank, len(dataset), world_size))
-        if train and self.samples_per_rank < batch_size:
-            raise ValueError(f"{dataset.name}: {self.samples_per_rank} training texts per worker is fewer than "
-                             f"batch_size={batch_size}; lower train.batch_size or use fewer workers.")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.samples_per_rank // self.batch_size
-        return -(-self.samples_per_rank // self.batch_size)
-
-    def _indices(self) -> torch.Tensor:
-        n = self.tokens.shape[0]
-        if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.device)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(n, generator=g)[: self.samples_per_rank * self.world_size]
-        return perm[self.rank:: self.world_size].to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = self._indices()

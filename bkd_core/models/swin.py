@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..blocknet import BlockNet
+from .mlp import Mlp
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -69,15 +70,6 @@ class WindowAttention(nn.Module):
             windows = mask.shape[0]
             attn = (attn.reshape(-1, windows, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).reshape(-1, self.heads, n, n)
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwinBlock(nn.Module):
