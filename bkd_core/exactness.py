@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -29,12 +29,14 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
                 m.training = mode
 
 
-def check_same_output(model: nn.Module, net: nn.Module, sample: torch.Tensor, name: str = "") -> float:
+def check_same_output(model: nn.Module, net: nn.Module, sample: torch.Tensor, name: str = "",
+                      logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> float:
     """The largest |net(x) - model(x)| on ``sample`` in eval mode; raises ``SplitError`` above the
-    tolerance (``ATOL + RTOL * max|model(x)|``). Training modes are restored."""
+    tolerance (``ATOL + RTOL * max|model(x)|``). Training modes are restored. ``logits``: how the model
+    gives its logits for ``sample`` when its forward returns something else (Hugging Face's outputs)."""
     label = name or type(model).__name__
     with evaluating(model, net):
-        expected, got = model(sample), net(sample)
+        expected, got = (logits or model)(sample), net(sample)
     if not isinstance(expected, torch.Tensor):
         raise SplitError(f"{label}: its forward returns a {type(expected).__name__}, not a logits tensor.")
     if got.shape != expected.shape:

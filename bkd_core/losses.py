@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .params import MethodParamError
+
 LOGIT_LOSSES = ("kd", "dkd", "kd_ls", "dist", "loca")
 
 
@@ -161,7 +163,7 @@ def make_logit_distance(name: str, **kwargs: float) -> LogitDistance:
     if name == "loca":
         alpha = float(kwargs.get("loca_alpha", 0.9))
         if not 0 < alpha < 1:
-            raise ValueError(f"loca_alpha={alpha}: LoCa's scale needs 0 < loca_alpha < 1 (e.g. 0.9).")
+            raise MethodParamError("loca_alpha", f"{alpha}: LoCa's scale needs 0 < loca_alpha < 1 (e.g. 0.9).")
         return functools.partial(_loca_distance, alpha=alpha)
     raise ValueError(f"unknown logit loss {name!r}; valid: {', '.join(LOGIT_LOSSES)}.")
 

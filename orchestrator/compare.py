@@ -18,7 +18,7 @@ from typing import Optional
 
 from orchestrator.config.job import Job
 from orchestrator.console.cli import entry_point
-from orchestrator.search.comparison import NoConfiguration, cases, check_methods, method_config, report, tuned_cases
+from orchestrator.search.comparison import NoConfiguration, cases, checked_configs, report, tuned_cases
 from orchestrator.search.search import search
 from orchestrator.search.summary import first_failure
 
@@ -26,8 +26,7 @@ from orchestrator.search.summary import first_failure
 def run(job: Job) -> int:
     """0 when every method finished at least one seed, else 1 (with the reason)."""
     if job.cfg.compare.tune_trials:
-        for method in check_methods(job):  # every method's compare.fixed checked before Ray starts
-            method_config(job, method)
+        checked_configs(job)  # every method's compare.fixed checked before Ray starts
         try:
             rows = search(job, lambda run_search: tuned_cases(job, run_search), report)
         except NoConfiguration as exc:  # the parent run is FAILED with this reason; one line, exit 1

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from bkd_core import methods
+from bkd_core.params import as_int, read_params
 
 SPACES = Path(__file__).parent / "conf" / "search"  # one YAML per space; its ``method`` names a bkd_core method
 
@@ -221,9 +222,11 @@ class TrialParams:
 
     @classmethod
     def of(cls, params: Mapping[str, Any]) -> "TrialParams":
-        cast = {"method": str, "logit_loss": str, "seed": lambda v: int(float(v))}
-        values = {f.name: cast.get(f.name, float)(params[f.name]) for f in fields(cls)
-                  if f.name not in ("cuts", "stone_weights") and params.get(f.name) is not None}
+        """Read from Tune, a space's defaults or MLflow's strings; an unreadable value is a ``MethodParamError``
+        naming it."""
+        special = {"method": str, "logit_loss": str, "seed": as_int}
+        values = read_params({f.name: special.get(f.name, float) for f in fields(cls) if f.name not in ("cuts", "stone_weights")},
+                             params)
         cuts = tuple(parse_cuts(str(params.get("cuts") or "")))
         return cls(**values, cuts=cuts, stone_weights=tuple(stone_weights(params, cuts)))
 
@@ -245,5 +248,4 @@ def method_arguments(space: Mapping[str, Any], params: Mapping[str, Any]) -> tup
     """The registry name of the method ``space`` trains and its keyword arguments for the configuration
     ``params`` (the shared ones, from ``TrialParams``, and the method's own, read by its ``own_params``)."""
     method = method_of(space)
-    own = {k: cast(params[k]) for k, cast in method.own_params.items() if params.get(k) is not None}
-    return method.name, TrialParams.of(params).distill_kwargs() | own
+    return method.name, TrialParams.of(params).distill_kwargs() | method.read_own_params(params)

@@ -163,6 +163,8 @@ BAD_VALUES = [  # (override, the key named, a fragment of the fix)
     (["search=rkd", "search.params.angle_weight=-3"], "search.params.angle_weight", "give a weight >= 0"),
     (["search=fitnet", "fixed.gamma=1"], "fixed.gamma", "a FitNet hint (no stepping stones)"),
     (["search=dist", "fixed.dist_inter=abc"], "fixed.dist_inter", "got 'abc'"),
+    (["search.params.temperature=abc"], "search.params.temperature", "must be a number; got 'abc'"),
+    (["search.params.logit_loss=loca", "search.params.loca_alpha=2"], "search.params.loca_alpha", "0 < loca_alpha < 1"),
 ]
 
 

@@ -13,12 +13,13 @@ ends (``features.FeatureDistiller``), so they work on any pair bkd can cut.
 Adding a method: a module here whose ``Distiller`` subclass is decorated with ``@register("name")`` (and
 imported below), plus a search space naming it (``search_spaces/conf/search/<name>.yaml``: ``method: name``).
 """
+from ..params import MethodParamError
 from . import at, blockkd, crd, fitnet, logit, none, ofa, reviewkd, rkd  # noqa: F401  (each registers its method)
 from .at import AttentionTransfer
 from .base import Distiller, DistillOutput
 from .blockkd import BlockKD
 from .crd import ContrastiveKD
-from .features import FeatureDistiller, MethodParamError
+from .features import FeatureDistiller
 from .fitnet import FitNet
 from .logit import LogitKD
 from .none import Supervised

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..forms import as_map
-from .features import FeatureDistiller, MethodParamError
+from ..params import MethodParamError
+from .features import FeatureDistiller
 from .registry import register
 
 
@@ -41,9 +42,6 @@ class AttentionTransfer(FeatureDistiller):
     def build_modules(self, at_p: float = 2.0, **_: Any) -> None:
         if not at_p > 0:
             raise MethodParamError("at_p", f"{at_p} is not a power of the attention map; give at_p > 0 (the paper's 2).")
-        if len(self.s_forms) != len(self.t_forms):
-            raise ValueError(f"at pairs block i of both models: the teacher has {len(self.t_forms)} blocks and the student "
-                             f"{len(self.s_forms)}; cut both into the same number.")
 
     def distill_loss(self, s_feats: Sequence[torch.Tensor], t_feats: Sequence[torch.Tensor], s_logits: torch.Tensor,
                      t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

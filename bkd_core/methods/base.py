@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
+
+from ..params import read_params
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # what it trains, in a few words ("Block-KD's stepping stones", "the student alone")
     uses_partition: ClassVar[bool] = False  # searches a block partition (cuts, w_<cut>): teacher and student blocks pair up
+    reads_blocks: ClassVar[bool] = False  # reads the models' block outputs: each must have a form bkd_core.forms reads
     pairs_blocks: ClassVar[bool] = False  # reads block i of both models together: the pair is cut into as many blocks
     # the method's own parameters (beyond alpha, beta, temperature, ...) and how to read each, also from strings
     own_params: ClassVar[dict[str, Callable[[Any], Any]]] = {}
@@ -43,6 +46,12 @@ class Distiller(nn.Module):
         """The method from the registry's arguments: the pair, the context every method may use (a sample
         batch, the connector kind) and the method's own parameters."""
         return cls(teacher, student, **params)
+
+    @classmethod
+    def read_own_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's own parameters that ``params`` sets, each read by its cast (``MethodParamError`` names
+        a value that cannot be read)."""
+        return read_params(cls.own_params, params)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.student.parameters()

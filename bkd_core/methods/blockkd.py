@@ -102,7 +102,7 @@ class BlockKD(Distiller):
             self.build_connectors(sample_input)
 
     uses_partition = True
-    pairs_blocks = True
+    reads_blocks = pairs_blocks = True
     summary = "the student with Block-KD's stepping stones"
 
     @classmethod

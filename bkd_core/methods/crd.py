@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..forms import pooled
-from .features import FeatureDistiller, MethodParamError, as_int
+from ..params import MethodParamError, as_int
+from .features import FeatureDistiller
 from .registry import register
 
 

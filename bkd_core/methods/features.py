@@ -16,20 +16,8 @@ from torch import nn
 from ..blocknet import BlockNet
 from ..forms import Form, infer_form
 from ..losses import warmup_factor
+from ..params import MethodParamError
 from .base import Distiller, DistillOutput
-
-
-class MethodParamError(ValueError):
-    """A method parameter with a value the method cannot use; ``key`` names it."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
-def as_int(value: Any) -> int:
-    """An integer parameter, also from MLflow's strings ("3", "3.0")."""
-    return int(float(value))
 
 
 class FeatureDistiller(Distiller):
@@ -42,8 +30,10 @@ class FeatureDistiller(Distiller):
     defaults: ClassVar[dict[str, Any]] = {}
     default_beta: ClassVar[float] = 1.0
 
+    reads_blocks = True
+
     def __init__(self, teacher: BlockNet, student: BlockNet, *, sample_input: torch.Tensor, alpha: float = 1.0,
-                 beta: Optional[float] = None, warmup_epochs: float = 0.0, **params: Any) -> None:
+                 beta: Optional[float] = None, warmup_epochs: float = 0.0, connector: str = "conv1x1", **params: Any) -> None:
         super().__init__()
         if not isinstance(teacher, BlockNet) or not isinstance(student, BlockNet):
             raise ValueError("teacher and student must be BlockNet instances (see BlockNet.from_module).")
@@ -57,16 +47,20 @@ class FeatureDistiller(Distiller):
         self.alpha = float(alpha)
         self.beta = self.default_beta if beta is None else float(beta)
         self.warmup_epochs = float(warmup_epochs)
-        self.params = {**self.defaults, **{k: self.own_params[k](v) for k, v in params.items()}}
+        self.connector_kind = connector
+        self.params = {**self.defaults, **self.read_own_params(params)}
         teacher.requires_grad_(False)
         teacher.eval()
         self.s_forms, self.t_forms, self.num_classes = self._probe(sample_input)
+        if self.pairs_blocks and len(self.s_forms) != len(self.t_forms):
+            raise ValueError(f"{self.name} pairs block i of both models: the teacher has {len(self.t_forms)} blocks and the "
+                             f"student {len(self.s_forms)}; cut both into the same number.")
         self.build_modules(**self.params)
 
     @classmethod
     def build(cls, teacher: nn.Module, student: nn.Module, *, sample_input: Optional[torch.Tensor] = None,
               connector: str = "conv1x1", **params: Any) -> "FeatureDistiller":
-        return cls(teacher, student, sample_input=sample_input, **params)
+        return cls(teacher, student, sample_input=sample_input, connector=connector, **params)
 
     @torch.no_grad()
     def _probe(self, sample: torch.Tensor) -> tuple[list[Form], list[Form], int]:

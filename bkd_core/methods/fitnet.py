@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..connectors import build_connector
-from .features import FeatureDistiller, as_int
+from ..params import as_int
+from .features import FeatureDistiller
 from .registry import register
 
 
@@ -25,8 +26,7 @@ class FitNet(FeatureDistiller):
     def build_modules(self, hint_block: int = 0, **_: Any) -> None:
         self.hint = self.check_block("hint_block", hint_block or (len(self.s_forms) + 1) // 2)
         s, t = self.s_forms[self.hint - 1], self.t_forms[self.hint - 1]
-        image = self._image
-        self.regressor = build_connector("conv1x1", s.shape, t.shape, image)
+        self.regressor = build_connector(self.connector_kind, s.shape, t.shape, self._image)
 
     def distill_loss(self, s_feats: Sequence[torch.Tensor], t_feats: Sequence[torch.Tensor], s_logits: torch.Tensor,
                      t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

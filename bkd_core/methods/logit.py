@@ -24,8 +24,7 @@ class LogitKD(BlockKD):
             raise ValueError(f"LogitKD has no stepping stones; drop {stone_args} or use BlockKD.")
         super().__init__(teacher, student, **kwargs)
 
-    uses_partition = False
-    pairs_blocks = False
+    uses_partition = reads_blocks = pairs_blocks = False
     summary = "a logit-only baseline"
 
     @classmethod

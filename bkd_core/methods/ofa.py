@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..forms import as_map
-from .features import FeatureDistiller, MethodParamError
+from ..params import MethodParamError
+from .features import FeatureDistiller
 from .registry import register
 
 

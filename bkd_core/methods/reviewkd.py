@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..forms import Form, as_map
-from .features import FeatureDistiller, MethodParamError, as_int
+from ..params import MethodParamError, as_int
+from .features import FeatureDistiller
 from .registry import register
 
 
@@ -65,9 +66,6 @@ class ReviewKD(FeatureDistiller):
     def build_modules(self, max_mid_channels: int = 512, **_: Any) -> None:
         if max_mid_channels < 1:
             raise MethodParamError("max_mid_channels", f"{max_mid_channels} channels; give at least 1 (the paper's 512).")
-        if len(self.s_forms) != len(self.t_forms):
-            raise ValueError(f"reviewkd pairs block i of both models: the teacher has {len(self.t_forms)} blocks and the "
-                             f"student {len(self.s_forms)}; cut both into the same number.")
         mid = min(max_mid_channels, self.s_forms[-1].channels)
         last = len(self.s_forms) - 1
         self.fusions = nn.ModuleList(AttentionFusion(s, t, mid, fuse=i < last)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..forms import pooled
-from .features import FeatureDistiller, MethodParamError
+from ..params import MethodParamError
+from .features import FeatureDistiller
 from .registry import register
 
 

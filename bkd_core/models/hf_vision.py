@@ -13,18 +13,8 @@ import torch
 from torch import nn
 
 from ..blocknet import BlockNet
+from ..exactness import check_same_output
 from .text import group_layers
-
-
-class PatchEmbeddings(nn.Module):
-    """Block 1: patches, class token and position embeddings, as the model makes them."""
-
-    def __init__(self, embeddings: nn.Module) -> None:
-        super().__init__()
-        self.embeddings = embeddings
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(x)
 
 
 class Layers(nn.Module):
@@ -54,24 +44,18 @@ class ClassTokenHead(nn.Module):
 
 def from_hf_image(model: nn.Module, groups: int = 3, sample: Optional[torch.Tensor] = None) -> BlockNet:
     """An image transformer classifier as a BlockNet: its embeddings and ``groups`` runs of layers (3 pair with
-    the CIFAR CNNs, 4 with ImageNet's). With ``sample`` (images), the blocks must give the model's own logits."""
+    the CIFAR CNNs, 4 with ImageNet's). With ``sample`` (images), the blocks must give the model's own logits (a
+    ``SplitError`` says by how much they differ)."""
     model.eval()
     base = getattr(model, "base_model", None)
     if base is None or not all(hasattr(base, a) for a in ("embeddings", "layers", "layernorm")) or not hasattr(model, "classifier"):
         raise ValueError(f"{type(model).__name__} is not an image transformer bkd cuts by hand (embeddings, layers, "
                          "layernorm, a classifier on the class token, as ViT and DeiT); cut it yourself as a BlockNet, or use "
                          "the zoo's timm-layout models.")
-    layers = list(base.layers)
-    blocks: list[nn.Module] = [PatchEmbeddings(base.embeddings)]
-    runs = group_layers(len(layers), groups)
-    blocks[0] = nn.Sequential(blocks[0], Layers([layers[i] for i in runs[0]]))  # the first run joins the embeddings
-    blocks += [Layers([layers[i] for i in run]) for run in runs[1:]]
-    net = BlockNet(blocks, ClassTokenHead(base.layernorm, model.classifier))
+    layers, runs = list(base.layers), group_layers(len(base.layers), groups)
+    first = nn.Sequential(base.embeddings, Layers([layers[i] for i in runs[0]]))  # the embeddings open block 1
+    net = BlockNet([first, *(Layers([layers[i] for i in run]) for run in runs[1:])], ClassTokenHead(base.layernorm, model.classifier))
     net.remember_source(model)
-    if sample is not None:
-        with torch.no_grad():
-            own, ours = model(pixel_values=sample).logits, net(sample)
-        if not torch.allclose(own, ours, atol=1e-4, rtol=1e-4):
-            raise ValueError(f"{type(model).__name__} as blocks gives other logits than its own forward "
-                             f"(max difference {float((own - ours).abs().max()):.2e}).")
+    if sample is not None:  # the blocks must give the model's own logits
+        check_same_output(model, net, sample, type(model).__name__, lambda x: model(pixel_values=x).logits)
     return net

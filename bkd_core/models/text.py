@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..blocknet import BlockNet
+from ..exactness import check_same_output
 
 
 def pack(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -54,14 +55,15 @@ class EncoderLayers(nn.Module):
     """Consecutive encoder layers; each sees the attention mask the model itself would build."""
 
     def __init__(self, layers: Sequence[nn.Module], config, distilbert: bool) -> None:
-        super().__init__()
-        self.layers, self.config, self.distilbert = nn.ModuleList(layers), config, distilbert
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_bidirectional_mask
 
+        super().__init__()
+        self.layers, self.config, self.distilbert = nn.ModuleList(layers), config, distilbert
+        self.attention_mask = create_bidirectional_mask  # the model's own: eager, SDPA or flash attention's form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, mask = split_mask(x)
-        extended = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long())
+        extended = self.attention_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask.long())
         for layer in self.layers:
             out = layer(hidden, attention_mask=extended) if not self.distilbert else layer(hidden, extended)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -98,7 +100,8 @@ def group_layers(count: int, groups: int) -> list[range]:
 
 def from_hf(model: nn.Module, groups: Optional[int] = None, sample: Optional[torch.Tensor] = None) -> BlockNet:
     """A sequence classifier as a BlockNet: the embeddings, then ``groups`` runs of encoder layers (default:
-    one per layer). With ``sample`` (a packed batch), the blocks must give the model's own logits."""
+    one per layer). With ``sample`` (a packed batch), the blocks must give the model's own logits (a ``SplitError``
+    says by how much they differ)."""
     model.eval()
     kind = getattr(model.config, "model_type", "")
     if hasattr(model, "distilbert"):
@@ -118,12 +121,9 @@ def from_hf(model: nn.Module, groups: Optional[int] = None, sample: Optional[tor
     blocks += [EncoderLayers([layers[i] for i in run], model.config, distilbert) for run in group_layers(len(layers), groups or len(layers))]
     net = BlockNet(blocks, head)
     net.remember_source(model)
-    if sample is not None:
-        with torch.no_grad():
-            ids, mask, types = sample.unbind(1)
-            own = model(input_ids=ids, attention_mask=mask, **({"token_type_ids": types} if uses_types else {})).logits
-            ours = net(sample)
-        if not torch.allclose(own, ours, atol=1e-4, rtol=1e-4):
-            raise ValueError(f"{type(model).__name__} as blocks gives other logits than its own forward "
-                             f"(max difference {float((own - ours).abs().max()):.2e}).")
+    if sample is not None:  # the blocks must give the model's own logits
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            ids, mask, types = x.unbind(1)
+            return model(input_ids=ids, attention_mask=mask, **({"token_type_ids": types} if uses_types else {})).logits
+        check_same_output(model, net, sample, type(model).__name__, logits)
     return net

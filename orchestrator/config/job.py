@@ -19,17 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bkd_core import data as bkd_data
+from bkd_core import methods
 from bkd_core.exactness import evaluating
 from bkd_core.forms import FormError, infer_form
 from bkd_core.losses import LOGIT_LOSSES
-from bkd_core.methods import Distiller, MethodParamError
+from bkd_core.methods import MethodParamError
 from bkd_core.train import TrainConfig
 from orchestrator.config.checks import ConfigError, check_fixed, check_number, check_values
 from orchestrator.config.compose import absolute_path
 from orchestrator.config.models import block_names, build_model, check_pretrained, spec_name
 from orchestrator.config.schema import BkdConfig, ParquetData
 from orchestrator.data.datasets import dataset_spec, describe_dataset, selects_on_test, val_fraction
-from search_spaces.space import SearchSpaceError, TrialParams, defaults, method_of, partitions
+from search_spaces.space import SearchSpaceError, TrialParams, defaults, method_arguments, method_of, partitions
 
 
 @dataclass
@@ -157,7 +158,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
             f"{method.summary} needs the same count. Name as many block ends for each with pair.teacher_blocks=[...] and "
             "pair.student_blocks=[...] (modules whose outputs end a block, in forward order), pick a pair from conf/pair, "
             "or use a logit baseline (search=kd).")
-    if method.pairs_blocks or method.own_params:
+    if method.reads_blocks:
         check_forms(c, {"teacher": teacher, "student": student}, shape.image_shape)
     try:
         options = partitions(search, student.num_blocks)
@@ -169,7 +170,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     if bad:
         raise ConfigError("search.params.logit_loss", f"unknown logit loss {bad}; valid: {', '.join(LOGIT_LOSSES)}.")
     check_fixed(c.fixed, search, student.num_blocks)
-    check_method_params(method, defaults(search, student.num_blocks, c.fixed),
+    check_method_params(search, defaults(search, student.num_blocks, c.fixed),
                         lambda name: f"fixed.{name}" if name in c.fixed else f"search.params.{name}", teacher, student, shape.image_shape)
 
     check_pretrained(c, "teacher", teacher)
@@ -246,22 +247,15 @@ def check_forms(c: BkdConfig, nets: dict[str, Any], image_shape: list[int]) -> N
                 raise ConfigError(f"pair.{role}_blocks" if blocks else "pair", str(exc)) from None
 
 
-def check_method_params(method: type[Distiller], params: Mapping[str, Any], key_of: Callable[[str], str], teacher: Any,
+def check_method_params(space: Mapping[str, Any], params: Mapping[str, Any], key_of: Callable[[str], str], teacher: Any,
                         student: Any, image_shape: Sequence[int]) -> None:
-    """The method built once on the pair with a configuration's values (``params``): a value it cannot use
-    (``fitnet``'s hint_block beyond the blocks, a negative weight) exits 2 here; ``key_of`` names its key."""
-    if not method.own_params:
-        return
-    own = {}
-    for name, cast in method.own_params.items():
-        if params.get(name) is not None:
-            try:
-                own[name] = cast(params[name])
-            except (TypeError, ValueError):
-                raise ConfigError(key_of(name), f"must be a number; got {params[name]!r}.") from None
+    """The space's method built once on the pair, as a trial builds it, with a configuration's values
+    (``params``): a value it cannot use (``fitnet``'s hint_block beyond the blocks, a negative weight,
+    ``loca_alpha`` outside (0, 1)) exits 2 here, before Ray; ``key_of`` names its key."""
     try:
+        name, kwargs = method_arguments(space, params)
         with evaluating(student):
-            method.build(teacher, student, sample_input=torch.zeros(2, *image_shape), **own)
+            methods.make(name, teacher, student, sample_input=torch.zeros(2, *image_shape), **kwargs)
     except MethodParamError as exc:
         raise ConfigError(key_of(exc.key), str(exc).split(": ", 1)[1]) from None
 

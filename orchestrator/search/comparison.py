@@ -23,7 +23,7 @@ from orchestrator.search.summary import RunCases, collect_rows, first_failure
 from orchestrator.tracking.results import write_parquet
 from orchestrator.tracking.stats import Interval, paired_difference, verdict
 from orchestrator.tracking.writer import MLflowWriter, Write
-from search_spaces.space import SearchSpaceError, defaults, method_of, uses_partition
+from search_spaces.space import SearchSpaceError, defaults, uses_partition
 from search_spaces.space import display as space_display
 from search_spaces.space import load_space as load_search_space
 
@@ -121,11 +121,6 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
         config = defaults(space, job.num_blocks, {**chosen, **fixed})
     except SearchSpaceError as exc:
         raise ConfigError(f"compare.fixed.{method}", str(exc)) from None
-    method_class = method_of(space)
-    if method_class.own_params:  # e.g. compare.fixed.fitnet.hint_block beyond the pair's blocks: exit 2 before Ray
-        nets = [build_model(job.cfg, role, job.num_classes, job.in_channels, job.dataset.shape) for role in ("teacher", "student")]
-        check_method_params(method_class, config, lambda name: f"compare.fixed.{method}.{name}" if name in fixed
-                            else f"search space {method}: params.{name}", *nets, job.dataset.shape)
     sources.append(f"{SPACE_DEFAULTS} for the rest" if sources else SPACE_DEFAULTS)
     return MethodConfig(method, {"method": method, **config}, "; ".join(sources), selected_on)
 
@@ -180,9 +175,23 @@ def cases_of(job: Job, configs: dict[str, MethodConfig]) -> list[dict[str, Any]]
     return [{**configs[m].config, "seed": seed} for seed in seeds for m in configs]
 
 
+def checked_configs(job: Job) -> dict[str, MethodConfig]:
+    """Every method's configuration (``method_config``), each method built once on the pair with it, as its
+    trials will build it: a value a method cannot use (compare.fixed.fitnet.hint_block beyond the pair's
+    blocks) exits 2 here, before Ray. The pair is built once for all methods."""
+    configs = {m: method_config(job, m) for m in check_methods(job)}
+    teacher, student = (build_model(job.cfg, role, job.num_classes, job.in_channels, job.dataset.shape)
+                        for role in ("teacher", "student"))
+    for method, config in configs.items():
+        fixed = (job.cfg.compare.fixed or {}).get(method) or {}
+        check_method_params(load_space(method), config.config, lambda name: f"compare.fixed.{method}.{name}" if name in fixed
+                            else f"search space {method}: params.{name}", teacher, student, job.dataset.shape)
+    return configs
+
+
 def cases(job: Job) -> list[dict[str, Any]]:
     """The cases of a comparison without searches: every method's configuration checked and printed."""
-    return cases_of(job, {m: method_config(job, m) for m in check_methods(job)})
+    return cases_of(job, checked_configs(job))
 
 
 class NoConfiguration(RuntimeError):
@@ -250,27 +259,28 @@ def format_summary(summary: list[dict[str, Any]], baseline: Optional[str]) -> st
 def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str) -> Figure:
     """Every seed as a dot, each method's mean with its 95 % interval; Block-KD's stepping stones beside it.
     Eleven methods and more stay readable: one colour each (tab20), slanted names, the axis kept to 0-100 %."""
-    stone_count = sum(len({k for r in rows if r["method"] == s["method"] for k in r
-                           if k.startswith("test_acc_stone_") and r[k] is not None}) for s in summary)
-    many = len(summary) + stone_count > 8
-    fig = Figure(figsize=(max(6.0, (0.95 if many else 1.6) * (len(summary) + stone_count + 1)), 4.8 if many else 4.5),
-                 layout="constrained")
+    finished = {s["method"]: [r for r in rows if r["method"] == s["method"] and r["status"] == "FINISHED"] for s in summary}
+    stones = {m: sorted({k for r in done for k in r if k.startswith("test_acc_stone_") and r[k] is not None})
+              for m, done in finished.items()}  # stepping stones N_i: the student's first i blocks + connector + teacher's rest
+    columns = len(summary) + sum(map(len, stones.values()))
+    many = columns > 8
+    fig = Figure(figsize=(max(6.0, (0.95 if many else 1.6) * (columns + 1)), 4.8 if many else 4.5), layout="constrained")
     ax = fig.subplots()
-    colours = matplotlib.colormaps["tab20"].colors
+    tab20 = matplotlib.colormaps["tab20"].colors
+    colours = tab20[0::2] + tab20[1::2]  # ten strong colours, then their light shades
     labels: list[str] = []
-    for k_method, s in enumerate(summary):
+    for k, s in enumerate(summary):
         x = len(labels)
         labels.append(display(s["method"]))
-        done = [r for r in rows if r["method"] == s["method"] and r["status"] == "FINISHED"]
-        ax.scatter([x + 0.08 * ((k % 5) - 2) for k in range(len(done))], [r[METRIC] for r in done], s=22, alpha=0.7,
-                   color=colours[(2 * k_method) % 20 + (2 * k_method // 20) % 2])
+        done = finished[s["method"]]
+        ax.scatter([x + 0.08 * ((j % 5) - 2) for j in range(len(done))], [r[METRIC] for r in done], s=22, alpha=0.7,
+                   color=colours[k % len(colours)])
         i = s["interval"]
         if i is not None:
             err = [[i.mean - i.low], [i.high - i.mean]] if i.n > 1 else None
             ax.errorbar([x + 0.3], [i.mean], yerr=err, fmt="D", color="black", capsize=5,
                         label="mean, 95 % CI" if x == 0 else None)
-        stones = sorted({k for r in done for k in r if k.startswith("test_acc_stone_") and r[k] is not None})
-        for key in stones:  # stepping stones N_i: the student's first i blocks + connector + teacher's rest
+        for key in stones[s["method"]]:
             x = len(labels)
             labels.append(f"{display(s['method'])}\nstone {key.rsplit('_', 1)[1]}")
             ax.scatter([x] * len(done), [r[key] for r in done], s=22, alpha=0.4, color="gray")
