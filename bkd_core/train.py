@@ -1,5 +1,5 @@
-"""A plain training loop for teachers and distillers: SGD + momentum, cosine or step schedule with
-linear warm-up, bf16 autocast on CUDA, metrics kept on the device and read once per epoch.
+"""A plain training loop for teachers and distillers: SGD + momentum (or AdamW), cosine, step or linear
+schedule with linear warm-up, bf16 autocast on CUDA, metrics kept on the device and read once per epoch.
 
 The orchestrator's Ray Train workers call ``train_epoch``/``evaluate`` per epoch; ``fit`` runs the
 whole loop without Ray.
@@ -23,6 +23,8 @@ from .methods.base import Distiller, DistillOutput
 from .methods.none import Supervised  # noqa: F401  (train.Supervised: the teacher's own training)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SCHEDULES = ("cosine", "step", "linear")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -31,10 +33,11 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.05
     lr_base_batch: Optional[int] = None  # lr is for this batch; scaled linearly to batch_size (Goyal et al., 2017)
+    optimizer: str = "sgd"  # "sgd" (with momentum) | "adamw" (momentum is its beta1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "cosine"  # "cosine" | "step"
+    schedule: str = "cosine"  # "cosine" | "step" | "linear" (to 0 at the last step)
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs, for "step"
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
@@ -46,8 +49,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "step"):
-            raise ValueError(f"train.schedule must be 'cosine' or 'step'; got {self.schedule!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}.")
         if any(not isinstance(m, (int, float)) or not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"train.milestones must be increasing fractions of the epochs in (0, 1); got {list(self.milestones)}.")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -89,8 +94,11 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum; the fused kernel on CUDA, foreach elsewhere."""
+    """SGD with momentum, or AdamW (``momentum`` as its beta1); the fused kernel on CUDA, foreach elsewhere."""
     fused = device.type == "cuda"
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(list(params), lr=cfg.effective_lr, betas=(cfg.momentum, 0.999), eps=1e-8,
+                                 weight_decay=cfg.weight_decay, fused=fused or None, foreach=None if fused else True)
     return torch.optim.SGD(
         list(params), lr=cfg.effective_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov, fused=fused or None, foreach=None if fused else True,
@@ -98,13 +106,16 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, device: tor
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at an optimizer step: linear warm-up, then cosine or step decay."""
+    """Learning-rate multiplier at an optimizer step: linear warm-up, then cosine, step or linear decay."""
     epoch = step / max(1, steps_per_epoch)
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
         return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
         span = max(1e-8, cfg.epochs - cfg.warmup_epochs)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - cfg.warmup_epochs) / span)))
+    if cfg.schedule == "linear":  # to 0 at the last step (BERT's fine-tuning schedule)
+        span = max(1e-8, cfg.epochs - cfg.warmup_epochs)
+        return max(0.0, 1.0 - (epoch - cfg.warmup_epochs) / span)
     return cfg.lr_decay ** sum(epoch >= m * cfg.epochs for m in cfg.milestones)
 
 
@@ -319,8 +330,15 @@ class PretrainedLoad:
 
 
 def read_state(path: Union[str, Path], what: str) -> dict:
-    """A state_dict file, as saved (see ``unwrap_state`` for the usual wrappers)."""
+    """A state_dict file, as saved (see ``unwrap_state`` for the usual wrappers), or a Hugging Face folder's
+    weights (``model.safetensors`` / ``pytorch_model.bin``, e.g. a text teacher fine-tuned elsewhere)."""
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file  # installed with transformers
+
+        return load_file(str(path / "model.safetensors"))
+    if path.is_dir() and (path / "pytorch_model.bin").is_file():
+        path = path / "pytorch_model.bin"
     if not path.is_file():
         raise ValueError(f"{what} {path} does not exist; give the path of a state_dict saved with torch.save.")
     try:

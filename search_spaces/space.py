@@ -57,6 +57,16 @@ def load_space(name: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def with_lr_range(space: dict[str, Any], lr_range: Optional[Sequence[float]]) -> dict[str, Any]:
+    """``space`` with its lr searched over ``lr_range`` = [low, high, default] on a log scale (``train.lr_range``:
+    one range for every method, e.g. AdamW's for text encoders); the space as it is for None."""
+    if not lr_range:
+        return space
+    low, high, default = (float(v) for v in lr_range)
+    params = {**(space.get("params") or {}), "lr": {"low": low, "high": high, "log": True, "default": default}}
+    return {**space, "params": params}
+
+
 def method_of(space: Mapping[str, Any]) -> type[methods.Distiller]:
     """The ``bkd_core.methods`` class a space trains (its ``method``, default blockkd)."""
     return methods.get(space.get("method", "blockkd"))

@@ -61,7 +61,7 @@ def test_tokenize_truncates_pads_right_and_keeps_pairs():
     transformers = pytest.importorskip("transformers")
     from tokenizers import BertWordPieceTokenizer
 
-    from test_text_models import corpus  # the WordPiece corpus of the text model tests
+    from tests.text_world import corpus  # the corpus of the text model tests
 
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train_from_iterator(corpus(100)[0], vocab_size=100, min_frequency=1)
@@ -79,18 +79,15 @@ def test_tokenize_truncates_pads_right_and_keeps_pairs():
 
 
 def test_a_text_pair_trains_through_bkd_cores_own_loop(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import BertWordPieceTokenizer
+    pytest.importorskip("transformers")
+    from test_text_models import batch
 
     from bkd_core import BlockKD
     from bkd_core.models.text import from_hf
     from bkd_core.train import TrainConfig, fit
-    from test_text_models import batch, corpus, encoder
+    from tests.text_world import corpus, encoder, make_tokenizer
 
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(corpus(200)[0], vocab_size=120, min_frequency=1)
-    wordpiece.save_model(str(tmp_path))
-    tok = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    tok = make_tokenizer(tmp_path)
     texts, labels = corpus(96, seed=5)
     data = tokenize(texts, labels, tok, max_length=32, num_classes=3)
     splits = DataSplits(data, tokenize(*corpus(24, seed=6), tok, max_length=32, num_classes=3)).hold_out(0.25)

@@ -2,8 +2,6 @@
 configs with transformers and a WordPiece vocabulary built from a generated corpus, saved to local folders
 (nothing from the hub). Exactness, the attention mask in every block and stone, Block-KD through the frozen
 teacher's layers, and the student saved and reloaded as a Hugging Face folder."""
-import random
-
 import pytest
 import torch
 
@@ -12,53 +10,12 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from bkd_core import BlockKD, methods  # noqa: E402
 from bkd_core.models.text import from_hf, group_layers, pack  # noqa: E402
-
-WORDS = {0: ["good", "great", "fine", "happy"], 1: ["bad", "awful", "poor", "sad"], 2: ["blue", "green", "red", "grey"]}
-FILLER = ["the", "a", "movie", "was", "quite", "very", "and", "it", "plot", "music"]
-
-
-def corpus(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
-    """Sentences whose label is the class of the one class word they hold, among filler words."""
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for _ in range(n):
-        label = rng.randrange(3)
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 9))]
-        words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS[label]))
-        texts.append(" ".join(words))
-        labels.append(label)
-    return texts, labels
+from tests.text_world import corpus, encoder, make_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tokenizers import BertWordPieceTokenizer
-
-    folder = tmp_path_factory.mktemp("tok")
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(corpus(200)[0], vocab_size=120, min_frequency=1)
-    wordpiece.save_model(str(folder))
-    return transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-
-
-def encoder(kind: str, tokenizer, hidden: int, layers: int, folder=None):
-    torch.manual_seed(0)
-    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                  intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.1,
-                  attention_probs_dropout_prob=0.1, initializer_range=0.5)  # sharp attention: padding would show
-    if kind == "bert":
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(**common))
-    elif kind == "roberta":
-        model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**common, pad_token_id=0))
-    else:
-        model = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
-            vocab_size=tokenizer.vocab_size, dim=hidden, n_layers=layers, n_heads=2, hidden_dim=2 * hidden,
-            max_position_embeddings=64, num_labels=3, initializer_range=0.5))
-    if folder is not None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
-    return model
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def batch(tokenizer, texts, pad_to=None):

@@ -28,8 +28,22 @@ def test_lr_schedules():
     assert train.lr_factor(100, 10, cfg) == pytest.approx(0.0, abs=1e-9)
     step = train.TrainConfig(epochs=10, schedule="step", milestones=(0.5, 0.8), lr_decay=0.1)
     assert [train.lr_factor(e * 10, 10, step) for e in (0, 5, 8)] == pytest.approx([1.0, 0.1, 0.01])
+    linear = train.TrainConfig(epochs=10, warmup_epochs=1, schedule="linear")  # BERT's: warm-up, then to 0
+    assert [train.lr_factor(s, 10, linear) for s in (0, 9, 10, 55, 100, 120)] == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0, 0.0])
     with pytest.raises(ValueError, match="schedule"):
-        train.TrainConfig(schedule="linear")
+        train.TrainConfig(schedule="exponential")
+
+
+def test_adamw_takes_the_lr_weight_decay_and_momentum_as_beta1():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    cfg = train.TrainConfig(optimizer="adamw", lr=3e-4, momentum=0.8, weight_decay=0.01)
+    optimizer = train.make_optimizer(params, cfg, torch.device("cpu"))
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and group["lr"] == 3e-4 and group["betas"] == (0.8, 0.999)
+    assert group["weight_decay"] == 0.01
+    assert isinstance(train.make_optimizer(params, train.TrainConfig(), torch.device("cpu")), torch.optim.SGD)
+    with pytest.raises(ValueError, match="train.optimizer must be one of sgd, adamw"):
+        train.TrainConfig(optimizer="adam")
 
 
 def test_diverging_run_raises():

@@ -51,6 +51,10 @@ class ImageDataset:
         index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:count]
         return self.take(index)
 
+    def sample(self, count: int = 2) -> torch.Tensor:
+        """The first ``count`` images as a float batch (shape probes, input examples)."""
+        return self.images[:count].float()
+
     def take(self, index: torch.Tensor, name: Optional[str] = None) -> "ImageDataset":
         """The samples at ``index``, with this dataset's normalisation statistics."""
         return ImageDataset(self.images[index], self.labels[index], self.num_classes, self.mean, self.std, name or self.name)

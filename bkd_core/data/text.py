@@ -38,6 +38,15 @@ class TextDataset:
         return self.tokens.shape[0]
 
     @property
+    def in_channels(self) -> int:
+        """Rows of a packed batch: token ids, attention mask, segment ids."""
+        return 3
+
+    def sample(self, count: int = 2) -> torch.Tensor:
+        """The first ``count`` texts as a packed model input (shape probes, input examples)."""
+        return self.tokens[:count].long()
+
+    @property
     def lengths(self) -> torch.Tensor:
         """Tokens of every text (its attention mask's sum)."""
         return self.tokens[:, 1].sum(1)

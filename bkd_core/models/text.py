@@ -29,6 +29,20 @@ def pack(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
     return torch.stack([input_ids, mask, types], dim=1).long()
 
 
+class PackedClassifier(nn.Module):
+    """A Hugging Face sequence classifier that takes one packed (B, 3, L) batch (``pack``) and returns its logits:
+    the form a bkd student is served in (an MLflow model's input is one tensor)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask, types = x.long().unbind(1)
+        uses_types = getattr(self.model.config, "type_vocab_size", 0) > 0 and not hasattr(self.model, "distilbert")
+        return self.model(input_ids=ids, attention_mask=mask, **({"token_type_ids": types} if uses_types else {})).logits
+
+
 def with_mask(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([hidden, mask.unsqueeze(-1).to(hidden.dtype)], dim=-1)
 
@@ -98,10 +112,30 @@ def group_layers(count: int, groups: int) -> list[range]:
     return [range(start, end) for start, end in zip([0] + ends[:-1], ends)]
 
 
-def from_hf(model: nn.Module, groups: Optional[int] = None, sample: Optional[torch.Tensor] = None) -> BlockNet:
+def layer_runs(ends: Sequence[int], count: int) -> list[range]:
+    """Runs of consecutive layers that end at the (0-based) layers ``ends``; the last must be the last layer."""
+    ends = [int(e) for e in ends]
+    if not ends or ends != sorted(set(ends)) or ends[0] < 0 or ends[-1] != count - 1:
+        raise ValueError(f"block ends {ends} do not cut {count} encoder layers: give increasing layer indices ending at "
+                         f"the last layer ({count - 1}).")
+    return [range(start, end + 1) for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends)]
+
+
+def encoder_layer_count(model: nn.Module) -> int:
+    """How many encoder layers a sequence classifier has (0 for a model bkd does not cut)."""
+    base = getattr(model, "distilbert", None)
+    if base is not None:
+        return len(base.transformer.layer)
+    encoder = getattr(getattr(model, "base_model", None), "encoder", None)
+    return len(encoder.layer) if hasattr(encoder, "layer") else 0
+
+
+def from_hf(model: nn.Module, groups: Optional[int] = None, sample: Optional[torch.Tensor] = None,
+            ends: Optional[Sequence[int]] = None) -> BlockNet:
     """A sequence classifier as a BlockNet: the embeddings, then ``groups`` runs of encoder layers (default:
-    one per layer). With ``sample`` (a packed batch), the blocks must give the model's own logits (a ``SplitError``
-    says by how much they differ)."""
+    one per layer), or the runs that end at the 0-based layers ``ends``. Its ``block_ends`` name them
+    (``embeddings``, ``layer.<last layer of the run>``). With ``sample`` (a packed batch), the blocks must give
+    the model's own logits (a ``SplitError`` says by how much they differ)."""
     model.eval()
     kind = getattr(model.config, "model_type", "")
     if hasattr(model, "distilbert"):
@@ -118,9 +152,12 @@ def from_hf(model: nn.Module, groups: Optional[int] = None, sample: Optional[tor
                          "give a sequence classifier of the BERT, RoBERTa, ELECTRA or DistilBERT families.")
     uses_types = not distilbert and getattr(model.config, "type_vocab_size", 0) > 0
     blocks: list[nn.Module] = [Embeddings(base.embeddings, uses_types)]
-    blocks += [EncoderLayers([layers[i] for i in run], model.config, distilbert) for run in group_layers(len(layers), groups or len(layers))]
+    runs = layer_runs(ends, len(layers)) if ends is not None else group_layers(len(layers), groups or len(layers))
+    blocks += [EncoderLayers([layers[i] for i in run], model.config, distilbert) for run in runs]
     net = BlockNet(blocks, head)
     net.remember_source(model)
+    net.block_ends = ["embeddings"] + [f"layer.{run[-1]}" for run in runs]
+    net.lead_blocks = 1  # the embeddings stay a block of their own when layers are grouped to pair two encoders
     if sample is not None:  # the blocks must give the model's own logits
         def logits(x: torch.Tensor) -> torch.Tensor:
             ids, mask, types = x.unbind(1)

@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 from orchestrator.config.checks import ConfigError
 
 OPEN_MAPPINGS = ("fixed.", "compare.fixed.", "compare.from_search.")  # keys added without Hydra's `+`
+WHOLE_MAPPINGS = ("pair.student_config=", "pair.student_config.")  # a mapping given whole or by key, empty or not
 
 
 def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
@@ -27,7 +28,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     from orchestrator.config.schema import register
 
     register()
-    given = [f"+{o}" if o.startswith(OPEN_MAPPINGS) else o for o in overrides]
+    given = [f"+{o}" if o.startswith(OPEN_MAPPINGS) else f"++{o}" if o.startswith(WHOLE_MAPPINGS) else o for o in overrides]
     try:
         with initialize_config_module(config_module="orchestrator.conf", version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=given)

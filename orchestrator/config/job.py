@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -27,10 +26,19 @@ from bkd_core.methods import MethodParamError
 from bkd_core.train import TrainConfig
 from orchestrator.config.checks import ConfigError, check_fixed, check_number, check_values
 from orchestrator.config.compose import absolute_path
+from orchestrator.config.hf_models import check_text_pair, hf_source, is_hf
 from orchestrator.config.models import block_names, build_model, check_pretrained, spec_name
-from orchestrator.config.schema import BkdConfig, ParquetData
-from orchestrator.data.datasets import dataset_spec, describe_dataset, selects_on_test, val_fraction
-from search_spaces.space import SearchSpaceError, TrialParams, defaults, method_arguments, method_of, partitions
+from orchestrator.config.schema import BkdConfig, ParquetData, TextData
+from orchestrator.data.datasets import dataset_spec, describe_dataset, example_batch, image_of, selects_on_test, val_fraction
+from search_spaces.space import (
+    SearchSpaceError,
+    TrialParams,
+    defaults,
+    method_arguments,
+    method_of,
+    partitions,
+    with_lr_range,
+)
 
 
 @dataclass
@@ -45,6 +53,12 @@ class DatasetInfo:
     rows: dict[str, int]  # train (after the hold-out and data.train_size), val, test
     folders: Optional[dict[str, str]]
     selection: str  # "val", or "test" with data.val_fraction=0
+    classes: Optional[list[str]] = None  # class names in class-id order, where the data names them
+
+    @property
+    def unit(self) -> str:
+        """What the dataset's samples are, in messages: texts or images."""
+        return "texts" if len(self.shape) == 2 else "images"
 
     def mlflow_input(self) -> dict[str, str]:
         """Name, digest and source, JSON-able (it travels in queued MLflow writes)."""
@@ -95,6 +109,9 @@ class Job:
                 "data": d.name, "root": d.root, "train_size": d.train_size,
                 "val": [val_fraction(d), getattr(d, "split_seed", 0)],  # a teacher never trained on the val split
                 "teacher": {k: v for k, v in asdict(self.cfg.teacher).items() if k != "checkpoint"}, "seed": self.cfg.train.seed}
+        if isinstance(d, TextData):  # the same texts, tokenized the same way
+            spec["text"] = [d.hub, d.hub_config, d.test_split, d.text_column, d.text_pair_column, d.label_column, d.max_length,
+                            d.tokenizer]
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,8 +145,9 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     c: BkdConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
 
     d = c.data
-    if d.name not in bkd_data.DATASETS:
-        raise ConfigError("data.name", f"unknown dataset {d.name!r}; valid: {', '.join(bkd_data.DATASETS)}.")
+    if d.name not in bkd_data.DATASETS and not isinstance(d, TextData):
+        raise ConfigError("data.name", f"unknown dataset {d.name!r}; valid: {', '.join(bkd_data.DATASETS)}, text.")
+    check_modality(c)
     if not isinstance(d, ParquetData) and d.in_memory is False:
         raise ConfigError("data.in_memory", f"false streams Parquet shards, and data={d.name} is read into memory; "
                           "for streaming, write shards with `python -m orchestrator.prepare source=FOLDER output=DST` "
@@ -142,6 +160,16 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
 
     teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
                         for role in ("teacher", "student"))
+    if isinstance(d, TextData):
+        from orchestrator.data.text import load_tokenizer
+
+        check_text_pair(c, teacher, student, load_tokenizer(d.tokenizer))
+    lr_range = c.train.lr_range
+    if lr_range is not None and not (len(lr_range) == 3 and all(isinstance(v, (int, float)) for v in lr_range)
+                                     and 0 < lr_range[0] <= lr_range[2] <= lr_range[1]):
+        raise ConfigError("train.lr_range", f"must be [low, high, default] with 0 < low <= default <= high, e.g. "
+                          f"[1.0e-5, 2.0e-4, 5.0e-5]; got {lr_range}.")
+    c.search = with_lr_range(c.search, lr_range)
     search = c.search
     try:
         method = method_of(search)
@@ -203,7 +231,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     name = str(t.name) if t.name is not None else default_experiment_name(c, storage, t.resume, command)
     rows = {"train": shape.train, "val": shape.val, "test": shape.test}
     dataset = DatasetInfo(**dataset_spec(d, rows), shape=shape.image_shape, rows=rows, folders=shape.folders,
-                          selection="test" if selects_on_test(d) else "val")
+                          selection="test" if selects_on_test(d) else "val", classes=shape.classes)
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c.mlflow.tracking_uri), output_dir, name, dataset)
 
@@ -218,7 +246,9 @@ def group_blocks(c: BkdConfig, teacher: Any, student: Any, shape: Any) -> tuple[
     ends = getattr(net, "block_ends", None)
     if getattr(c.pair, f"{more}_blocks") or not ends:
         return teacher, student  # named by the user, or a zoo model built as blocks: the count error says what to do
-    grouped = [ends[round((g + 1) * len(ends) / k) - 1] for g in range(k)]
+    lead = min(getattr(net, "lead_blocks", 0), k - 1)  # a text encoder's embeddings stay a block of their own
+    rest = ends[lead:]
+    grouped = ends[:lead] + [rest[round((g + 1) * len(rest) / (k - lead)) - 1] for g in range(k - lead)]
     setattr(c.pair, f"{more}_blocks", grouped)
     nets[more] = build_model(c, more, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
     print(f"[bkd] the {more}'s {len(ends)} blocks (ending at {', '.join(ends)}) are grouped into {k} to pair with the "
@@ -226,9 +256,31 @@ def group_blocks(c: BkdConfig, teacher: Any, student: Any, shape: Any) -> tuple[
     return nets["teacher"], nets["student"]
 
 
+def check_modality(c: BkdConfig) -> None:
+    """Text data with ``hf:`` text models, images with image models; ``data=text``'s source, tokenizer and cache
+    made absolute (every worker reads the same)."""
+    d, text = c.data, isinstance(c.data, TextData)
+    for role in ("teacher", "student"):
+        spec = getattr(c.pair, role)
+        if text and not is_hf(spec):
+            raise ConfigError(f"pair.{role}", f"{spec_name(spec)} is an image model, and data=text feeds token ids: give a "
+                              f"Hugging Face sequence classifier, pair.{role}=hf:FOLDER_OR_HUB_NAME.")
+        if is_hf(spec) and not text:
+            raise ConfigError(f"pair.{role}", f"{spec} is a text classifier, and data={d.name} holds images: use data=text "
+                              "(data.root=FOLDER with train and test files), or an image model.")
+    if not text:
+        return
+    if bool(d.root) == bool(d.hub):
+        raise ConfigError("data.root", "data=text reads either a folder (data.root=FOLDER with train.csv/.jsonl/.parquet and "
+                          "test.*) or a Hugging Face dataset (data.hub=NAME data.hub_config=CONFIG); give exactly one.")
+    d.tokenizer = hf_source("hf:" + d.tokenizer) if d.tokenizer else hf_source(c.pair.teacher)
+    d.cache_dir = absolute_path(d.cache_dir or os.environ.get("BKD_CACHE_DIR") or str(Path.cwd() / "results" / "token-cache"))
+    check_writable("data.cache_dir", d.cache_dir)
+
+
 def check_forms(c: BkdConfig, nets: dict[str, Any], image_shape: list[int]) -> None:
     """Every block output has a form a connector bridges (``bkd_core.forms``), before Ray starts."""
-    sample = torch.zeros(2, *image_shape)
+    sample = example_batch(image_shape)
     for role, net in nets.items():
         spec, blocks = getattr(c.pair, role), getattr(c.pair, f"{role}_blocks")
         names = block_names(spec, net, blocks)
@@ -241,7 +293,7 @@ def check_forms(c: BkdConfig, nets: dict[str, Any], image_shape: list[int]) -> N
                               "(data.image_size sets it for image folders and shards).") from None
         for i, out in enumerate(outputs):
             try:
-                infer_form(out.shape[1:], image_shape[-2:], where=f"block {i + 1} of the {role} {spec_name(spec)} (ending at "
+                infer_form(out.shape[1:], image_of(image_shape), where=f"block {i + 1} of the {role} {spec_name(spec)} (ending at "
                            f"{names[i]})")
             except FormError as exc:
                 raise ConfigError(f"pair.{role}_blocks" if blocks else "pair", str(exc)) from None
@@ -255,7 +307,7 @@ def check_method_params(space: Mapping[str, Any], params: Mapping[str, Any], key
     try:
         name, kwargs = method_arguments(space, params)
         with evaluating(student):
-            methods.make(name, teacher, student, sample_input=torch.zeros(2, *image_shape), **kwargs)
+            methods.make(name, teacher, student, sample_input=example_batch(list(image_shape)), **kwargs)
     except MethodParamError as exc:
         raise ConfigError(key_of(exc.key), str(exc).split(": ", 1)[1]) from None
 
@@ -284,7 +336,7 @@ def train_config(c: BkdConfig, params: Mapping[str, Any], mode: str) -> TrainCon
         if trial.lr is None:
             raise SearchSpaceError("a trial's parameters have no lr; every search space declares search.params.lr.")
         epochs, lr, batch, seed = t.epochs, trial.lr, t.batch_size, trial.seed_or(t.seed)
-    return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_base_batch=t.lr_base_batch, momentum=t.momentum,
+    return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_base_batch=t.lr_base_batch, optimizer=t.optimizer, momentum=t.momentum,
                        weight_decay=t.weight_decay, schedule=t.schedule, warmup_epochs=t.warmup_epochs,
                        milestones=tuple(t.milestones), bf16=t.bf16, channels_last=t.channels_last, compile=t.compile,
                        cudnn_benchmark=t.cudnn_benchmark, compile_mode=t.compile_mode, seed=seed)

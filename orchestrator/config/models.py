@@ -1,5 +1,6 @@
 """``pair.teacher`` / ``pair.student``: a zoo name, ``module:factory`` (a callable called with
-``num_classes=`` and ``in_channels=``), or a Hydra ``_target_`` node with its own arguments. Any
+``num_classes=`` and ``in_channels=``), a Hydra ``_target_`` node with its own arguments, or
+``hf:NAME_OR_PATH`` for a Hugging Face text classifier (``orchestrator.config.hf_models``). Any
 ``nn.Module`` is cut into blocks along its forward graph (``bkd_core.graph_split``) at the ends named
 by ``pair.teacher_blocks`` / ``pair.student_blocks``, or found for the usual layouts, and checked to
 compute what the model computes.
@@ -23,6 +24,7 @@ from bkd_core import BlockNet, models
 from bkd_core.graph_split import SplitError, evaluating, wrap
 from orchestrator.config.checks import ConfigError
 from orchestrator.config.compose import absolute_path
+from orchestrator.config.hf_models import build_hf, is_hf
 from orchestrator.config.schema import BkdConfig
 
 Spec = Any  # str (zoo name or "module:factory") or a mapping with "_target_"
@@ -34,6 +36,8 @@ def is_zoo(spec: Spec) -> bool:
 
 def spec_name(spec: Spec) -> str:
     """A short name for experiment and run names: the zoo name, the factory's or the target's."""
+    if is_hf(spec):
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", spec[len("hf:"):].rstrip("/").rsplit("/", 1)[-1])
     if isinstance(spec, str):
         return re.sub(r"[^A-Za-z0-9_.-]", "_", spec.split(":")[-1])
     if isinstance(spec, dict) and spec.get("_target_"):
@@ -145,4 +149,6 @@ def build_model(c: BkdConfig, role: str, num_classes: int, in_channels: int, ima
     worker; ``check``: prove the cut on a sample (validation does, once, before Ray starts)."""
 
     spec, blocks = (c.pair.teacher, c.pair.teacher_blocks) if role == "teacher" else (c.pair.student, c.pair.student_blocks)
+    if is_hf(spec):
+        return build_hf(c, role, num_classes, blocks, check)
     return build(spec, num_classes, in_channels, image_shape, f"pair.{role}", blocks, check)

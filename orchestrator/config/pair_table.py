@@ -11,6 +11,7 @@ from bkd_core.graph_split import ATOL, RTOL
 from bkd_core.methods import FeatureDistiller
 from orchestrator.config.job import Job
 from orchestrator.config.models import block_names, build_model, spec_name
+from orchestrator.data.datasets import example_batch, image_of
 from search_spaces.space import defaults, method_arguments, method_of
 
 
@@ -34,6 +35,13 @@ def multiply_adds(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int
     return out, total[0]
 
 
+def count_text(value: float) -> str:
+    """Multiply-adds in M (G above 10,000 M, k below 0.01 M)."""
+    if value >= 1e10:
+        return f"{value / 1e9:.1f}G"
+    return f"{value / 1e6:.2f}M" if value >= 1e4 or value == 0 else f"{value / 1e3:.2f}k"
+
+
 def block_rows(net: BlockNet, sample: torch.Tensor) -> list[tuple[tuple[int, ...], int, int]]:
     """(output shape, parameters, multiply-adds per image) of every block and, last, the head."""
     rows, x = [], sample
@@ -43,7 +51,7 @@ def block_rows(net: BlockNet, sample: torch.Tensor) -> list[tuple[tuple[int, ...
     return rows
 
 
-def output_form(shape: tuple[int, ...], image: tuple[int, ...]) -> str:
+def output_form(shape: tuple[int, ...], image: tuple[int, ...] | None) -> str:
     """A block output's shape, and its form where it is not a conv map (``bkd_core.forms``)."""
     text = "x".join(map(str, shape))
     form = infer_form(shape, image)
@@ -53,15 +61,18 @@ def output_form(shape: tuple[int, ...], image: tuple[int, ...]) -> str:
 def table(job: Job) -> str:
     """The pair's per-block table (what ``describe`` prints and a search logs as ``describe.txt``)."""
     shape = job.dataset.shape
-    image = tuple(shape[-2:])
-    sample = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    image = image_of(shape)
+    text = image is None
+    sample = example_batch(shape, 1) if text else torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    per = shape[-1] if text else 1  # text: multiply-adds per token of a max_length text
     nets = {role: build_model(job.cfg, role, job.num_classes, job.in_channels, shape).eval() for role in ("teacher", "student")}
     pair = job.cfg.pair
     ends = {role: block_names(getattr(pair, role), net, getattr(pair, f"{role}_blocks")) for role, net in nets.items()}
     with torch.no_grad():
         rows = {role: block_rows(net, sample) for role, net in nets.items()}
-    head = ["block", "teacher ends at", "teacher output", "params", "MACs", "student ends at", "student output", "params",
-            "MACs", "connector"]
+    macs_name = "MACs/token" if text else "MACs"
+    head = ["block", "teacher ends at", "teacher output", "params", macs_name, "student ends at", "student output", "params",
+            macs_name, "connector"]
     lines = [head]
     count = max(len(rows["teacher"]), len(rows["student"]))
     for i in range(count):
@@ -71,7 +82,7 @@ def table(job: Job) -> str:
                 out, params, macs = rows[role][i]
                 last = i == len(rows[role]) - 1
                 name = "head" if last else ends[role][i]
-                cells += [name, "x".join(map(str, out)) if last else output_form(out, image), f"{params:,}", f"{macs / 1e6:.2f}M"]
+                cells += [name, "x".join(map(str, out)) if last else output_form(out, image), f"{params:,}", count_text(macs / per)]
             else:
                 cells += ["-"] * 4
         connector = "-"
@@ -81,13 +92,14 @@ def table(job: Job) -> str:
             connector = f"{type(c).__name__}{kinds} {sum(p.numel() for p in c.parameters()):,} params"
         lines.append(cells + [connector])
     widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
+    lines_out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
+    lines_out.insert(1, "  ".join("-" * w for w in widths))
+    inputs = f"texts of up to {shape[-1]} tokens" if text else "x".join(map(str, shape))
     totals = {role: (sum(r[1] for r in rows[role]), sum(r[2] for r in rows[role])) for role in rows}
     return "\n".join([
-        f"teacher {spec_name(job.teacher_model)}: {totals['teacher'][0]:,} parameters, {totals['teacher'][1] / 1e6:.2f}M "
-        f"multiply-adds per image; student {spec_name(job.student_model)}: {totals['student'][0]:,}, "
-        f"{totals['student'][1] / 1e6:.2f}M (input {'x'.join(map(str, shape))})", *text,
+        f"teacher {spec_name(job.teacher_model)}: {totals['teacher'][0]:,} parameters, {count_text(totals['teacher'][1] / per)} "
+        f"multiply-adds per {'token' if text else 'image'}; student {spec_name(job.student_model)}: {totals['student'][0]:,}, "
+        f"{count_text(totals['student'][1] / per)} (input {inputs})", *lines_out,
         f"exactness: each model as blocks reproduces its own logits on a sample batch in eval mode (within {ATOL:g} + "
         f"{RTOL:g} x max|logit|; zoo models are built as blocks)", *method_line(job, nets, sample)])
 

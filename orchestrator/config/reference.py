@@ -32,6 +32,7 @@ DATA_TITLES = {
     "builtin": "In-memory datasets",
     "image_folder": "An image folder",
     "parquet": "Parquet shards",
+    "text": "Text files or a Hugging Face dataset",
 }
 
 

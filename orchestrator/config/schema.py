@@ -104,8 +104,41 @@ class ParquetData:
               lambda v: 0 <= v <= 0.5))
 
 
-DataConfig = Union[BuiltinData, ImageFolderData, ParquetData]  # the typed ``data`` of a composed config
-DATA_SCHEMAS: dict[str, type] = {"builtin": BuiltinData, "image_folder": ImageFolderData, "parquet": ParquetData}
+@dataclass
+class TextData:
+    """Text classification: root/train.* and root/test.* (CSV, JSON Lines or Parquet), or a Hugging Face dataset;
+    tokenized once with the teacher's tokenizer and cached as Parquet."""
+
+    name: str = setting("text", "the dataset's loader")
+    root: Optional[str] = setting(None, "a folder with train and test files (train.csv / train.jsonl / train.parquet, "
+                                  "test.* likewise); null with data.hub")
+    hub: Optional[str] = setting(None, "a Hugging Face dataset instead of a folder, e.g. glue (needs `datasets` and the hub)")
+    hub_config: Optional[str] = setting(None, "its configuration, e.g. sst2")
+    test_split: str = setting("test", "the file (test.*) or hub split scored as the test split (GLUE: validation, its "
+                              "test labels are hidden)")
+    text_column: str = setting("text", "the column holding each text (GLUE SST-2: sentence)")
+    text_pair_column: Optional[str] = setting(None, "a second text column for pair tasks (MNLI: hypothesis); null: none")
+    label_column: str = setting("label", "the class column: strings or integers, mapped to class ids 0..K-1 in sorted "
+                                "order (saved as labels.json beside the cached tokens)")
+    max_length: int = setting(128, "tokens per text at most: longer texts are truncated (the number is printed); at most "
+                              "the models' position limit", at_least(8, " (tokens)"))
+    tokenizer: Optional[str] = setting(None, "a Hugging Face tokenizer (folder or hub name); null: the teacher's "
+                                       "(pair.teacher=hf:...)")
+    cache_dir: Optional[str] = setting(None, "where token ids are cached as Parquet, one folder per (data, tokenizer, "
+                                       "max_length); null: $BKD_CACHE_DIR, else <cwd>/results/token-cache")
+    train_size: Optional[int] = setting(None, "use at most this many training texts, after the hold-out (null: all)",
+                                        at_least(1, " (a number of training texts), or null for all"))
+    in_memory: bool = setting(True, "token ids are held in RAM (the text path has no streaming of its own)")
+    val_fraction: Optional[float] = setting(
+        0.1, "held out of the training texts (stratified by class) for selection; 0: select on the test split",
+        Check("a fraction of the training texts in [0, 0.5] to hold out for selection (0: select on the test split)",
+              lambda v: 0 <= v <= 0.5))
+    split_seed: int = setting(0, "which texts are held out: the same for every trial, method, teacher and seed")
+
+
+DataConfig = Union[BuiltinData, ImageFolderData, ParquetData, TextData]  # the typed ``data`` of a composed config
+DATA_SCHEMAS: dict[str, type] = {"builtin": BuiltinData, "image_folder": ImageFolderData, "parquet": ParquetData,
+                                 "text": TextData}
 
 
 # --- the sections of `python -m orchestrator.{tune,train,teacher,compare}` ---------------------------------
@@ -118,6 +151,12 @@ class PairSettings:
     teacher_blocks: Optional[list[str]] = setting(None, "the modules whose outputs end the teacher's blocks, e.g. "
                                                   "[layer1,layer2,layer3]; null: found from the model")
     student_blocks: Optional[list[str]] = setting(None, "as pair.teacher_blocks, for the student")
+    student_config: dict[str, Any] = setting({}, "hf: students: Hugging Face config values that make a new, freshly "
+                                             "initialised student from pair.student's config, e.g. {num_hidden_layers: 4, "
+                                             "hidden_size: 312, intermediate_size: 1200} (TinyBERT's shape)")
+    student_from_teacher: bool = setting(False, "hf: students: start from the teacher's embeddings and layers (DistilBERT's "
+                                         "way): student layer j takes the last teacher layer of group j; the hidden "
+                                         "sizes must match")
 
 
 @dataclass
@@ -127,9 +166,15 @@ class TrainSettings:
     lr_base_batch: Optional[int] = setting(
         64, "the (searched) lr is for this batch; scaled linearly to batch_size. null: no scaling",
         at_least(1, " (the batch size the lr is given for), or null for no scaling"))
-    momentum: float = setting(0.9, "SGD momentum", Check("a number in [0, 1)", lambda v: 0 <= v < 1))
-    weight_decay: float = setting(5.0e-4, "SGD weight decay", at_least(0, integer=False))
-    schedule: str = setting("cosine", "learning-rate schedule", one_of("cosine", "step"))
+    optimizer: str = setting("sgd", "sgd: SGD with momentum (images) | adamw: AdamW (text encoders; train.schedule=linear "
+                             "with a warm-up is the usual recipe)", one_of("sgd", "adamw"))
+    lr_range: Optional[list[float]] = setting(
+        None, "[low, high, default]: the searched lr of every method's space (log scale), e.g. AdamW's [1e-5, 2e-4, 5e-5] "
+        "for text encoders; null: each space's own (SGD's)")
+    momentum: float = setting(0.9, "SGD momentum; AdamW's beta1", Check("a number in [0, 1)", lambda v: 0 <= v < 1))
+    weight_decay: float = setting(5.0e-4, "weight decay (AdamW: decoupled; 0.01 is usual)", at_least(0, integer=False))
+    schedule: str = setting("cosine", "learning-rate schedule after the warm-up: cosine | step | linear (to 0)",
+                            one_of("cosine", "step", "linear"))
     milestones: list[float] = setting([0.5, 0.75], "step: multiply the lr by 0.1 at these fractions of the epochs")
     warmup_epochs: float = setting(0.0, "linear lr warm-up, in epochs (at most train.epochs)")
     distill_warmup_epochs: float = setting(0.0, "ramp the distillation terms from 0 to 1 over these epochs (DKD's "

@@ -6,9 +6,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+import torch
+
 from bkd_core import data as bkd_data
 from orchestrator.config.checks import ConfigError
-from orchestrator.config.schema import DataConfig, ImageFolderData, ParquetData
+from orchestrator.config.schema import DataConfig, ImageFolderData, ParquetData, TextData
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -32,6 +34,13 @@ def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
     """The dataset a config names: ``val`` held out of the training data (``data.val_fraction``,
     ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
     (used by validation and workers)."""
+    if isinstance(data_cfg, TextData):
+        from orchestrator.data.text import load_text
+
+        splits = load_text(data_cfg).hold_out(val_fraction(data_cfg), data_cfg.split_seed)
+        if data_cfg.train_size:
+            splits.train = splits.train.subset(data_cfg.train_size)
+        return splits
     extra: dict[str, Any] = {"image_size": data_cfg.image_size} if isinstance(data_cfg, (ImageFolderData, ParquetData)) else {}
     if isinstance(data_cfg, ParquetData):  # the shards hold val apart: decode no more training images than used
         extra["train_size"] = data_cfg.train_size
@@ -76,8 +85,9 @@ class DataShape:
     train: int  # training images (after the hold-out and data.train_size)
     val: int  # images of the split that selects (the test split's when data.val_fraction=0)
     test: int
-    image_shape: list[int]  # [C, H, W] of a model input
+    image_shape: list[int]  # [C, H, W] of a model input; text: [3, max_length] (ids, mask, segments)
     folders: Optional[dict[str, str]] = None  # streamed shards: the folder of each split
+    classes: Optional[list[str]] = None  # class names in class-id order, where the data names them
 
 
 def describe_dataset(d: DataConfig) -> DataShape:
@@ -100,14 +110,36 @@ def describe_dataset(d: DataConfig) -> DataShape:
     except OSError as exc:  # a bucket that cannot be reached or read
         raise ConfigError("data.root", f"cannot read {d.root}: {exc}. Check the URI and the credentials "
                           "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
-    return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test),
-                     list(splits.test.images.shape[1:]))
+    shape = [3, d.max_length] if isinstance(d, TextData) else list(splits.test.images.shape[1:])
+    return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test), shape,
+                     classes=[str(c) for c in splits.classes] if splits.classes else None)
+
+
+def is_text_shape(shape: list[int]) -> bool:
+    """A model input of packed token ids (``[3, L]``), not an image (``[C, H, W]``)."""
+    return len(shape) == 2
+
+
+def example_batch(shape: list[int], count: int = 2) -> torch.Tensor:
+    """A model input for shape probes and input examples: zero images, or texts of ``L`` tokens (ids 1..4)."""
+    if is_text_shape(shape):
+        length = shape[1]
+        ids = (torch.arange(length) % 4 + 1).expand(count, length)
+        return torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1).long()
+    return torch.zeros(count, *shape)
+
+
+def image_of(shape: list[int]) -> tuple[int, int] | None:
+    """(H, W) of an image input, None for text (``bkd_core.forms`` tells block outputs apart by it)."""
+    return None if is_text_shape(shape) else (int(shape[-2]), int(shape[-1]))
 
 
 def dataset_spec(data_cfg: Any, rows: Mapping[str, int]) -> dict[str, str]:
     """Name, digest and source of a run's dataset (``data_cfg``: the typed ``data`` section)."""
     name = str(data_cfg.name) + (f"[:{data_cfg.train_size}]" if data_cfg.train_size else "")
-    spec = {"data": data_cfg.name, "root": data_cfg.root, "train_size": data_cfg.train_size,
+    spec = {"data": data_cfg.name, "root": data_cfg.root or getattr(data_cfg, "hub", None), "train_size": data_cfg.train_size,
             "val_fraction": data_cfg.val_fraction, "split_seed": getattr(data_cfg, "split_seed", None), **rows}
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    return {"name": name, "digest": digest, "source": str(data_cfg.root or f"bkd_core.data:{data_cfg.name}")}
+    hub = getattr(data_cfg, "hub", None)
+    source = data_cfg.root or (f"hf://datasets/{hub}" if hub else f"bkd_core.data:{data_cfg.name}")
+    return {"name": name, "digest": digest, "source": str(source)}

@@ -23,7 +23,7 @@ from orchestrator.search.summary import RunCases, collect_rows, first_failure
 from orchestrator.tracking.results import write_parquet
 from orchestrator.tracking.stats import Interval, paired_difference, verdict
 from orchestrator.tracking.writer import MLflowWriter, Write
-from search_spaces.space import SearchSpaceError, defaults, uses_partition
+from search_spaces.space import SearchSpaceError, defaults, uses_partition, with_lr_range
 from search_spaces.space import display as space_display
 from search_spaces.space import load_space as load_search_space
 
@@ -35,9 +35,10 @@ def display(method: str) -> str:
     return space_display(method)
 
 
-def load_space(method: str) -> dict[str, Any]:
+def load_space(method: str, job: Job) -> dict[str, Any]:
+    """A compared method's search space, its lr over ``train.lr_range`` where that is set."""
     try:
-        return load_search_space(method)
+        return with_lr_range(load_search_space(method), job.cfg.train.lr_range)
     except SearchSpaceError as exc:
         raise ConfigError("compare.methods", str(exc)) from None
 
@@ -98,7 +99,7 @@ def method_config(job: Job, method: str, searched: Optional[tuple[dict[str, Any]
     """A method's configuration: its space's defaults, overridden by a search's best (``searched``: the
     best row of a ``compare.tune_trials`` search and its run id, else compare.from_search), then by
     compare.fixed."""
-    space = load_space(method)
+    space = load_space(method, job)
     c = job.cfg.compare
     names = set(space.get("params") or {}) | ({"cuts"} if uses_partition(space) else set())
     chosen: dict[str, Any] = {}
@@ -141,7 +142,7 @@ def method_search_job(job: Job, method: str) -> Job:
     """The job of a method's own search (``compare.tune_trials``): its space, compare.fixed.<method> as
     its fixed values, tune.num_samples trials, the comparison's teacher, data and val split."""
     cfg = copy.deepcopy(job.cfg)
-    cfg.search = load_space(method)
+    cfg.search = load_space(method, job)
     cfg.fixed = dict((job.cfg.compare.fixed or {}).get(method) or {})
     cfg.tune.num_samples = job.cfg.compare.tune_trials
     cfg.tune.confirm_seeds = 0
@@ -184,7 +185,7 @@ def checked_configs(job: Job) -> dict[str, MethodConfig]:
                         for role in ("teacher", "student"))
     for method, config in configs.items():
         fixed = (job.cfg.compare.fixed or {}).get(method) or {}
-        check_method_params(load_space(method), config.config, lambda name: f"compare.fixed.{method}.{name}" if name in fixed
+        check_method_params(load_space(method, job), config.config, lambda name: f"compare.fixed.{method}.{name}" if name in fixed
                             else f"search space {method}: params.{name}", teacher, student, job.dataset.shape)
     return configs
 
@@ -203,7 +204,7 @@ def tuned_cases(job: Job, run_search: RunSearch) -> list[dict[str, Any]]:
     its best configuration on fresh seeds."""
     configs = {}
     for method in check_methods(job):
-        if not (load_space(method).get("params") or {}):
+        if not (load_space(method, job).get("params") or {}):
             configs[method] = method_config(job, method)  # nothing to search
             continue
         found = run_search(method_search_job(job, method), f"search-{method}")

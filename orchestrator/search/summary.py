@@ -7,8 +7,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from orchestrator.config.hf_models import is_hf
 from orchestrator.config.job import Job
 from orchestrator.console.interrupts import STOP
+from orchestrator.data.datasets import example_batch
 from orchestrator.tracking.importance import format_importances, param_importances
 from orchestrator.tracking.mlflow_models import log_student_model
 from orchestrator.tracking.plots import search_figure
@@ -33,11 +35,11 @@ def selection_note(job: Job) -> str:
     """Which split selects and which reports, in one sentence."""
     rows = job.dataset.rows
     if job.selects_on_test:
-        return (f"selection on the TEST split ({rows['test']} images; data.val_fraction=0): the best trial's accuracy is "
+        return (f"selection on the TEST split ({rows['test']} {job.dataset.unit}; data.val_fraction=0): the best trial's accuracy is "
                 "chosen on the data it is reported on and is optimistic; hold out a val split (data.val_fraction=0.1) "
                 "for a figure you can trust")
-    return (f"selection on the held-out val split ({rows['val']} images of the training data); test_acc: the final "
-            f"weights on the test split ({rows['test']} images), never used to select")
+    return (f"selection on the held-out val split ({rows['val']} {job.dataset.unit} of the training data); test_acc: the final "
+            f"weights on the test split ({rows['test']} {job.dataset.unit}), never used to select")
 
 
 RunCases = Callable[[list[dict], str], Any]  # (cases, Tune experiment name) -> ResultGrid
@@ -123,18 +125,44 @@ def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     Not queued: during an outage it is skipped with a warning (student.pt and its artifact stay)."""
     from orchestrator.config.models import instantiate
 
-    model = instantiate(job.student_model, job.num_classes, job.in_channels, "pair.student")  # the user's own class
     state = torch.load(student_file, map_location="cpu", weights_only=True)
-    model.load_state_dict(model.from_source_names(state) if hasattr(model, "from_source_names") else state, strict=True)
-    example = torch.zeros(2, *job.dataset.shape)  # a batch of 2: the logged model serves any batch size
+    if is_hf(job.student_model):  # a Hugging Face folder beside student.pt, and the MLflow model reads packed ids
+        model = export_hf_student(job, state, Path(student_file).parent / "student_hf", parent)
+    else:
+        model = instantiate(job.student_model, job.num_classes, job.in_channels, "pair.student")  # the user's own class
+        model.load_state_dict(model.from_source_names(state) if hasattr(model, "from_source_names") else state, strict=True)
+    example = example_batch(job.dataset.shape)  # a batch of 2: the logged model serves any batch size
     try:
         require_answer(job.tracking_uri)
-        uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg.mlflow.registered_model)
+        uri = log_student_model(job.tracking_uri, parent.parent_run_id, model, example, job.cfg.mlflow.registered_model,
+                                any_length=is_hf(job.student_model))
         print(f"MLflow model: {uri}" + (f" (registered as {job.cfg.mlflow.registered_model})"
                                         if job.cfg.mlflow.registered_model else ""))
     except Exception as exc:
         print(f"[bkd] warning: could not log the best student as an MLflow model ({type(exc).__name__}: {first_line(exc)}); "
               f"it is at {student_file}.", flush=True)
+
+
+def export_hf_student(job: Job, state: dict[str, torch.Tensor], folder: Path, parent: MLflowWriter) -> torch.nn.Module:
+    """The best student as a Hugging Face folder (``save_pretrained``, with the teacher's tokenizer and the class
+    names as ``id2label``), logged as the parent run's ``student_hf`` artifact; returns it wrapped to take the
+    packed (B, 3, L) token ids the MLflow model is served with."""
+    from bkd_core.models.text import PackedClassifier
+    from orchestrator.config.hf_models import build_hf
+    from orchestrator.data.text import load_tokenizer
+
+    net = build_hf(job.cfg, "student", job.num_classes, job.cfg.pair.student_blocks, check=False)
+    model = net.hf_model[0]
+    model.load_state_dict(state, strict=True)
+    classes = job.dataset.classes or [str(i) for i in range(job.num_classes)]
+    model.config.id2label = {i: str(name) for i, name in enumerate(classes)}
+    model.config.label2id = {str(name): i for i, name in enumerate(classes)}
+    model.save_pretrained(folder)
+    load_tokenizer(job.cfg.data.tokenizer).save_pretrained(folder)
+    parent.submit(Write("artifact", {"run_id": parent.parent_run_id, "path": str(folder), "artifact_path": "student_hf"}))
+    print(f"[bkd] best student as a Hugging Face folder: {folder} "
+          "(AutoModelForSequenceClassification.from_pretrained(folder))", flush=True)
+    return PackedClassifier(model.eval())
 
 
 CONFIRM_COLUMNS = ("confirm_val_acc_mean", "confirm_val_acc_std", "confirm_test_acc_mean", "confirm_test_acc_std")

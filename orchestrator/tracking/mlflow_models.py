@@ -25,14 +25,16 @@ def log_dataset(client: MlflowClient, run_id: str, spec: Mapping[str, str]) -> N
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])])
 
 
-def log_student_model(tracking_uri: str, run_id: str, student: Any, example: Any, registered_name: Optional[str]) -> str:
+def log_student_model(tracking_uri: str, run_id: str, student: Any, example: Any, registered_name: Optional[str],
+                      any_length: bool = False) -> str:
     """Log ``student`` (a torch module) on ``run_id`` as an MLflow PyTorch model with a signature and an
-    input example, its batch dimension dynamic (``pyfunc.predict`` takes any batch); register it as
-    ``registered_name`` when given. Returns the model URI."""
+    input example, its batch dimension dynamic (``pyfunc.predict`` takes any batch; ``any_length``: the last
+    dimension too, texts of any token count); register it as ``registered_name`` when given. Returns the model URI."""
     import mlflow
     import mlflow.pytorch
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import Schema, TensorSpec
 
     student = student.eval()
     if example.shape[0] < 2:  # torch.export makes a batch of 1 static: serve any batch size
@@ -42,7 +44,11 @@ def log_student_model(tracking_uri: str, run_id: str, student: Any, example: Any
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         # the flavour's own requirements (torch, cloudpickle): inferring them runs the model in a subprocess (~10 s)
-        info = mlflow.pytorch.log_model(student, name="student", signature=infer_signature(example.numpy(), output),
+        signature = infer_signature(example.numpy(), output)
+        if any_length:  # packed token ids (B, 3, L): any batch of texts of any length
+            spec = signature.inputs.inputs[0]
+            signature = ModelSignature(Schema([TensorSpec(spec.type, (-1, *spec.shape[1:-1], -1))]), signature.outputs)
+        info = mlflow.pytorch.log_model(student, name="student", signature=signature,
                                         input_example=example.numpy(), registered_model_name=registered_name,
                                         pip_requirements=mlflow.pytorch.get_default_pip_requirements())
     return info.model_uri

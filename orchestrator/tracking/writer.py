@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,7 +185,10 @@ class MLflowWriter:
             for key, value in args["tags"].items():
                 client.set_tag(run_id, key, str(value)[:5000])
         elif write.op == "artifact":
-            client.log_artifact(run_id, args["path"], artifact_path=args.get("artifact_path"))
+            if os.path.isdir(args["path"]):  # a folder's files under artifact_path
+                client.log_artifacts(run_id, args["path"], artifact_path=args.get("artifact_path"))
+            else:
+                client.log_artifact(run_id, args["path"], artifact_path=args.get("artifact_path"))
         elif write.op == "end":
             if args.get("error"):
                 client.set_tag(run_id, "bkd.error", args["error"][:5000])

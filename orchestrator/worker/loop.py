@@ -40,7 +40,7 @@ from bkd_core.train import (
 )
 from orchestrator.config.job import Job, train_config
 from orchestrator.config.models import build_model
-from orchestrator.data.datasets import is_streamed, load_dataset
+from orchestrator.data.datasets import example_batch, is_streamed, load_dataset
 from orchestrator.tracking.records import DIVERGED as DIVERGED_STATUS
 from orchestrator.tracking.records import FINISHED, TrialRecords
 from orchestrator.tracking.results import DIVERGED
@@ -140,12 +140,12 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
 
         train_loader, val_loader, test_loader = stream_loaders(data, job.dataset.rows, job.dataset.folders, cfg.batch_size, device, cfg.seed,
                                                                bool(cfg.channels_last), world, session.streams())
-        sample = torch.zeros(2, *job.dataset.shape)
+        sample = example_batch(job.dataset.shape)
     else:
         splits = load_dataset(data)
         train_loader, val_loader = make_loaders(splits, cfg, device, rank, world)
         test_loader = eval_loader(splits.test, cfg, device) if on_test else val_loader
-        sample = splits.train.images[:2].float()
+        sample = splits.train.sample(2)
     module = build_module(job, params, mode, config.get("teacher_state"), sample).to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
