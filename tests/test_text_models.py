@@ -23,13 +23,17 @@ def batch(tokenizer, texts, pad_to=None):
     return pack(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "electra", "deberta"])
 def test_an_encoder_as_blocks_gives_its_own_logits_and_keeps_its_names(kind, tokenizer, tmp_path):
     model = encoder(kind, tokenizer, 16, 4, tmp_path / kind)
     x = batch(tokenizer, corpus(5)[0])
     net = from_hf(model, groups=2, sample=x)  # raises unless the blocks reproduce the model's logits
     assert net.num_blocks == 3 and net(x).shape == (5, 3)
     assert set(net.source_state_dict()) <= set(model.state_dict())
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters())  # each module once
+    text = corpus(1, seed=3)[0]
+    with torch.no_grad():  # padding changes nothing (DeBERTa's relative positions included)
+        assert torch.allclose(net.eval()(batch(tokenizer, text)), net(batch(tokenizer, text, pad_to=32)), atol=1e-5)
 
 
 def test_layers_group_into_runs_of_about_equal_length():

@@ -45,7 +45,7 @@ def make_tokenizer(folder: Path):
 
 def encoder(kind: str, tokenizer, hidden: int, layers: int, folder: Optional[Path] = None, num_labels: int = 3,
             positions: int = 64, initializer_range: float = 0.5):
-    """A tiny sequence classifier (bert, roberta, electra or distilbert), saved with the tokenizer to ``folder``."""
+    """A tiny sequence classifier (bert, roberta, electra, deberta or distilbert), saved with the tokenizer to ``folder``."""
     import transformers
 
     torch.manual_seed(0)
@@ -56,6 +56,10 @@ def encoder(kind: str, tokenizer, hidden: int, layers: int, folder: Optional[Pat
         model = transformers.BertForSequenceClassification(transformers.BertConfig(**common))
     elif kind == "roberta":
         model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**common, pad_token_id=0))
+    elif kind == "deberta":  # v2 with relative positions in buckets, normed relative embeddings and the first layer's conv
+        model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+            **common, relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm", conv_kernel_size=3,
+            pos_att_type=["p2c", "c2p"], share_att_key=True))
     elif kind == "electra":
         model = transformers.ElectraForSequenceClassification(transformers.ElectraConfig(**common, embedding_size=hidden))
     else:

@@ -1,5 +1,5 @@
 """Text classifiers as blocks: a Hugging Face encoder (``AutoModelForSequenceClassification`` of the BERT,
-RoBERTa, ELECTRA or DistilBERT families) cut into its embeddings and groups of consecutive encoder layers,
+RoBERTa, ELECTRA, DistilBERT or DeBERTa families) cut into its embeddings and groups of consecutive encoder layers,
 with its own pooler and classifier as the head. The modules are the model's own (shared, not copied): its
 parameter names are kept (``BlockNet.source_state_dict``) and ``model.save_pretrained`` saves what trained.
 
@@ -55,13 +55,46 @@ def split_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Embeddings(nn.Module):
     """Block 1: the token, position and segment embeddings of a packed batch, the mask carried along."""
 
-    def __init__(self, embeddings: nn.Module, uses_token_types: bool) -> None:
+    def __init__(self, embeddings: nn.Module, uses_token_types: bool, takes_mask: bool = False) -> None:
         super().__init__()
-        self.embeddings, self.uses_token_types = embeddings, uses_token_types
+        self.embeddings, self.uses_token_types, self.takes_mask = embeddings, uses_token_types, takes_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask, types = x.unbind(1)
-        hidden = self.embeddings(input_ids=ids, token_type_ids=types) if self.uses_token_types else self.embeddings(ids)
+        if self.takes_mask:  # DeBERTa zeroes the padding's embeddings itself
+            hidden = self.embeddings(input_ids=ids, token_type_ids=types, mask=mask)
+        elif self.uses_token_types:
+            hidden = self.embeddings(input_ids=ids, token_type_ids=types)
+        else:
+            hidden = self.embeddings(ids)
+        return with_mask(hidden, mask)
+
+
+class DebertaLayers(nn.Module):
+    """Consecutive DeBERTa layers with the encoder's relative positions and embeddings. The encoder's own
+    modules (relative embeddings, their norm, the first layer's convolution) are registered in the block of
+    layer 0 only, and read from there by the others (so that they train and move once)."""
+
+    def __init__(self, encoder: nn.Module, run: range) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([encoder.layer[i] for i in run])
+        self.first = run[0] == 0
+        if self.first:
+            self.encoder_parts = nn.ModuleDict({k: getattr(encoder, k) for k in ("rel_embeddings", "LayerNorm", "conv")
+                                                if isinstance(getattr(encoder, k, None), nn.Module)})
+        self.encoder = [encoder]  # its methods (relative positions, attention mask), not registered again
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, mask = split_mask(x)
+        encoder = self.encoder[0]
+        attention = encoder.get_attention_mask(mask.long())
+        relative = encoder.get_rel_pos(hidden)
+        rel_embeddings = encoder.get_rel_embedding()
+        start = hidden
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, attention, relative_pos=relative, rel_embeddings=rel_embeddings)[0]
+            if self.first and i == 0 and getattr(encoder, "conv", None) is not None:
+                hidden = encoder.conv(start, hidden, mask.long())
         return with_mask(hidden, mask)
 
 
@@ -143,17 +176,23 @@ def from_hf(model: nn.Module, groups: Optional[int] = None, sample: Optional[tor
         head = ClassifierHead("distilbert", model.classifier, pre_classifier=model.pre_classifier, dropout=model.dropout)
     elif hasattr(model, "base_model") and hasattr(getattr(model.base_model, "encoder", None), "layer"):
         base, layers, distilbert = model.base_model, list(model.base_model.encoder.layer), False
-        if getattr(base, "pooler", None) is not None and hasattr(model, "dropout"):  # BERT's layout
+        if kind.startswith("deberta"):  # the context pooler on the first token, dropout, classifier
+            head = ClassifierHead("pooled", model.classifier, pooler=model.pooler, dropout=model.dropout)
+        elif getattr(base, "pooler", None) is not None and hasattr(model, "dropout"):  # BERT's layout
             head = ClassifierHead("pooled", model.classifier, pooler=base.pooler, dropout=model.dropout)
         else:  # RoBERTa, ELECTRA: the head reads the sequence itself
             head = ClassifierHead("sequence", model.classifier)
     else:
         raise ValueError(f"{type(model).__name__} ({kind or 'unknown type'}) is not an encoder bkd cuts into blocks: "
-                         "give a sequence classifier of the BERT, RoBERTa, ELECTRA or DistilBERT families.")
+                         "give a sequence classifier of the BERT, RoBERTa, ELECTRA, DistilBERT or DeBERTa families.")
     uses_types = not distilbert and getattr(model.config, "type_vocab_size", 0) > 0
-    blocks: list[nn.Module] = [Embeddings(base.embeddings, uses_types)]
+    deberta = kind.startswith("deberta")
+    blocks: list[nn.Module] = [Embeddings(base.embeddings, uses_types, takes_mask=deberta)]
     runs = layer_runs(ends, len(layers)) if ends is not None else group_layers(len(layers), groups or len(layers))
-    blocks += [EncoderLayers([layers[i] for i in run], model.config, distilbert) for run in runs]
+    if deberta:
+        blocks += [DebertaLayers(base.encoder, run) for run in runs]
+    else:
+        blocks += [EncoderLayers([layers[i] for i in run], model.config, distilbert) for run in runs]
     net = BlockNet(blocks, head)
     net.remember_source(model)
     net.block_ends = ["embeddings"] + [f"layer.{run[-1]}" for run in runs]

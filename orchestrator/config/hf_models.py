@@ -1,5 +1,5 @@
 """``pair.teacher=hf:NAME_OR_PATH`` / ``pair.student=hf:...``: a Hugging Face sequence classifier (BERT,
-RoBERTa, ELECTRA, DistilBERT) from a local folder or the hub, with ``num_labels`` from the data, cut into its
+RoBERTa, ELECTRA, DistilBERT, DeBERTa) from a local folder or the hub, with ``num_labels`` from the data, cut into its
 embeddings and runs of encoder layers (``bkd_core.models.text``).
 
 A student comes from its folder's weights; from its config alone (a folder without weights, or
@@ -63,7 +63,7 @@ def load_classifier(spec: str, num_classes: int, key: str, overrides: Optional[d
             return AutoModelForSequenceClassification.from_pretrained(source, config=config, ignore_mismatched_sizes=True)
     except ValueError as exc:  # a config no sequence classifier exists for (an image or a decoder-only model)
         raise ConfigError(key, f"{spec} is not a sequence classifier bkd can train ({str(exc).splitlines()[0][:160]}); give "
-                          "a BERT, RoBERTa, ELECTRA or DistilBERT encoder (AutoModelForSequenceClassification).") from None
+                          "a BERT, RoBERTa, ELECTRA, DistilBERT or DeBERTa encoder (AutoModelForSequenceClassification).") from None
     except (OSError, TypeError) as exc:
         raise ConfigError(key, f"cannot load {spec} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); give a folder "
                           "saved with save_pretrained (config.json and weights) or a hub name this machine can reach.") from None
