@@ -148,6 +148,17 @@ def test_students_from_a_config_or_the_teachers_layers_and_a_given_teacher(world
     assert "MACs/token" in out and "SequenceConnector 608 params" in out and "texts of up to 32 tokens" in out, out
 
 
+def test_the_text_recipe_validates_with_adamw_and_every_compared_methods_configuration(world, tmp_path):
+    from orchestrator.search.comparison import checked_configs
+
+    job = validate(compose(args(world, tmp_path, "recipe=text_bert")))
+    t = job.cfg.train
+    assert (t.epochs, t.batch_size, t.optimizer, t.schedule, t.warmup_epochs) == (10, 32, "adamw", "linear", 1)
+    assert job.cfg.search["params"]["lr"] == {"low": 1e-5, "high": 2e-4, "log": True, "default": 5e-5}
+    configs = checked_configs(job)
+    assert set(configs) == {"none", "kd", "blockkd"} and all(c.config["lr"] == 5e-5 for c in configs.values())
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
