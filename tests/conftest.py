@@ -110,3 +110,21 @@ def _migrated_mlflow_store(request) -> None:
     """Every test's ``tmp_path/mlflow.db`` starts as the migrated empty store (``migrated_mlflow_store``)."""
     if "tmp_path" in request.fixturenames:
         migrated_mlflow_store(request.getfixturevalue("tmp_path") / "mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One in-process local Ray cluster (2 CPUs, no dashboard: nothing reads it) for every module that trains in
+    this process; those modules run last, together (``pytest_collection_modifyitems``), so it starts once."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Whole modules that use the shared ``ray_cluster`` move to the end, in their order: the modules before them
+    (their own `ray start` clusters and subprocess commands) run with no Ray in this process, as they expect."""
+    shared = {item.module.__name__ for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.module.__name__ in shared)

@@ -77,12 +77,6 @@ def with_random_teacher(tmp_path, name):
             f"tune.name={name}", f"teacher.checkpoint={teacher}"]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # nothing here reads it
-    yield
-    ray.shutdown()
-
 
 ALL_METHODS = ["none", "kd", "dkd", "fitnet", "at", "rkd", "crd", "reviewkd", "ofa", "dist", "loca", "blockkd"]
 

@@ -4,7 +4,6 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -18,12 +17,6 @@ from orchestrator.console.cli import entry_point
 
 pytestmark = pytest.mark.ray
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # nothing here reads it
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

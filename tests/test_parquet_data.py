@@ -56,7 +56,7 @@ def prepare(*args: str, env: Optional[dict[str, str]] = None) -> subprocess.Comp
 
 
 def prepare_here(*args: str) -> subprocess.CompletedProcess:
-    """The same command run in this process, on the Ray cluster this process joined (``ray_local``): its exit code
+    """The same command run in this process, on the Ray cluster this process joined (``ray_cluster``): its exit code
     and console, without a process and a cluster to start."""
     from orchestrator import prepare as prepare_entry
 
@@ -67,16 +67,7 @@ def prepare_here(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
+def prepared(tmp_path_factory, ray_cluster):
     """The test folder prepared once: 5 files planned per shard, images re-encoded at most 128 px."""
     tmp = tmp_path_factory.mktemp("parquet")
     src, dst = write_folder(tmp / "images"), tmp / "shards"
@@ -119,7 +110,7 @@ def test_prepare_writes_shards_skips_bad_files_and_resumes(prepared):
     (lambda p: (p / "train" / "a").mkdir(parents=True) or (p / "val").mkdir() or (p / "train" / "a" / "x.jpg").write_text("no"),
      "no readable image"),
 ])
-def test_prepare_refuses_bad_sources(tmp_path, make, fragment, ray_local):
+def test_prepare_refuses_bad_sources(tmp_path, make, fragment, ray_cluster):
     src = tmp_path / "src"
     make(src)
     done = prepare_here(f"source={src}", f"output={tmp_path}/out")

@@ -72,8 +72,12 @@ def test_every_file_format_gives_the_same_tokens_and_the_cache_is_read_not_rebui
     assert "tokenized" not in capsys.readouterr().out and (folder / "train.parquet").stat().st_mtime_ns == stamp
     assert torch.equal(again.train.tokens, loaded["csv"].train.tokens)
     assert len(list((tmp_path / "cache").iterdir())) == 3  # one folder per source; nothing left half-written
+    with open(tmp_path / "csv" / "train.csv", "a") as fh:  # a changed file is tokenized again
+        fh.write("a great movie,positive\n")
+    assert len(load_text(text_data(tmp_path / "csv", tmp_path / "cache")).train) == 61
+    assert "[bkd] data: tokenized 61 training" in capsys.readouterr().out
 
-    held = load_dataset(text_data(tmp_path / "csv", tmp_path / "cache", val_fraction=0.2))
+    held = load_dataset(text_data(tmp_path / "jsonl", tmp_path / "cache", val_fraction=0.2))
     assert len(held.val) + len(held.train) == 60
     counts = lambda d: torch.bincount(d.labels, minlength=3)  # noqa: E731
     assert torch.all((counts(held.val) - 0.2 * counts(loaded["csv"].train)).abs() <= 1)  # stratified
@@ -158,12 +162,6 @@ def test_the_text_recipe_validates_with_adamw_and_every_compared_methods_configu
     configs = checked_configs(job)
     assert set(configs) == {"none", "kd", "blockkd"} and all(c.config["lr"] == 5e-5 for c in configs.values())
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 TRAINING = ["recipe=text_bert", "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0",

@@ -156,20 +156,20 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 def source_digest(d: TextData) -> str:
+    """The files by path, size and modification time (every trial computes it: no reading of the corpus), or
+    the hub dataset by name."""
     if d.hub:
         return f"hub:{d.hub}:{d.hub_config}"
-    sha = hashlib.sha1()
+    stamps = []
     for split in ("train", d.test_split):
-        path = split_file(str(d.root), split)
-        sha.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                sha.update(chunk)
-    return sha.hexdigest()[:16]
+        path = split_file(str(d.root), split).resolve()
+        stat = path.stat()
+        stamps.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha1(json.dumps(stamps).encode()).hexdigest()[:16]
 
 
 def cache_folder(d: TextData, tokenizer: Any) -> Path:
-    """The cache folder of this data, tokenizer, max_length and columns."""
+    """The cache folder of this data (its files as they are now), tokenizer, max_length and columns."""
     key = {"source": source_digest(d), "tokenizer": tokenizer_digest(tokenizer), "max_length": d.max_length,
            "columns": [d.text_column, d.text_pair_column, d.label_column], "test": d.test_split}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
