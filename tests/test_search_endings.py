@@ -197,67 +197,69 @@ def assert_the_teacher_continued(search: Search, logged: list[int], epochs: int)
     assert search.steps(teacher) == list(range(1, epochs + 1)), "one point per teacher epoch, in the same run"
 
 
-def test_killed_driver_mid_teacher_and_after_a_trial_resumes_without_training_anything_finished_again(tmp):
-    """The default path: SIGKILL to the driver alone while the command trains its teacher; the resume
-    continues the teacher (its first epoch > 1, the same run). SIGKILL again at once after the first
-    trial's run is FINISHED (Tune's snapshot is then older than that end): the next resume reuses the
-    finished teacher and does not train that trial again (one point per epoch)."""
-    search = Search(tmp, "faults", "teacher.epochs=7", "tune.num_samples=2", "tune.max_concurrent=1", "tune.scheduler=none",
-                    "train.epochs=4", "train.checkpoint_min_interval_s=0", own_teacher=True)
+def trial_steps(search: Search) -> dict[str, int]:
+    """How many epochs each trial's run has logged so far, by trial id."""
+    return {r.data.tags["bkd.trial_id"]: len(search.steps(r)) for r in search.trials()}
+
+
+def test_the_default_path_killed_and_interrupted_every_way_resumes_without_training_anything_finished_again(tmp):
+    """The default command (it trains its teacher first), stopped every way a user stops it, each time resumed
+    with the command it printed:
+    1. SIGKILL to the driver alone mid-teacher: the teacher's run stays RUNNING;
+    2. the resume continues the teacher (its first epoch > 1, the same run); Ctrl-C (SIGINT to the process group)
+       while it trains: exit 130, the teacher's run KILLED, the resume command last;
+    3. the resume continues the teacher again, to its end, then the trials; SIGKILL at once after the first trial's
+       run is FINISHED (Tune's snapshot is then older than that end);
+    4. the resume reuses the finished teacher and does not train that trial again; Ctrl-C once the other trial
+       logs an epoch stops it within a minute (exit 130, trial INTERRUPTED, run KILLED);
+    5. the last resume finishes the search with the true best, one point per epoch in every run."""
+    epochs = 20
+    search = Search(tmp, "stops", f"teacher.epochs={epochs}", "tune.num_samples=2", "tune.max_concurrent=1",
+                    "tune.scheduler=none", "train.epochs=8", "train.checkpoint_min_interval_s=0", own_teacher=True)
     try:
-        logged = interrupt_the_teacher(search, lambda s: s.proc.send_signal(signal.SIGKILL), None, "", after_epoch=4)
+        logged = interrupt_the_teacher(search, lambda s: s.proc.send_signal(signal.SIGKILL), None, "", after_epoch=3)
+
+        search.start("tune.resume=true")
+        search.wait_for(lambda: len(search.teacher_epochs_printed()) >= 2, "two teacher epochs after the resume")
+        search.ctrl_c()
+        assert search.wait(120) == 130, search.output[-4000:]
+        printed = search.teacher_epochs_printed()
+        assert 1 < printed[0] <= len(logged) + 1 and printed[-1] < epochs, printed  # continued, then stopped
+        (teacher,) = search.teacher_runs()
+        assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
+        assert "the teacher's training (epoch" in search.output
+        assert last_line(search).startswith("python -m orchestrator.tune") and "tune.resume=true tune.name=stops" in last_line(search)
+        assert_console_is_bkds(search.output)
+        logged = search.steps(teacher)
+        assert logged == list(range(1, len(logged) + 1)), logged
 
         search.start("tune.resume=true")
         search.wait_for(lambda: any(r.info.status == "FINISHED" for r in search.trials()), "a finished trial")
         search.proc.send_signal(signal.SIGKILL)
         search.wait(60)
-        assert_the_teacher_continued(search, logged, 7)
+        assert_the_teacher_continued(search, logged, epochs)
         finished_before = {r.data.tags["bkd.trial_id"] for r in search.trials() if r.info.status == "FINISHED"}
         assert finished_before
 
-        assert search.run("tune.resume=true") == 0, search.output[-4000:]
-        assert "reusing teacher from MLflow run" in search.output and not search.teacher_epochs_printed()
-        assert search.parent().info.status == "FINISHED"
-        runs = {r.data.tags["bkd.trial_id"]: r for r in search.trials()}
-        assert not [r for r in runs.values() if r.info.status == "RUNNING"]
-        for trial in finished_before:
-            assert runs[trial].info.status == "FINISHED"
-            assert search.steps(runs[trial]) == [1, 2, 3, 4], "a finished trial was trained again"
-        for run in runs.values():  # a trial the kill interrupted continues, or ends KILLED: never two points a step
-            steps = search.steps(run)
-            assert len(steps) == len(set(steps)), (run.data.tags["bkd.trial_id"], steps)
-        rows = search.rows()
-        assert len(rows) == 2 and all(r["status"] == "FINISHED" and r["epochs"] == 4 for r in rows), rows
-        assert finished_before <= {r["trial_id"] for r in rows}
-    finally:
-        search.kill()
-
-
-def test_ctrl_c_mid_teacher_and_mid_trials_ends_killed_with_exit_130_and_each_resume_continues(tmp):
-    """The default path, as a user stops it: Ctrl-C (SIGINT to the process group) while the command trains
-    its teacher: exit 130, the teacher's run KILLED, the resume command last. The resume continues the
-    teacher in the same run, then the trials start; Ctrl-C there stops them within a minute (exit 130,
-    trials INTERRUPTED, runs KILLED). The next resume reuses the finished teacher and finishes the search
-    with the true best."""
-    search = Search(tmp, "ctrl-c", "teacher.epochs=7", "tune.num_samples=2", "train.epochs=8", "tune.scheduler=none",
-                    "train.checkpoint_min_interval_s=0", own_teacher=True)
-    try:
-        logged = interrupt_the_teacher(search, Search.ctrl_c, 130, "interrupted (SIGINT)")
-
+        before = trial_steps(search)
+        before_runs = {r.info.run_id: len(search.steps(r)) for r in search.trials()}
         search.start("tune.resume=true")
-        search.wait_for(lambda: any("val_acc" in r.data.metrics for r in search.trials()), "a logged trial epoch")
+        search.wait_for(lambda: any(n > before.get(t, 0) for t, n in trial_steps(search).items() if t not in finished_before),
+                        "an epoch of the unfinished trial")
         sent = time.time()
         search.ctrl_c()
         assert search.wait(120) == 130, search.output[-4000:]
         assert time.time() - sent < 60, "the driver took over a minute to stop"
-        assert_the_teacher_continued(search, logged, 7)
+        assert "reusing teacher from MLflow run" in search.output and not search.teacher_epochs_printed()
         assert search.parent().info.status == "KILLED"
         assert search.parent().data.tags["bkd.end_reason"] == "interrupted (SIGINT)"
         interrupted = [r for r in search.trials() if r.info.status != "FINISHED"]
         assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
+        stopped_runs = {r.info.run_id for r in interrupted if len(search.steps(r)) > before_runs.get(r.info.run_id, 0)}
+        assert stopped_runs, "the Ctrl-C stopped no trial that was training"
         rows = search.rows()
         assert rows and {r["status"] for r in rows} <= {"FINISHED", "INTERRUPTED"} and "INTERRUPTED" in {r["status"] for r in rows}
-        assert "tune.resume=true tune.name=ctrl-c" in last_line(search) and last_line(search).startswith("python -m orchestrator.tune")
+        assert "tune.resume=true tune.name=stops" in last_line(search) and last_line(search).startswith("python -m orchestrator.tune")
         assert_console_is_bkds(search.output)  # Tune's own `Tuner.restore(...)` hint included
 
         assert search.run("tune.resume=true") == 0, search.output[-4000:]
@@ -266,15 +268,21 @@ def test_ctrl_c_mid_teacher_and_mid_trials_ends_killed_with_exit_130_and_each_re
         parent = search.parent()
         assert parent.info.status == "FINISHED" and "bkd.end_reason" not in parent.data.tags
         rows = search.rows()
-        assert len(rows) == 2 and all(r["status"] == "FINISHED" for r in rows), rows
+        assert len(rows) == 2 and all(r["status"] == "FINISHED" and r["epochs"] == 8 for r in rows), rows
+        assert finished_before <= {r["trial_id"] for r in rows}
         best = rows[0]
         assert parent.data.tags["best.trial_id"] == best["trial_id"]
         assert parent.data.metrics["best_val_acc"] == pytest.approx(best["val_acc"])
-        for run in search.trials():
-            assert run.info.status == "FINISHED"
-            steps = search.steps(run)
-            assert steps == list(range(1, 9)), (run.data.tags["bkd.trial_id"], steps)
-        assert not list((tmp / "out" / "ctrl-c").glob("mlflow_pending_*")), "a refused write was taken for an outage"
+        runs = search.trials()
+        done = {r.data.tags["bkd.trial_id"]: r for r in runs if r.info.status == "FINISHED"}
+        assert set(done) == {r["trial_id"] for r in rows}, "every trial ends FINISHED in one run"
+        for trial, run in done.items():  # a finished trial was not trained again; an interrupted one continued
+            assert search.steps(run) == list(range(1, 9)), (trial, search.steps(run))
+        assert stopped_runs <= {r.info.run_id for r in done.values()}, "Ctrl-C'd trials continue in their own runs"
+        for run in runs:  # a run the SIGKILL left behind ends KILLED, never RUNNING, never two points a step
+            assert run.info.status in ("FINISHED", "KILLED")
+            assert len(search.steps(run)) == len(set(search.steps(run))), run.data.tags["bkd.trial_id"]
+        assert not list((tmp / "out" / "stops").glob("mlflow_pending_*")), "a refused write was taken for an outage"
     finally:
         search.kill()
 

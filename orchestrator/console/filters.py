@@ -72,8 +72,12 @@ def quiet_worker() -> None:
 
 def drop_tune_records(record: logging.LogRecord) -> bool:
     """A logging filter: Tune's "Trial task failed" record (pages of traceback), its "Stop signal received"
-    line (bkd says what it stops) and its "Resume experiment with: Tuner.restore(...)" hint are not printed."""
+    line (bkd says what it stops), its "Resume experiment with: Tuner.restore(...)" hint, and its traceback when a
+    resumed trial cannot delete an old checkpoint that a killed driver's run had deleted already (Tune has
+    recorded the new checkpoint before it tries) are not printed."""
     text = str(record.msg)
+    if text.startswith("Trial %s: Error handling checkpoint") and record.exc_info and record.exc_info[0] is FileNotFoundError:
+        return False  # a resumed trial's old checkpoint that the interrupted process had already deleted: nothing lost
     return not (text.startswith(("Trial task failed for trial", "Stop signal received", "Trials did not complete"))
                 or "Tuner.restore(" in text
                 or "Resume training with" in text)
