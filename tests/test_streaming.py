@@ -55,7 +55,7 @@ def write_shards(root, count: int, classes: int, size=(400, 300), per_shard: int
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_cluster):
+def shards(tmp_path_factory, bucket_ray):
     """The test folder of test_parquet_data (odd sizes, grayscale, CMYK, PNG, a truncated file) through prepare."""
     tmp = tmp_path_factory.mktemp("stream")
     done = prepare_here(f"source={write_folder(tmp / 'images')}", f"output={tmp / 'shards'}", "max_side=96")
@@ -64,14 +64,14 @@ def shards(tmp_path_factory, ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(bucket):
+def bucket_ray(bucket):
     """Started after the S3 server: its workers inherit AWS_*, as a cluster's nodes have their credentials."""
     ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)  # nothing here reads it
     yield
     ray.shutdown()
 
 
-def test_tune_streams_shards_into_trials_and_keeps_cpus_free_for_their_data(shards, ray_cluster, tmp_path, capsys):
+def test_tune_streams_shards_into_trials_and_keeps_cpus_free_for_their_data(shards, bucket_ray, tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(models.create("tiny_resnet", len(CLASSES), 3).state_dict(), tmp_path / "teacher.pt")  # no teacher run
     argv = [f"teacher.checkpoint={tmp_path / 'teacher.pt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
@@ -93,7 +93,7 @@ def test_tune_streams_shards_into_trials_and_keeps_cpus_free_for_their_data(shar
     assert all(r["test_acc"] is not None for r in rows), "every trial scores its final weights on the test split"
 
 
-def test_a_streamed_search_selects_on_the_held_out_split_not_on_the_test_split(ray_cluster, tmp_path):
+def test_a_streamed_search_selects_on_the_held_out_split_not_on_the_test_split(bucket_ray, tmp_path):
     """Test labels shuffled: a search that selects on data held out of training sees its trials learn
     (val_acc far above chance) and reports test_acc at chance; on the old protocol both were the test's."""
     folder = write_unlearnable_test_folder(tmp_path / "images", train_per_class=30)
@@ -109,7 +109,7 @@ def test_a_streamed_search_selects_on_the_held_out_split_not_on_the_test_split(r
     assert row["val_acc"] > 70 and row["test_acc"] < 60, row  # chance: 33 %
 
 
-def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_cluster, tmp_path):
+def test_two_workers_share_every_training_image_exactly_once_per_epoch(bucket_ray, tmp_path):
     write_shards(tmp_path / "shards", count=48, classes=48, size=(64, 48), per_shard=16)
     data_cfg = ParquetData(root=str(tmp_path / "shards"), image_size=16, shuffle_buffer=8)
 
@@ -131,14 +131,14 @@ def test_two_workers_share_every_training_image_exactly_once_per_epoch(ray_clust
         assert len(rank0) == len(rank1) == 24 and sorted(rank0 + rank1) == list(range(48)), (rank0, rank1)
 
 
-def test_the_ray_data_feed_drops_and_counts_a_corrupt_row(ray_cluster, tmp_path):
+def test_the_ray_data_feed_drops_and_counts_a_corrupt_row(bucket_ray, tmp_path):
     write_with_corrupt_rows(tmp_path / "shards", good=120, corrupt=1)
     data_cfg = ParquetData(root=str(tmp_path / "shards"), image_size=16, shuffle_buffer=0)
     loader = StreamLoader(make_dataset(data_cfg, FOLDERS, "train"), 121, 16, False, torch.device("cpu"))
     assert sum(y.shape[0] for _, y in loader) == 120 and loader.skipped == 1
 
 
-def test_a_trial_on_corrupt_shards_fails_with_one_line_naming_the_cause(ray_cluster, tmp_path, capsys):
+def test_a_trial_on_corrupt_shards_fails_with_one_line_naming_the_cause(bucket_ray, tmp_path, capsys):
     write_with_corrupt_rows(tmp_path / "shards", good=60, corrupt=6)
     torch.manual_seed(0)
     torch.save(models.create("tiny_resnet", len(CLASSES), 3).state_dict(), tmp_path / "teacher.pt")
@@ -159,7 +159,7 @@ def rss_mb(kind: str = "VmRSS") -> float:
     return int(line.split()[1]) / 1024
 
 
-def test_memory_stays_flat_while_an_epoch_streams(ray_cluster, tmp_path):
+def test_memory_stays_flat_while_an_epoch_streams(bucket_ray, tmp_path):
     """3,000 images at 160 px (220 MB decoded as uint8): the consumer's own memory (RssAnon) in the last
     quarter of the epoch exceeds the second quarter's by less than half of that (measured: a streaming
     epoch 0-60 MB, malloc keeping a few 20-MB batches; a loader that kept its batches ~750 MB), and the
@@ -230,7 +230,7 @@ def bucket(tmp_path_factory):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, ray_cluster, tmp_path):
+def test_prepare_writes_to_a_bucket_and_trials_stream_from_it(bucket, bucket_ray, tmp_path):
     uri = f"{bucket}/shards"
     done = prepare(f"source={write_folder(tmp_path / 'images')}", f"output={uri}", "max_side=64", env=dict(os.environ))  # a real command
     assert done.returncode == 0, done.stderr[-3000:]
