@@ -22,8 +22,9 @@ def usage(command: str) -> str:
             "train.batch_size", "teacher.checkpoint", "resources.use_gpu", "resources.workers_per_trial",
             "compare.methods", "compare.seeds", "mlflow.tracking_uri"]
     lines = [f"usage: python -m orchestrator.{command} [GROUP=OPTION | KEY=VALUE ...] [--cfg job] [--help]", "",
-             "Groups: data=<digits|mnist|fashion_mnist|cifar10|cifar100|image_folder|parquet|imagenet>, pair=<name>",
-             "        (orchestrator/conf/pair), search=<blockkd|kd|dkd|none|...>, recipe=<fashion_mnist|imagenet>.",
+             "Groups: data=<digits|mnist|fashion_mnist|cifar10|cifar100|image_folder|parquet|imagenet|text>, pair=<name>",
+             "        (orchestrator/conf/pair; text: pair.teacher=hf:FOLDER), search=<blockkd|kd|dkd|none|...>,",
+             "        recipe=<fashion_mnist|imagenet|cifar100_baselines|text_bert|...> (orchestrator/conf/recipe).",
              "Example: python -m orchestrator.tune data=image_folder data.root=/data/pets pair.teacher=mymodels:teacher "
              "tune.num_samples=32", "", "Main keys:"]
     for name in main:
