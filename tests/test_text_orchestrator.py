@@ -1,7 +1,6 @@
 """data=text through the orchestrator: text folders in every format (and a dataset read through `datasets`),
 the token cache, hf: teachers and students, every bad input refused before Ray, and a search and a comparison
 end to end on tiny BERT folders made here (real Ray, Optuna, MLflow; nothing from the hub)."""
-import os
 import re
 import shutil
 from pathlib import Path
@@ -83,12 +82,12 @@ def test_every_file_format_gives_the_same_tokens_and_the_cache_is_read_not_rebui
     assert torch.all((counts(held.val) - 0.2 * counts(loaded["csv"].train)).abs() <= 1)  # stratified
 
 
-def test_pair_tasks_take_a_second_text_and_hub_datasets_read_through_datasets(world, tmp_path):
+def test_pair_tasks_take_a_second_text_and_hub_datasets_read_through_datasets(world, tmp_path, monkeypatch):
     (tmp_path / "tokenizer").symlink_to(world / "tokenizer")
     pairs = load_text(text_data(write_text_folder(tmp_path / "pairs", 30, 10, pairs=True), tmp_path / "cache",
                                 text_pair_column="text_b"))
     assert pairs.train.tokens[:, 2].amax() == 1 and pairs.train.tokens[:, 2].sum() > 0  # the second segment
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     hub = load_text(TextData(hub=str(write_text_folder(tmp_path / "as-hub", 30, 10)), tokenizer=str(world / "tokenizer"),
                              cache_dir=str(tmp_path / "cache"), max_length=32))
     folder = load_text(text_data(tmp_path / "as-hub", tmp_path / "cache"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -70,7 +70,10 @@ def check_key(key: Key, value: Any, section: DictConfig) -> None:
         if value not in key.check.choices:
             raise ConfigError(key.name, f"must be {key.wanted()}; got {value!r}.")
         return
-    if key.check.ok is not None:
+    if key.check.ok is not None and get_origin(key.base) is list:  # a list checked whole, e.g. [low, high, default]
+        if not key.check.ok(list(value)):
+            raise ConfigError(key.name, f"must be {key.wanted()}; got {list(value)}.")
+    elif key.check.ok is not None:
         check_number(key.name, value, key.check.ok, key.wanted(), integer=key.base is int)
 
 

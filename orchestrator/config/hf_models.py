@@ -30,8 +30,8 @@ def is_hf(spec: Any) -> bool:
 
 
 def hf_source(spec: str) -> str:
-    """The folder (made absolute where it exists here) or hub name of an ``hf:`` spec."""
-    name = spec[len(PREFIX):]
+    """The folder (made absolute where it exists here) or hub name of an ``hf:`` spec (or of a bare name)."""
+    name = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
     return str(Path(name).resolve()) if Path(name).expanduser().exists() else name
 
 

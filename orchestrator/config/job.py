@@ -29,7 +29,16 @@ from orchestrator.config.compose import absolute_path
 from orchestrator.config.hf_models import check_text_pair, hf_source, is_hf
 from orchestrator.config.models import block_names, build_model, check_pretrained, spec_name
 from orchestrator.config.schema import BkdConfig, ParquetData, TextData
-from orchestrator.data.datasets import dataset_spec, describe_dataset, example_batch, image_of, selects_on_test, val_fraction
+from orchestrator.data.datasets import (
+    dataset_spec,
+    describe_dataset,
+    example_batch,
+    image_of,
+    is_text_shape,
+    selects_on_test,
+    val_fraction,
+)
+from orchestrator.data.text import default_cache_dir, load_tokenizer
 from search_spaces.space import (
     SearchSpaceError,
     TrialParams,
@@ -58,7 +67,7 @@ class DatasetInfo:
     @property
     def unit(self) -> str:
         """What the dataset's samples are, in messages: texts or images."""
-        return "texts" if len(self.shape) == 2 else "images"
+        return "texts" if is_text_shape(self.shape) else "images"
 
     def mlflow_input(self) -> dict[str, str]:
         """Name, digest and source, JSON-able (it travels in queued MLflow writes)."""
@@ -161,15 +170,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
                         for role in ("teacher", "student"))
     if isinstance(d, TextData):
-        from orchestrator.data.text import load_tokenizer
-
         check_text_pair(c, teacher, student, load_tokenizer(d.tokenizer))
-    lr_range = c.train.lr_range
-    if lr_range is not None and not (len(lr_range) == 3 and all(isinstance(v, (int, float)) for v in lr_range)
-                                     and 0 < lr_range[0] <= lr_range[2] <= lr_range[1]):
-        raise ConfigError("train.lr_range", f"must be [low, high, default] with 0 < low <= default <= high, e.g. "
-                          f"[1.0e-5, 2.0e-4, 5.0e-5]; got {lr_range}.")
-    c.search = with_lr_range(c.search, lr_range)
+    c.search = with_lr_range(c.search, c.train.lr_range)  # checked with every key (schema)
     search = c.search
     try:
         method = method_of(search)
@@ -273,8 +275,8 @@ def check_modality(c: BkdConfig) -> None:
     if bool(d.root) == bool(d.hub):
         raise ConfigError("data.root", "data=text reads either a folder (data.root=FOLDER with train.csv/.jsonl/.parquet and "
                           "test.*) or a Hugging Face dataset (data.hub=NAME data.hub_config=CONFIG); give exactly one.")
-    d.tokenizer = hf_source("hf:" + d.tokenizer) if d.tokenizer else hf_source(c.pair.teacher)
-    d.cache_dir = absolute_path(d.cache_dir or os.environ.get("BKD_CACHE_DIR") or str(Path.cwd() / "results" / "token-cache"))
+    d.tokenizer = hf_source(d.tokenizer or c.pair.teacher)
+    d.cache_dir = absolute_path(d.cache_dir or default_cache_dir())
     check_writable("data.cache_dir", d.cache_dir)
 
 

@@ -24,6 +24,7 @@ from bkd_core import BlockNet, models
 from bkd_core.graph_split import SplitError, evaluating, wrap
 from orchestrator.config.checks import ConfigError
 from orchestrator.config.compose import absolute_path
+from orchestrator.config.hf_models import PREFIX as HF_PREFIX
 from orchestrator.config.hf_models import build_hf, is_hf
 from orchestrator.config.schema import BkdConfig
 
@@ -37,7 +38,7 @@ def is_zoo(spec: Spec) -> bool:
 def spec_name(spec: Spec) -> str:
     """A short name for experiment and run names: the zoo name, the factory's or the target's."""
     if is_hf(spec):
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", spec[len("hf:"):].rstrip("/").rsplit("/", 1)[-1])
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", spec[len(HF_PREFIX):].rstrip("/").rsplit("/", 1)[-1])
     if isinstance(spec, str):
         return re.sub(r"[^A-Za-z0-9_.-]", "_", spec.split(":")[-1])
     if isinstance(spec, dict) and spec.get("_target_"):

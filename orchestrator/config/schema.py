@@ -54,20 +54,31 @@ COMPILE_MODES = ("reduce-overhead", "default", "max-autotune-no-cudagraphs")
 
 # --- data groups: one schema per kind of dataset -------------------------------------------------------
 
+def train_size_setting(unit: str) -> Any:
+    return setting(None, f"use at most this many training {unit}, after the hold-out (null: all)",
+                   at_least(1, f" (a number of training {unit}), or null for all"))
+
+
+def val_fraction_setting(unit: str) -> Any:
+    return setting(0.1, f"held out of the training {unit} (stratified by class) for selection; 0: select on the test split",
+                   Check(f"a fraction of the training {unit} in [0, 0.5] to hold out for selection (0: select on the test "
+                         "split)", lambda v: 0 <= v <= 0.5))
+
+
+def split_seed_setting(unit: str) -> Any:
+    return setting(0, f"which {unit} are held out: the same for every trial, method, teacher and seed")
+
+
 @dataclass
 class BuiltinData:
     """A dataset read into memory: digits (embedded), mnist, fashion_mnist, cifar10, cifar100."""
 
     name: str = setting("digits", "the dataset's loader")
     root: Optional[str] = setting(None, "the directory holding the dataset's files (digits: none)")
-    train_size: Optional[int] = setting(None, "use at most this many training images, after the hold-out (null: all)",
-                                        at_least(1, " (a number of training images), or null for all"))
+    train_size: Optional[int] = train_size_setting("images")
     in_memory: bool = setting(True, "decoded once into RAM, augmented on the device (the fast path for data that fits)")
-    val_fraction: Optional[float] = setting(
-        0.1, "held out of the training images (stratified by class) for selection; 0: select on the test split",
-        Check("a fraction of the training images in [0, 0.5] to hold out for selection (0: select on the test split)",
-              lambda v: 0 <= v <= 0.5))
-    split_seed: int = setting(0, "which images are held out: the same for every trial, method, teacher and seed")
+    val_fraction: Optional[float] = val_fraction_setting("images")
+    split_seed: int = split_seed_setting("images")
 
 
 @dataclass
@@ -126,14 +137,10 @@ class TextData:
                                        "(pair.teacher=hf:...)")
     cache_dir: Optional[str] = setting(None, "where token ids are cached as Parquet, one folder per (data, tokenizer, "
                                        "max_length); null: $BKD_CACHE_DIR, else <cwd>/results/token-cache")
-    train_size: Optional[int] = setting(None, "use at most this many training texts, after the hold-out (null: all)",
-                                        at_least(1, " (a number of training texts), or null for all"))
+    train_size: Optional[int] = train_size_setting("texts")
     in_memory: bool = setting(True, "token ids are held in RAM (the text path has no streaming of its own)")
-    val_fraction: Optional[float] = setting(
-        0.1, "held out of the training texts (stratified by class) for selection; 0: select on the test split",
-        Check("a fraction of the training texts in [0, 0.5] to hold out for selection (0: select on the test split)",
-              lambda v: 0 <= v <= 0.5))
-    split_seed: int = setting(0, "which texts are held out: the same for every trial, method, teacher and seed")
+    val_fraction: Optional[float] = val_fraction_setting("texts")
+    split_seed: int = split_seed_setting("texts")
 
 
 DataConfig = Union[BuiltinData, ImageFolderData, ParquetData, TextData]  # the typed ``data`` of a composed config
@@ -170,7 +177,9 @@ class TrainSettings:
                              "with a warm-up is the usual recipe)", one_of("sgd", "adamw"))
     lr_range: Optional[list[float]] = setting(
         None, "[low, high, default]: the searched lr of every method's space (log scale), e.g. AdamW's [1e-5, 2e-4, 5e-5] "
-        "for text encoders; null: each space's own (SGD's)")
+        "for text encoders; null: each space's own (SGD's)",
+        Check("[low, high, default] with 0 < low <= default <= high, e.g. [1.0e-5, 2.0e-4, 5.0e-5]",
+              lambda v: len(v) == 3 and 0 < v[0] <= v[2] <= v[1]))
     momentum: float = setting(0.9, "SGD momentum; AdamW's beta1", Check("a number in [0, 1)", lambda v: 0 <= v < 1))
     weight_decay: float = setting(5.0e-4, "weight decay (AdamW: decoupled; 0.01 is usual)", at_least(0, integer=False))
     schedule: str = setting("cosine", "learning-rate schedule after the warm-up: cosine | step | linear (to 0)",

@@ -11,6 +11,7 @@ import torch
 from bkd_core import data as bkd_data
 from orchestrator.config.checks import ConfigError
 from orchestrator.config.schema import DataConfig, ImageFolderData, ParquetData, TextData
+from orchestrator.data.text import load_text
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -35,16 +36,12 @@ def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
     ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
     (used by validation and workers)."""
     if isinstance(data_cfg, TextData):
-        from orchestrator.data.text import load_text
-
-        splits = load_text(data_cfg).hold_out(val_fraction(data_cfg), data_cfg.split_seed)
-        if data_cfg.train_size:
-            splits.train = splits.train.subset(data_cfg.train_size)
-        return splits
-    extra: dict[str, Any] = {"image_size": data_cfg.image_size} if isinstance(data_cfg, (ImageFolderData, ParquetData)) else {}
-    if isinstance(data_cfg, ParquetData):  # the shards hold val apart: decode no more training images than used
-        extra["train_size"] = data_cfg.train_size
-    splits = bkd_data.load(data_cfg.name, data_cfg.root, **extra)
+        splits = load_text(data_cfg)
+    else:
+        extra: dict[str, Any] = {"image_size": data_cfg.image_size} if isinstance(data_cfg, (ImageFolderData, ParquetData)) else {}
+        if isinstance(data_cfg, ParquetData):  # the shards hold val apart: decode no more training images than used
+            extra["train_size"] = data_cfg.train_size
+        splits = bkd_data.load(data_cfg.name, data_cfg.root, **extra)
     if isinstance(data_cfg, ParquetData):
         if selects_on_test(data_cfg):
             splits.val = None

@@ -8,6 +8,7 @@ max_length). The driver writes the cache while it validates; every trial and DDP
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -131,8 +132,10 @@ def class_names(d: TextData, train: TextColumns, test: TextColumns) -> list[Any]
     return names
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
-    """A Hugging Face fast tokenizer, padding on the right."""
+    """A Hugging Face fast tokenizer, padding on the right (loaded once per process: validation, the dataset, the
+    teacher's score and the student's export share it)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -151,8 +154,12 @@ def load_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
-    """Identifies a tokenizer by what it does: its full Rust definition (vocabulary, normaliser, specials)."""
-    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """Identifies a tokenizer by what it does: its Rust definition (vocabulary, normaliser, specials), without the
+    truncation and padding that the last call left set."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha1(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def source_digest(d: TextData) -> str:
@@ -173,8 +180,12 @@ def cache_folder(d: TextData, tokenizer: Any) -> Path:
     key = {"source": source_digest(d), "tokenizer": tokenizer_digest(tokenizer), "max_length": d.max_length,
            "columns": [d.text_column, d.text_pair_column, d.label_column], "test": d.test_split}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    root = d.cache_dir or os.environ.get("BKD_CACHE_DIR") or str(Path.cwd() / "results" / "token-cache")
-    return Path(root) / digest
+    return Path(d.cache_dir or default_cache_dir()) / digest
+
+
+def default_cache_dir() -> str:
+    """``data.cache_dir`` when null: $BKD_CACHE_DIR, else <cwd>/results/token-cache."""
+    return os.environ.get("BKD_CACHE_DIR") or str(Path.cwd() / "results" / "token-cache")
 
 
 def write_split(path: Path, data: TextDataset) -> None:
