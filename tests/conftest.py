@@ -95,9 +95,13 @@ def migrated_mlflow_store(target: Path) -> Path:
     import tempfile
 
     if not _TEMPLATE:
+        import atexit
+
         from mlflow.tracking import MlflowClient
 
-        path = Path(tempfile.mkdtemp(prefix="bkd-mlflow-template-")) / "mlflow.db"
+        folder = tempfile.mkdtemp(prefix="bkd-mlflow-template-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        path = Path(folder) / "mlflow.db"
         MlflowClient(f"sqlite:///{path}").search_experiments()
         _TEMPLATE.append(path)
     if not target.exists():

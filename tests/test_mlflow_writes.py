@@ -1,12 +1,13 @@
 """MLflowWriter against real stores: a write MLflow refuses is reported at once and left out (not
-taken for an outage); an unreachable server is an outage; a trial's repeated epochs are logged once."""
+taken for an outage); an unreachable server is an outage; a trial's repeated epochs are logged once; a run
+created by a try whose answer was lost gets its params."""
 import json
 import socket
 import time
 
-from conftest import free_port
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port
 from orchestrator.tracking.runs import answers
 from orchestrator.tracking.writer import MLflowWriter, Write, is_outage
 
@@ -78,6 +79,20 @@ def test_a_trial_restarted_from_an_older_checkpoint_logs_each_epoch_once(tmp_pat
         resumed.submit(metrics(step, 99.0))
     history = client.get_metric_history(writer.run_ids["t1"], "val_acc")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 99.0)]
+
+
+def test_a_trials_run_created_by_a_try_whose_answer_was_lost_still_gets_its_params(tmp_path):
+    """The server created the trial's run, then the connection dropped before its answer: the retry (or a resumed
+    driver) finds the run by its trial tag, logs its params once and makes no second run."""
+    uri, client, exp = store(tmp_path)
+    parent = client.create_run(exp).info.run_id
+    lost = client.create_run(exp, tags={"mlflow.parentRunId": parent, "bkd.trial_id": "t1", "bkd.role": "trial"})
+    writer = MLflowWriter(uri, exp, parent)
+    writer.submit(Write("start", {"params": {"lr": 0.1, "temperature": 4}}, "t1"))
+    writer.submit(Write("metrics", {"metrics": {"val_acc": 50.0}, "step": 1, "timestamp_ms": 0}, "t1"))
+    (run,) = client.search_runs([exp], filter_string="tags.`bkd.trial_id` = 't1'")
+    assert run.info.run_id == lost.info.run_id and run.data.params == {"lr": "0.1", "temperature": "4"}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
 
 
 def test_the_logged_student_serves_any_batch_size_through_pyfunc(tmp_path):

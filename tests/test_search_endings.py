@@ -1,8 +1,8 @@
-"""Every way a search ends, as a user meets it: `python -m orchestrator.tune` in a subprocess at the
+"""Every way a user stops a search, as their shell meets it: `python -m orchestrator.tune` in a subprocess at the
 defaults (a local Ray cluster started by the command, Tune's own snapshot timing, the teacher trained by
 the command where the test says so), a real MLflow sqlite store; the driver killed alone mid-teacher and
-right after a trial finished, Ctrl-C mid-teacher and mid-trials, SIGTERM, a time budget, and a search
-whose trials all diverge."""
+right after a trial finished, Ctrl-C mid-teacher and mid-trials, SIGTERM. A search ending by its own limits (a
+time budget, every trial diverging) is in test_search_limits."""
 import os
 import re
 import signal
@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, assert_console_is_bkds
 from mlflow.tracking import MlflowClient
 
 from bkd_core import models
+from conftest import REPO, assert_console_is_bkds
 
 pytestmark = pytest.mark.ray
 
@@ -128,34 +128,6 @@ def test_sigterm_ends_killed_with_exit_143(tmp):
         assert "tune.resume=true tune.name=term" in search.output.strip().splitlines()[-1]
     finally:
         search.kill()
-
-
-def test_time_budget_stops_trials_with_their_epochs_and_leaves_no_run_running(tmp):
-    search = Search(tmp, "budget", "tune.time_budget_s=12", "tune.num_samples=50", "train.epochs=400", "tune.scheduler=none")
-    code = search.run()
-    rows = search.rows()
-    assert code == 1, search.output[-3000:]  # no trial trained all its epochs
-    assert "no trial finished all its epochs" in search.output
-    assert rows and all(r["status"] == "OUT_OF_TIME" for r in rows), rows
-    assert all(r["epochs"] >= 1 and r["val_acc"] is not None and r["lr"] is not None for r in rows), rows
-    assert search.parent().info.status == "FINISHED"
-    runs = search.trials()
-    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
-    by_trial = {r.data.tags["bkd.trial_id"]: r for r in runs}
-    for row in rows:
-        run = by_trial[row["trial_id"]]
-        assert run.info.status == "KILLED" and run.data.tags["bkd.end_reason"] == "stopped by tune.time_budget_s"
-        assert search.steps(run)[-1] == row["epochs"]
-
-
-def test_a_search_whose_trials_all_diverge_exits_1_and_says_why(tmp):
-    search = Search(tmp, "all-bad", "search=kd", "search.params.lr.low=1.0e+8", "search.params.lr.high=1.0e+9",
-                    "tune.num_samples=2", "train.epochs=2", "tune.scheduler=none")
-    assert search.run() == 1, search.output[-3000:]
-    assert "no trial finished all its epochs; the first trial error: the training loss became NaN/inf" in search.output
-    assert {r["status"] for r in search.rows()} == {"DIVERGED"}
-    assert search.parent().info.status == "FAILED" and "NaN/inf" in search.parent().data.tags["bkd.error"]
-    assert not (tmp / "out" / "all-bad" / "student.pt").exists()
 
 
 # --- the default path: the command trains its teacher first ---------------------------------------------
@@ -294,13 +266,3 @@ def test_sigterm_mid_teacher_of_the_teacher_command_exits_143(tmp):
         assert last_line(search).startswith("python -m orchestrator.teacher")
     finally:
         search.kill()
-
-
-def test_time_budget_during_the_teacher_ends_its_run_killed_with_the_resume_command(tmp):
-    search = Search(tmp, "teacher-budget", "teacher.epochs=400", "tune.time_budget_s=8", own_teacher=True)
-    assert search.run() == 1, search.output[-4000:]
-    assert "tune.time_budget_s ran out: the teacher's training (epoch" in search.output
-    assert "tune.resume=true tune.name=teacher-budget" in last_line(search)
-    (teacher,) = search.teacher_runs()
-    assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "stopped by tune.time_budget_s"
-    assert search.steps(teacher), "the epochs it trained are logged"

@@ -161,6 +161,8 @@ class MLflowWriter:
                                         tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: write.trial_id, ROLE_TAG: "trial"})
                 run_id = self.run_ids[write.trial_id] = run.info.run_id
                 args["created"] = True  # if logging the params fails, the retry logs them, not a second run
+            elif not args.get("created") and not client.get_run(run_id).data.params:
+                args["created"] = True  # created by a try whose answer an outage lost: its params are still to log
             if args.get("created"):
                 log_params(client, run_id, args["params"])
                 if args.get("dataset"):

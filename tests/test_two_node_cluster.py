@@ -1,9 +1,15 @@
-"""Multi-node placement, a killed trial process, a killed driver, a diverging trial: on a real
-two-node Ray cluster (`ray start --head` and `ray start --address=...` on this machine)."""
+"""On a real two-node Ray cluster (`ray start --head` and `ray start --address=...` on this machine): `ray job submit`,
+a command joining the cluster, multi-node placement, a killed trial process, a killed DDP worker, diverging trials,
+MLflow outages."""
+import contextlib
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -15,6 +21,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
+from test_parquet_data import prepare, write_folder
 
 from bkd_core import models
 from conftest import BIN, REPO, free_port, migrated_mlflow_store, write_idx
@@ -29,19 +36,57 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    port = free_port()
+    port, dashboard = free_port(), free_port()
     ray_cmd = [str(BIN / "ray"), "start", "--disable-usage-stats", "--num-cpus=1"]
-    subprocess.run(ray_cmd + ["--head", f"--port={port}", f"--dashboard-port={free_port()}"], env=env, check=True,
+    subprocess.run(ray_cmd + ["--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-port={dashboard}"], env=env,
+                   check=True, capture_output=True, timeout=180)
+    # the second node keeps its own temp folder, as on another machine: sharing the head's, its runtime-env agent
+    # would delete a job's working_dir under the job's driver once its own trials are done with it
+    node_dir = tempfile.mkdtemp(prefix="ray-node2-")
+    subprocess.run(ray_cmd + [f"--address=127.0.0.1:{port}", f"--temp-dir={node_dir}"], env=env, check=True,
                    capture_output=True, timeout=180)
-    subprocess.run(ray_cmd + [f"--address=127.0.0.1:{port}"], env=env, check=True, capture_output=True, timeout=180)
     ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
     deadline = time.time() + 60
     while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
         time.sleep(1)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    yield {"address": f"127.0.0.1:{port}", "env": env, "tmp": tmp_path_factory.mktemp("rel")}
+    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+           "tmp": tmp_path_factory.mktemp("rel")}
     ray.shutdown()
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(node_dir, ignore_errors=True)
+
+
+def test_job_submit_succeeds(two_nodes, tmp_path):
+    env = two_nodes["env"]
+    overrides = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray",
+                 f"output_dir={tmp_path}/out", "tune.name=job", "tune.num_samples=2", "train.epochs=1", "teacher.epochs=1"]
+    submit = subprocess.run([BIN / "ray", "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(REPO),
+                             "--no-wait", "--", "python", "-m", "orchestrator.tune", *overrides],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert submit.returncode == 0, submit.stderr
+    job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr).group(1)
+    logs = subprocess.run([BIN / "ray", "job", "logs", "--address", two_nodes["dashboard"], "--follow", job_id],
+                          env=env, capture_output=True, text=True, timeout=600)
+    status = subprocess.run([BIN / "ray", "job", "status", "--address", two_nodes["dashboard"], job_id],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert f"Job '{job_id}' succeeded" in status.stdout, logs.stdout[-3000:] + status.stdout
+    assert "mlflow ui --backend-store-uri" in logs.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("bkd")
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`bkd.role` = 'trial'")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert (tmp_path / "out" / "job" / "trials.parquet").is_file()
+
+
+def test_a_command_run_on_the_head_joins_its_cluster_without_ray_num_cpus(two_nodes, tmp_path):
+    """A cluster started by `ray start` is joined by a later command on the same machine (Ray's rule for a null
+    ray.address); Ray refuses num_cpus when it joins, so the setting is left out with a line that says so."""
+    env = {k: v for k, v in two_nodes["env"].items() if k != "RAY_ADDRESS"}
+    done = prepare(f"source={write_folder(tmp_path / 'images', per_class=2)}", f"output={tmp_path}/shards", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ray.num_cpus=2 is left out: joining the Ray cluster already running" in done.stderr
+    assert "Connecting to existing Ray cluster" in done.stderr and (tmp_path / "shards" / "classes.json").is_file()
 
 
 def base(tmp, name, teacher=None):
@@ -67,18 +112,6 @@ def random_teacher(tmp, name, classes=10, channels=1) -> Path:
     torch.manual_seed(0)
     torch.save(models.create("tiny_resnet", classes, channels).state_dict(), path)
     return path
-
-
-def test_trial_spread_over_two_nodes(two_nodes):
-    tmp = two_nodes["tmp"]
-    argv = base(tmp, "spread") + ["resources.workers_per_trial=2", "resources.placement_strategy=STRICT_SPREAD",
-                                  "train.epochs=2", "fixed.cuts=[2,3]"]
-    assert entry_point(train_entry.run, argv) == 0
-    (row,) = pq.read_table(tmp / "out" / "spread" / "trials.parquet").to_pylist()
-    assert row["status"] == "FINISHED" and row["epochs"] == 2 and row["val_acc"] > 20
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
-    nodes = {a["node_id"] for a in workers}
-    assert len(nodes) == 2, "the two DDP workers of a STRICT_SPREAD trial must sit on two nodes"
 
 
 def run_and_kill_after_epoch_1(tmp, argv, params: dict, actor_class: str, actors_alive: int) -> tuple[int, object]:
@@ -146,15 +179,20 @@ def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
     assert logged_epochs(tmp, run) == list(range(1, 13)), "a restart from epoch 0 would log epoch 1 twice"
 
 
-def test_killed_ddp_worker_restarts_the_worker_group_from_its_checkpoint(two_nodes):
-    """A two-worker trial (Ray Train, one worker per node): kill -9 one DDP worker after epoch 1."""
+def test_killed_ddp_worker_restarts_the_worker_group_from_its_checkpoint_and_spreads_over_two_nodes(two_nodes):
+    """A two-worker trial (Ray Train, STRICT_SPREAD: one worker per node): kill -9 one DDP worker after epoch 1.
+    The restarted group is spread again and the trial learns."""
     tmp = two_nodes["tmp"]
-    argv = base(tmp, "killddp") + ["resources.workers_per_trial=2", "train.epochs=4", "fixed.cuts=[1,2]"]
+    argv = base(tmp, "killddp") + ["resources.workers_per_trial=2", "resources.placement_strategy=STRICT_SPREAD",
+                                   "train.epochs=4", "fixed.cuts=[1,2]"]
     rc, run = run_and_kill_after_epoch_1(tmp, argv, {"cuts": "1,2"}, "RayTrainWorker", actors_alive=2)
     assert rc == 0 and run.info.status == "FINISHED"
     (row,) = pq.read_table(tmp / "out" / "killddp" / "trials.parquet").to_pylist()
-    assert row["status"] == "FINISHED" and row["epochs"] == 4
+    assert row["status"] == "FINISHED" and row["epochs"] == 4 and row["val_acc"] > 20
     assert logged_epochs(tmp, run) == [1, 2, 3, 4], "a restart from epoch 0 would log epoch 1 twice"
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
+    assert len(workers) >= 4, "the killed worker group and the restarted one"
+    assert len({a["node_id"] for a in workers}) == 2, "the DDP workers of a STRICT_SPREAD trial must sit on two nodes"
 
 
 def test_diverging_trial_ends_with_its_chance_accuracy_and_the_search_goes_on(two_nodes):
@@ -213,22 +251,69 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
+class Relay:
+    """The network between the driver and a real server: a TCP relay from ``port`` to ``target`` that the test
+    cuts (new connections refused, open ones reset: what a client meets when the server goes down) and restores
+    at once, where restarting `mlflow server` takes 7-12 s on this machine."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.port = target, free_port()
+        self.connections: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the port is free again at once
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            sockets = [self.listener, *self.connections]
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accept and the pumps; the port stops listening
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            with self.lock:
+                self.connections |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with self.lock:
+            self.connections -= {src, dst}
+
+
 class OutageSearch:
-    """A search (2 trials of 3 epochs, digits) as a driver subprocess logging to a real `mlflow server`
-    that the test stops and starts; the server's store survives restarts."""
+    """A search (2 trials of 3 epochs, digits) as a driver subprocess logging to a real `mlflow server` through a
+    ``Relay`` that the test cuts and restores; ``client`` reads the server directly."""
 
     def __init__(self, two_nodes: dict, name: str, extra: list[str]) -> None:
         self.tmp = two_nodes["tmp"] / name
         self.tmp.mkdir()
-        self.port = free_port()
-        self.client = MlflowClient(f"http://127.0.0.1:{self.port}")
+        server_port = free_port()
+        self.server = start_mlflow_server(self.tmp, server_port)
+        self.relay = Relay(server_port)
+        self.client = MlflowClient(f"http://127.0.0.1:{server_port}")
         self.env = two_nodes["env"]
-        self.args = [f"mlflow.tracking_uri=http://127.0.0.1:{self.port}", f"ray.storage_path={self.tmp}/ray",
+        self.args = [f"mlflow.tracking_uri=http://127.0.0.1:{self.relay.port}", f"ray.storage_path={self.tmp}/ray",
                      f"output_dir={self.tmp}/out", f"tune.name={name}", f"ray.address={two_nodes['address']}",
                      "resources.cpus_per_worker=0.9", f"teacher.checkpoint={random_teacher(self.tmp, 'teacher')}",
                      "tune.num_samples=2", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=3",
                      "mlflow.retry_interval_s=1", *extra]
-        self.server = start_mlflow_server(self.tmp, self.port)
         self.lines: list[str] = []
 
     def start_driver(self, *more: str) -> None:
@@ -238,18 +323,26 @@ class OutageSearch:
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.driver.stdout), daemon=True)
         self.reader.start()
 
-    def stop_server_after_the_first_epoch(self) -> None:
+    def trial_runs(self) -> list:
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        return self.client.search_runs(experiments, filter_string="tags.`bkd.role` = 'trial'") if experiments else []
+
+    def epochs_logged(self) -> int:
+        return sum(len(self.client.get_metric_history(r.info.run_id, "val_acc")) for r in self.trial_runs())
+
+    def wait_until(self, condition, what: str) -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and self.driver.poll() is None:
-            experiments = [e.experiment_id for e in self.client.search_experiments()]
-            runs = self.client.search_runs(experiments, filter_string="tags.`bkd.role` = 'trial'") if experiments else []
-            if any("val_acc" in r.data.metrics for r in runs):
-                break
-            time.sleep(0.3)
-        stop_server(self.server)
-        while time.time() < deadline and not self.said("is unreachable"):
-            time.sleep(0.3)
-        assert self.said("is unreachable"), "the driver never met the outage:\n" + self.output[-4000:]
+        while time.time() < deadline and self.driver.poll() is None and not condition():
+            time.sleep(0.2)
+        assert condition(), f"{what} did not happen while the driver ran:\n" + self.output[-4000:]
+
+    def cut_after_the_first_epoch(self) -> int:
+        """Cut the relay once a trial has logged an epoch; returns the epochs logged then."""
+        self.wait_until(lambda: self.epochs_logged() > 0, "a logged epoch")
+        logged = self.epochs_logged()
+        self.relay.cut()
+        self.wait_until(lambda: self.said("is unreachable"), "the driver meeting the outage")
+        return logged
 
     def wait_driver(self) -> str:
         self.driver.wait(timeout=600)
@@ -268,6 +361,7 @@ class OutageSearch:
     def close(self) -> None:
         if getattr(self, "driver", None) is not None and self.driver.poll() is None:
             self.driver.kill()
+        self.relay.cut()
         stop_server(self.server)
 
     def assert_everything_logged(self) -> None:
@@ -284,35 +378,28 @@ class OutageSearch:
             assert steps == {1, 2, 3}, (run.info.run_id, sorted(steps))
 
 
-def test_mlflow_outage_delays_what_a_search_logs_but_loses_none_of_it(two_nodes):
-    """Stop the MLflow server once the first epoch is logged, start it again once the driver has
-    noticed: the queued writes go out when it is back, during the search."""
-    search = OutageSearch(two_nodes, "outage", [])
+def test_mlflow_outages_during_and_past_the_end_of_a_search_lose_no_write(two_nodes):
+    """1. MLflow goes away once the first epoch is logged and comes back once the driver has noticed: the queued
+    writes go out then, during the search. 2. It goes away again at once and stays away past the search's end
+    (mlflow.end_wait_s=1): the search still succeeds, its unlogged writes wait in files beside trials.parquet, and
+    `tune.resume=true` logs them."""
+    # batches of 8: epochs of about 2 s, so that the second trial has yet to end when MLflow goes away again
+    search = OutageSearch(two_nodes, "outages", ["mlflow.end_wait_s=1", "train.batch_size=8"])
+    out = search.tmp / "out" / "outages"
     try:
         search.start_driver()
-        search.stop_server_after_the_first_epoch()
-        search.server = start_mlflow_server(search.tmp, search.port)
-        output = search.wait_driver()
-        assert "reachable again" in output and "were not logged" not in output, output[-4000:]
-        search.assert_everything_logged()
-    finally:
-        search.close()
-
-
-def test_mlflow_down_past_the_end_of_a_search_keeps_its_writes_for_resume(two_nodes):
-    """MLflow stays down until the search has ended (mlflow.end_wait_s=1): the search still succeeds,
-    its unlogged writes wait in files beside trials.parquet, and `tune.resume=true` logs them."""
-    search = OutageSearch(two_nodes, "outage-end", ["mlflow.end_wait_s=1"])
-    out = search.tmp / "out" / "outage-end"
-    try:
-        search.start_driver()
-        search.stop_server_after_the_first_epoch()
+        before = search.cut_after_the_first_epoch()
+        search.relay.restore()
+        search.wait_until(lambda: search.said("reachable again"), "the queued writes going out")
+        assert search.epochs_logged() > before, "the epochs trained during the outage reach MLflow when it is back"
+        search.relay.cut()
+        assert not search.said("trials 2/2 done"), "the trials ended before the second outage:\n" + search.output
         output = search.wait_driver()
         assert "were not logged" in output and "tune.resume=true" in output, output[-4000:]
         assert (out / "trials.parquet").is_file() and (out / "student.pt").is_file()
         spools = sorted(p.name for p in out.glob("mlflow_pending_*.jsonl"))
         assert spools == ["mlflow_pending_search.jsonl", "mlflow_pending_trials.jsonl"], spools
-        search.server = start_mlflow_server(search.tmp, search.port)
+        search.relay.restore()
         search.start_driver("tune.resume=true")
         output = search.wait_driver()
         assert "that an earlier MLflow outage left" in output, output[-4000:]
