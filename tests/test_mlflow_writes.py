@@ -7,7 +7,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
+from conftest import free_port, migrated_mlflow_store
 from orchestrator.tracking.runs import answers
 from orchestrator.tracking.writer import MLflowWriter, Write, is_outage
 
@@ -79,6 +79,33 @@ def test_a_trial_restarted_from_an_older_checkpoint_logs_each_epoch_once(tmp_pat
         resumed.submit(metrics(step, 99.0))
     history = client.get_metric_history(writer.run_ids["t1"], "val_acc")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 99.0)]
+
+
+def test_commands_starting_together_on_a_new_store_share_one_experiment(tmp_path):
+    """Six clients look for the experiment at the same moment and all find it missing: one makes it, the others use
+    it (MLflow refuses their own creates), none fails."""
+    import threading
+
+    from orchestrator.tracking.runs import connect
+
+    for attempt in range(3):  # the race is lost in most rounds: three catch a regression
+        uri = f"sqlite:///{migrated_mlflow_store(tmp_path / f'race{attempt}.db')}"
+        MlflowClient(uri).search_experiments()  # the store opened: the clients then meet at the experiment
+        barrier, got, errors = threading.Barrier(6), [], []
+
+        def start() -> None:
+            barrier.wait()
+            try:
+                got.append(connect(uri, "bkd")[1])
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors and len(got) == 6 and len(set(got)) == 1, errors
 
 
 def test_a_trials_run_created_by_a_try_whose_answer_was_lost_still_gets_its_params(tmp_path):

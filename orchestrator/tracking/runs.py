@@ -30,14 +30,32 @@ def connect(tracking_uri: str, experiment: str) -> tuple[MlflowClient, str]:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
         client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        mark_model_training(client, experiment_id)
-        return client, experiment_id
+        return client, ensure_experiment(client, experiment)
     except Exception as exc:  # mlflow raises many types for unreachable or unwritable stores
         raise ConfigError("mlflow.tracking_uri", f"cannot use MLflow at {tracking_uri} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:300]}); start the server or point mlflow.tracking_uri at a writable "
                           "sqlite:///PATH/mlflow.db.") from None
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, made (and marked) if it is new; another command making it at the same moment is fine."""
+    tries = 0
+    while True:
+        try:
+            found = client.get_experiment_by_name(name)
+            experiment_id = found.experiment_id if found else client.create_experiment(name)
+            mark_model_training(client, experiment_id)
+            return experiment_id
+        except Exception as exc:
+            tries += 1
+            if tries == 3 or not made_meanwhile(exc):
+                raise
+
+
+def made_meanwhile(exc: BaseException) -> bool:
+    """True when MLflow refused to create what another client created between our look and our write."""
+    text = str(exc)
+    return "already exists" in text or "UNIQUE constraint failed" in text or "RESOURCE_ALREADY_EXISTS" in text
 
 
 def answers(tracking_uri: str, timeout_s: float = 1.0) -> bool:
