@@ -18,6 +18,7 @@ datasets to its TorchTrainer, and each Ray Train worker reads a disjoint, equal 
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -115,6 +116,7 @@ class DropUndecodable(DefaultCollateFn):
     def __init__(self, combine_chunks: bool) -> None:
         super().__init__(combine_chunks=combine_chunks)
         self.skipped = 0
+        self._lock = threading.Lock()  # Ray collates in a pool of threads
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow.compute as pc
@@ -122,7 +124,8 @@ class DropUndecodable(DefaultCollateFn):
         bad = batch["bad"]
         if pc.any(pc.not_equal(bad, 0)).as_py():
             keep = pc.equal(bad, 0)
-            self.skipped += len(bad) - pc.sum(keep.cast("int64")).as_py()
+            with self._lock:
+                self.skipped += len(bad) - pc.sum(keep.cast("int64")).as_py()
             batch = batch.filter(keep)
         return super().__call__(batch.drop_columns(["bad"]))
 
@@ -172,12 +175,16 @@ class StreamLoader:
         for count, batch in enumerate(batches):
             if self.train and count >= len(self):  # equal step counts on every DDP rank
                 break
-            self.skipped = dropped.skipped  # images of this epoch that did not decode (left out of their batches)
-            if self.skipped > skip_budget(self.rows):
-                raise too_many_skipped(self.skipped, self.rows, "this trial's shards", "named in the warnings above")
+            self.check(dropped.skipped)
             if batch["label"].shape[0]:
                 yield batch["image"], batch["label"]
-        self.skipped = dropped.skipped
+        self.check(dropped.skipped)  # the epoch's last batches included
+
+    def check(self, skipped: int) -> None:
+        """Record the images of this epoch that did not decode (left out of their batches); too many fail it."""
+        self.skipped = skipped
+        if skipped > skip_budget(self.rows):
+            raise too_many_skipped(skipped, self.rows, "this trial's shards", "named in the warnings above")
 
 
 def stream_loaders(data_cfg: ParquetData, counts: dict[str, int], folders: dict[str, str], batch_size: int,
