@@ -145,8 +145,12 @@ def test_a_trial_on_corrupt_shards_fails_with_one_line_naming_the_cause(bucket_r
     argv = [f"teacher.checkpoint={tmp_path / 'teacher.pt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
             f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out", "data=parquet", f"data.root={tmp_path / 'shards'}",
             "data.image_size=16", "tune.num_samples=1", "train.epochs=1", "train.batch_size=8", "tune.max_failures=0", "search=kd"]
-    assert entry_point(tune_entry.run, argv) == 1
+    code = entry_point(tune_entry.run, argv)
     captured = capsys.readouterr()
+    if code != 1:  # what the trial saw of the corrupt rows
+        client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+        metrics = [r.data.metrics for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+        raise AssertionError(f"exit {code}: the trial trained on; its runs' metrics: {metrics}\n{captured.out[-3000:]}")
     failed = [line for line in captured.out.splitlines() if " FAILED: " in line]
     assert len(failed) == 1 and "could not be decoded" in failed[0] and "error.txt" in failed[0], captured.out[-3000:]
     assert "Trial task failed for trial" not in captured.out + captured.err
