@@ -178,7 +178,7 @@ def logged_epochs(tmp, run) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
 
 
-def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
+def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes, capsys):
     """A one-worker trial trains in its Tune trial process (ImplicitFunc); kill -9 it after epoch 1."""
     tmp = two_nodes["tmp"]
     root = write_idx(tmp / "mnist-like", n_train=800, n_test=200)
@@ -189,6 +189,8 @@ def test_killed_trial_resumes_from_its_last_checkpoint(two_nodes):
     assert rc == 0 and run.info.status == "FINISHED"
     assert trial_failures(tmp, "killworker"), "the kill landed after the trial had ended: nothing was retried"
     assert logged_epochs(tmp, run) == list(range(1, 13)), "a restart from epoch 0 would log epoch 1 twice"
+    out = capsys.readouterr().out
+    assert "failed (its process died: killed, or out of memory); it continues from its last checkpoint" in out, out[-3000:]
 
 
 def test_killed_ddp_worker_restarts_the_worker_group_from_its_checkpoint_and_spreads_over_two_nodes(two_nodes):

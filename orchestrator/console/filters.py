@@ -141,3 +141,12 @@ def filter_worker_logs() -> None:
     if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("ray_print_logs", print_kept)
+    ray_worker.print_to_stdstream = functools.partial(print_unless_a_worker_died, ray_worker.print_to_stdstream)
+
+
+def print_unless_a_worker_died(print_to_stdstream: Any, data: dict[str, Any], **kwargs: Any) -> None:
+    """Ray's own error messages to the driver, less its paragraph on a worker process that died: bkd's progress
+    says which trial failed and that it continues (the trial's error.txt and Ray's log files keep the paragraph)."""
+    if data.get("pid") == "raylet" and any(str(line).startswith("A worker died or was killed") for line in data.get("lines") or []):
+        return
+    print_to_stdstream(data, **kwargs)

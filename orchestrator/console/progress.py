@@ -34,6 +34,10 @@ class ProgressPrinter(Callback):
         self._line(trials, f"{trial.trial_id} FAILED: {cause} (traceback: {getattr(trial, 'error_file', None) or 'the trial log'})",
                    ending=trial)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trials, f"{trial.trial_id} failed ({short_cause(trial_error(trial))}); it continues from its last checkpoint "
+                           f"(traceback: {getattr(trial, 'error_file', None) or 'the trial log'})")
+
     def _line(self, trials: list, event: str, starting: int = 0, ending: Any = None) -> None:
         """``starting``: 1 while the trial that starts is not RUNNING yet; ``ending``: the trial that
         ends, not yet TERMINATED/ERROR when Tune calls back."""
@@ -43,3 +47,10 @@ class ProgressPrinter(Callback):
         best = f"best val_acc {max(scored)[0]:.2f} ({max(scored)[1]})" if scored else "no result yet"
         elapsed = time.monotonic() - self.started
         print(f"[bkd] {elapsed:6.0f} s  trials {done}/{self.total} done, {running} running  {best}  <- {event}", flush=True)
+
+
+def short_cause(cause: str) -> str:
+    """A trial's error in a few words: a process that died (Ray's paragraph on it) is said as such."""
+    if "worker process has died" in cause or "Worker unexpectedly exits" in cause:
+        return "its process died: killed, or out of memory"
+    return cause[:200]
