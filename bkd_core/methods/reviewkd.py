@@ -33,24 +33,24 @@ def hcl_loss(s: torch.Tensor, t: torch.Tensor, levels: Sequence[int] = (4, 2, 1)
 
 class AttentionFusion(nn.Module):
     """One ABF step: the block's output reduced to ``mid`` channels, fused with the deeper result by two
-    per-position attention weights, then expanded to the teacher's channels at the teacher's grid."""
+    per-position attention weights, then expanded to the teacher's channels at the teacher map's grid (given
+    per batch: a text batch's length is its own)."""
 
     def __init__(self, source: Form, target: Form, mid: int, fuse: bool) -> None:
         super().__init__()
-        self.target_grid = target.grid
         self.reduce = nn.Sequential(nn.Conv2d(source.channels, mid, 1, bias=False), nn.BatchNorm2d(mid))
         self.expand = nn.Sequential(nn.Conv2d(mid, target.channels, 3, padding=1, bias=False), nn.BatchNorm2d(target.channels))
         self.attend = nn.Sequential(nn.Conv2d(2 * mid, 2, 1), nn.Sigmoid()) if fuse else None
 
-    def forward(self, x: torch.Tensor, deeper: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, deeper: Optional[torch.Tensor], grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.reduce(x)
         if self.attend is not None and deeper is not None:
             deeper = F.interpolate(deeper, size=x.shape[2:], mode="nearest")
             a = self.attend(torch.cat([x, deeper], dim=1))
             x = x * a[:, :1] + deeper * a[:, 1:]
         out = self.expand(x)
-        if tuple(out.shape[2:]) != tuple(self.target_grid):
-            out = F.interpolate(out, size=self.target_grid, mode="bilinear", align_corners=False)
+        if tuple(out.shape[2:]) != tuple(grid):
+            out = F.interpolate(out, size=tuple(grid), mode="bilinear", align_corners=False)
         return out, x
 
 
@@ -75,6 +75,7 @@ class ReviewKD(FeatureDistiller):
                      t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         deeper, loss = None, torch.zeros((), device=s_logits.device)
         for i in reversed(range(len(s_feats))):
-            out, deeper = self.fusions[i](as_map(s_feats[i], self.s_forms[i]), deeper)
-            loss = loss + hcl_loss(out, as_map(t_feats[i], self.t_forms[i]))
+            target = as_map(t_feats[i], self.t_forms[i])
+            out, deeper = self.fusions[i](as_map(s_feats[i], self.s_forms[i]), deeper, target.shape[2:])
+            loss = loss + hcl_loss(out, target)
         return loss
