@@ -4,7 +4,7 @@ import torch
 
 from bkd_core import methods, models
 from bkd_core.methods import Distiller, DistillOutput, register
-from search_spaces.space import load_space, method_of
+from search_spaces.space import defaults, load_space, method_arguments, method_of
 from search_spaces.space import names as space_names
 
 
@@ -18,7 +18,8 @@ def batch(n=6):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-PARAMS = {"none": {}, "logit": {"logit_loss": "dkd", "temperature": 2.0}, "blockkd": {"cuts": [1, 3], "gamma": 1.0},
+PARAMS = {"none": {}, "kd": {"temperature": 2.0}, "dkd": {"dkd_beta": 2.0}, "kd_ls": {}, "dist": {"dist_inter": 1.0},
+          "loca": {"loca_alpha": 0.8}, "blockkd": {"cuts": [1, 3], "gamma": 1.0}, "blockkd_fixed_partition": {"gamma": 1.0},
           "fitnet": {"hint_block": 2}, "at": {}, "rkd": {}, "crd": {"nce_k": 12}, "reviewkd": {}, "ofa": {"ofa_eps": 1.5}}
 
 
@@ -38,16 +39,43 @@ def test_every_method_trains_its_student_through_one_output_type(name):
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
 
 
-def test_the_registry_knows_the_shipped_methods_and_every_space_names_one():
-    assert methods.names() == ["at", "blockkd", "crd", "fitnet", "logit", "none", "ofa", "reviewkd", "rkd"]
+def test_one_vocabulary_every_space_is_the_method_of_its_name():
+    """What ``search=`` and ``compare.methods`` take is what ``methods.make`` takes, and nothing else."""
+    assert space_names() == methods.names()
     for space in space_names():
-        assert method_of(load_space(space)).name in methods.names(), space
-    assert methods.get("blockkd").uses_partition and not methods.get("logit").uses_partition
+        assert method_of(load_space(space)).name == space
+    assert methods.get("blockkd").uses_partition and not methods.get("kd").uses_partition
+
+
+@pytest.mark.parametrize("space_name", space_names())
+def test_a_method_made_by_name_gives_the_loss_of_the_searchs_trial(space_name):
+    """A user's ``methods.make(name, teacher, student, **the space's parameters)`` against the trial's own path
+    (``method_arguments`` of the space's default configuration): the same loss on the same batch."""
+    space = load_space(space_name)
+    config = defaults(space, pair()[1].num_blocks)
+    user_params = {k: v for k, v in config.items() if k not in ("lr", "cuts") and not k.startswith("w_")}
+    trial_name, trial_params = method_arguments(space, config)
+    x, y = batch()
+    losses = []
+    for name, params in ((space_name, user_params), (trial_name, trial_params)):
+        teacher, student = pair()
+        torch.manual_seed(3)
+        distiller = methods.make(name, teacher, student, sample_input=x, **params)
+        losses.append(distiller.train()(x, y).loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6), (space_name, user_params, trial_params)
+
+
+def test_a_logit_method_keeps_its_own_loss():
+    teacher, student = pair()
+    with pytest.raises(ValueError, match="the method 'dkd' is logit loss 'dkd'; drop logit_loss='kd'"):
+        methods.make("dkd", teacher, student, logit_loss="kd")
+    assert methods.make("dist", teacher, student).logit_loss == "dist"
 
 
 def test_unknown_method_and_bad_parameters_say_what_to_do():
     teacher, student = pair()
-    with pytest.raises(ValueError, match="unknown distillation method 'fitnett'; registered: at, blockkd, crd, fitnet, logit, none, ofa, reviewkd, rkd"):
+    with pytest.raises(ValueError, match="unknown distillation method 'fitnett'; registered: at, blockkd, blockkd_fixed_partition, crd, dist, dkd, fitnet, kd, kd_ls, "
+                       "loca, none, ofa, reviewkd, rkd"):
         methods.make("fitnett", teacher, student)
     with pytest.raises(ValueError, match="none .* takes no parameters; drop \\['temperature'\\]"):
         methods.make("none", teacher, student, temperature=4.0)

@@ -33,7 +33,7 @@ def test_logit_baseline_from_the_kd_space():
 
 @pytest.mark.parametrize("space, method, own", [
     ("fitnet", "fitnet", {"hint_block": 1}), ("at", "at", {}), ("rkd", "rkd", {}), ("crd", "crd", {"nce_k": 64}),
-    ("reviewkd", "reviewkd", {}), ("ofa", "ofa", {"ofa_eps": 1.5}), ("dist", "logit", {}), ("loca", "logit", {})])
+    ("reviewkd", "reviewkd", {}), ("ofa", "ofa", {"ofa_eps": 1.5}), ("dist", "dist", {}), ("loca", "loca", {})])
 def test_every_baselines_space_builds_its_method_as_a_trial_does(space, method, own):
     """``search=<space>`` (what ``tune`` and ``compare`` run): the trial's module is the space's method with
     the space's defaults and ``fixed.*``, and it trains a step."""

@@ -239,3 +239,16 @@ class BlockKD(Distiller):
             parts["loss_cross"] = torch.zeros((), device=loss.device)
         parts["loss"] = loss.detach()
         return loss, parts
+
+
+@register("blockkd_fixed_partition")
+class BlockKDEveryCut(BlockKD):
+    """Block-KD with a stepping stone at every cut: the partition is fixed, not searched."""
+
+    summary = "Block-KD with a stepping stone at every cut"
+
+    def _partition(self, cuts: Optional[Sequence[int]]) -> list[int]:
+        every = super()._partition(None)
+        if cuts is not None and validate_cuts(cuts, self.num_blocks) != every:
+            raise ValueError(f"{self.name} has a stone at every cut {every}; drop cuts={list(cuts)} or use blockkd.")
+        return every
