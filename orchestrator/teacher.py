@@ -1,6 +1,6 @@
 """Get the teacher: a given checkpoint, an MLflow URI, an earlier run with the same teacher config,
 or a new training through the same Tune trial path as the search's trials (logged as its own MLflow
-run; interrupted, it continues from its last checkpoint with ``tune.resume=true``).
+run; interrupted, it continues after its last finished epoch with ``tune.resume=true``).
 
     python -m orchestrator.teacher data=fashion_mnist data.root=PATH pair=tiny
 """

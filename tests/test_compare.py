@@ -74,7 +74,7 @@ def with_random_teacher(tmp_path, name):
     torch.manual_seed(0)
     torch.save(models.create("tiny_resnet", 10, 1).state_dict(), teacher)
     return [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
-            f"tune.name={name}", f"teacher.checkpoint={teacher}"]
+            f"tune.name={name}", f"teacher.checkpoint={teacher}", "teacher.allow_chance=true"]
 
 
 
@@ -180,7 +180,7 @@ def test_mixed_pairs_search_and_compare_end_to_end(ray_cluster, tmp_path, capsys
     torch.save(models.create("vit_tiny_p2_8", 10, 1).source_state_dict(), teacher)
     base = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
             "train.epochs=1", "tune.scheduler=none"]
-    argv = base + ["tune.name=vit-cnn", f"teacher.checkpoint={teacher}", "pair.teacher=vit_tiny_p2_8", "pair.student=tiny_cnn",
+    argv = base + ["tune.name=vit-cnn", f"teacher.checkpoint={teacher}", "teacher.allow_chance=true", "pair.teacher=vit_tiny_p2_8", "pair.student=tiny_cnn",
                    "tune.num_samples=2", "fixed.cuts=[1,2,3]"]
     assert entry_point(tune_entry.run, argv) == 0
     rows = pq.read_table(tmp_path / "out" / "vit-cnn" / "trials.parquet").to_pylist()
@@ -191,16 +191,16 @@ def test_mixed_pairs_search_and_compare_end_to_end(ray_cluster, tmp_path, capsys
         [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("bkd").experiment_id],
         filter_string="tags.`bkd.role` = 'search'")[0]
     assert describe.info.status == "FINISHED"
-    argv = base + ["tune.name=vit-cnn-ofa", f"teacher.checkpoint={teacher}", "pair.teacher=vit_tiny_p2_8", "pair.student=tiny_cnn",
+    argv = base + ["tune.name=vit-cnn-ofa", f"teacher.checkpoint={teacher}", "teacher.allow_chance=true", "pair.teacher=vit_tiny_p2_8", "pair.student=tiny_cnn",
                    "tune.num_samples=2", "search=ofa"]  # a feature baseline's own search: its parameters searched and logged
     assert entry_point(tune_entry.run, argv) == 0
     rows = pq.read_table(tmp_path / "out" / "vit-cnn-ofa" / "trials.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "FINISHED" and 1.0 <= r["ofa_eps"] <= 2.0 and r["train_loss_distill"] > 0
                                   for r in rows), rows
 
-    cnn_teacher = with_random_teacher(tmp_path, "cnn-vit")[-1]
+    cnn_teacher = with_random_teacher(tmp_path, "cnn-vit")[-2:]
     mixed = ["kd", "blockkd", "fitnet", "at", "crd", "reviewkd"]  # the feature baselines across forms: maps to tokens
-    argv = base + ["tune.name=cnn-vit", cnn_teacher, "pair.student=vit_tiny_p2_8", f"compare.methods=[{','.join(mixed)}]",
+    argv = base + ["tune.name=cnn-vit", *cnn_teacher, "pair.student=vit_tiny_p2_8", f"compare.methods=[{','.join(mixed)}]",
                    "compare.seeds=1", "compare.fixed.blockkd.cuts=[1,2,3]"]
     assert entry_point(compare.run, argv, command="compare") == 0
     rows = pq.read_table(tmp_path / "out" / "cnn-vit" / "compare.parquet").to_pylist()

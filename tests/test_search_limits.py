@@ -55,4 +55,16 @@ def test_time_budget_during_the_teacher_ends_its_run_killed_with_the_resume_comm
     assert last.startswith("python -m orchestrator.tune") and "tune.resume=true tune.name=teacher-budget" in last
     (teacher,) = search.teacher_runs()
     assert teacher.info.status == "KILLED" and teacher.data.tags["bkd.end_reason"] == "stopped by tune.time_budget_s"
-    assert search.steps(teacher), "the epochs it trained are logged"
+    logged = search.steps(teacher)
+    assert logged == list(range(1, len(logged) + 1)), "the epochs it trained are logged, one point each"
+    assert search.teacher_epochs_printed(output) == logged, "each epoch printed once, in the driver"
+    assert f"every finished epoch is kept ({logged[-1]} reported here)" in output
+
+    # its epochs are far shorter than train.checkpoint_min_interval_s (30 s): the resume continues after the
+    # last finished one all the same, and prints only the epochs it trains
+    code, output = run(search.with_args("tune.resume=true"), capsys)
+    assert code == 1, output[-4000:]
+    printed = search.teacher_epochs_printed(output)
+    assert printed and printed[0] == logged[-1] + 1, (logged, printed, output)
+    (teacher,) = search.teacher_runs()
+    assert search.steps(teacher) == list(range(1, printed[-1] + 1)), "no step twice, none missing"

@@ -74,7 +74,7 @@ def bucket_ray(bucket):
 def test_tune_streams_shards_into_trials_and_keeps_cpus_free_for_their_data(shards, bucket_ray, tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(models.create("tiny_resnet", len(CLASSES), 3).state_dict(), tmp_path / "teacher.pt")  # no teacher run
-    argv = [f"teacher.checkpoint={tmp_path / 'teacher.pt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
+    argv = [f"teacher.checkpoint={tmp_path / 'teacher.pt'}", "teacher.allow_chance=true", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
             "tune.name=stream", "data=parquet", f"data.root={shards}", "data.image_size=32", "tune.num_samples=2",
             "train.epochs=2", "teacher.epochs=1", "train.batch_size=6", "teacher.batch_size=6",
             "tune.scheduler=none"]  # every trial trains both epochs: ASHA's cut at epoch 1 would depend on the draw
@@ -103,7 +103,7 @@ def test_a_streamed_search_selects_on_the_held_out_split_not_on_the_test_split(b
     torch.save(models.create("tiny_resnet", 3, 3).state_dict(), teacher)
     argv = [f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out",
             "tune.name=honest", "data=parquet", f"data.root={tmp_path / 'shards'}", "data.image_size=16", "tune.num_samples=1",
-            "train.epochs=3", "train.batch_size=8", "fixed.lr=0.1", "search=none", f"teacher.checkpoint={teacher}"]
+            "train.epochs=3", "train.batch_size=8", "fixed.lr=0.1", "search=none", f"teacher.checkpoint={teacher}", "teacher.allow_chance=true"]
     assert entry_point(tune_entry.run, argv) == 0
     (row,) = pq.read_table(tmp_path / "out" / "honest" / "trials.parquet").to_pylist()
     assert row["val_acc"] > 70 and row["test_acc"] < 60, row  # chance: 33 %
@@ -167,7 +167,7 @@ def test_a_trial_on_corrupt_shards_fails_with_one_line_naming_the_cause(bucket_r
     write_with_corrupt_rows(tmp_path / "shards", good=60, corrupt=6)
     torch.manual_seed(0)
     torch.save(models.create("tiny_resnet", len(CLASSES), 3).state_dict(), tmp_path / "teacher.pt")
-    argv = [f"teacher.checkpoint={tmp_path / 'teacher.pt'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
+    argv = [f"teacher.checkpoint={tmp_path / 'teacher.pt'}", "teacher.allow_chance=true", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db",
             f"ray.storage_path={tmp_path}/ray", f"output_dir={tmp_path}/out", "data=parquet", f"data.root={tmp_path / 'shards'}",
             "data.image_size=16", "tune.num_samples=1", "train.epochs=1", "train.batch_size=8", "tune.max_failures=0", "search=kd"]
     code = entry_point(tune_entry.run, argv)

@@ -94,7 +94,7 @@ def base(tmp, name, teacher=None):
     args = [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", f"ray.storage_path={tmp}/ray", f"output_dir={tmp}/out",
             f"tune.name={name}", "resources.cpus_per_worker=0.9", "teacher.epochs=1",
             "train.checkpoint_min_interval_s=0"]  # a checkpoint each epoch: the tests kill after epoch 1
-    return args + ([f"teacher.checkpoint={teacher}"] if teacher else [])
+    return args + ([f"teacher.checkpoint={teacher}", "teacher.allow_chance=true"] if teacher else [])
 
 
 def client_and_exp(tmp):
@@ -325,7 +325,7 @@ class OutageSearch:
         self.env = two_nodes["env"]
         self.args = [f"mlflow.tracking_uri=http://127.0.0.1:{self.relay.port}", f"ray.storage_path={self.tmp}/ray",
                      f"output_dir={self.tmp}/out", f"tune.name={name}", f"ray.address={two_nodes['address']}",
-                     "resources.cpus_per_worker=0.9", f"teacher.checkpoint={random_teacher(self.tmp, 'teacher')}",
+                     "resources.cpus_per_worker=0.9", f"teacher.checkpoint={random_teacher(self.tmp, 'teacher')}", "teacher.allow_chance=true",
                      "tune.num_samples=2", "tune.max_concurrent=1", "tune.scheduler=none", "train.epochs=3",
                      "mlflow.retry_interval_s=1", *extra]
         self.lines: list[str] = []

@@ -63,6 +63,7 @@ class DatasetInfo:
     folders: Optional[dict[str, str]]
     selection: str  # "val", or "test" with data.val_fraction=0
     classes: Optional[list[str]] = None  # class names in class-id order, where the data names them
+    majority: Optional[dict[str, tuple[int, int]]] = None  # "val", "test": (the largest class's count, examples)
 
     @property
     def unit(self) -> str:
@@ -117,7 +118,10 @@ class Job:
         spec = {"model": self.teacher_model, "classes": self.num_classes, "channels": self.in_channels,
                 "data": d.name, "root": d.root, "train_size": d.train_size,
                 "val": [val_fraction(d), getattr(d, "split_seed", 0)],  # a teacher never trained on the val split
-                "teacher": {k: v for k, v in asdict(self.cfg.teacher).items() if k != "checkpoint"}, "seed": self.cfg.train.seed}
+                "teacher": {k: v for k, v in asdict(self.cfg.teacher).items() if k not in ("checkpoint", "allow_chance")},
+                "seed": self.cfg.train.seed}
+        t = self.cfg.train  # how the teacher's optimizer and schedule are made (train.*, shared with the trials)
+        spec["optimizer"] = [t.optimizer, t.momentum, t.weight_decay, t.schedule, t.warmup_epochs, list(t.milestones), t.lr_base_batch]
         if isinstance(d, TextData):  # the same texts, tokenized the same way
             spec["text"] = [d.hub, d.hub_config, d.test_split, d.text_column, d.text_pair_column, d.label_column, d.max_length,
                             d.tokenizer]
@@ -233,7 +237,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     name = str(t.name) if t.name is not None else default_experiment_name(c, storage, t.resume, command)
     rows = {"train": shape.train, "val": shape.val, "test": shape.test}
     dataset = DatasetInfo(**dataset_spec(d, rows), shape=shape.image_shape, rows=rows, folders=shape.folders,
-                          selection="test" if selects_on_test(d) else "val", classes=shape.classes)
+                          selection="test" if selects_on_test(d) else "val", classes=shape.classes, majority=shape.majority)
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c.mlflow.tracking_uri), output_dir, name, dataset)
 

@@ -213,6 +213,8 @@ class TeacherSettings:
     epochs: int = setting(6, "epochs of the teacher's own training", at_least(1))
     lr: float = setting(0.1, "the teacher's learning rate", Check("a learning rate > 0", lambda v: v > 0))
     batch_size: int = setting(64, "global batch, split across a trial's workers", at_least(1))
+    allow_chance: bool = setting(False, "distil from a teacher whose val accuracy is not clearly above chance (the "
+                                 "largest class's share); false: the search stops before its trials, exit 1")
 
 
 @dataclass

@@ -85,6 +85,12 @@ class DataShape:
     image_shape: list[int]  # [C, H, W] of a model input; text: [3, max_length] (ids, mask, segments)
     folders: Optional[dict[str, str]] = None  # streamed shards: the folder of each split
     classes: Optional[list[str]] = None  # class names in class-id order, where the data names them
+    majority: Optional[dict[str, tuple[int, int]]] = None  # "val", "test": (the largest class's count, examples)
+
+
+def majority_of(labels: torch.Tensor) -> tuple[int, int]:
+    """(examples of the largest class, examples): what always answering that class gets right."""
+    return (int(torch.bincount(labels.long()).max()) if labels.numel() else 0), int(labels.numel())
 
 
 def describe_dataset(d: DataConfig) -> DataShape:
@@ -109,7 +115,8 @@ def describe_dataset(d: DataConfig) -> DataShape:
                           "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
     shape = [3, d.max_length] if isinstance(d, TextData) else list(splits.test.images.shape[1:])
     return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test), shape,
-                     classes=[str(c) for c in splits.classes] if splits.classes else None)
+                     classes=[str(c) for c in splits.classes] if splits.classes else None,
+                     majority={"val": majority_of(splits.selection.labels), "test": majority_of(splits.test.labels)})
 
 
 def is_text_shape(shape: list[int]) -> bool:

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from orchestrator.config.checks import ConfigError, check_fixed
 from orchestrator.config.job import Job, check_method_params
 from orchestrator.config.models import build_model
+from orchestrator.search.chance import Chance, at_chance_line
 from orchestrator.search.search import RunSearch
 from orchestrator.search.summary import RunCases, collect_rows, first_failure
 from orchestrator.tracking.results import write_parquet
@@ -309,6 +310,9 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     methods, baseline = list(c.methods), c.baseline
     summary = summaries(rows, methods, baseline)
     print("\n" + format_summary(summary, baseline))
+    at_chance = at_chance_line(rows, Chance.of_split(job, "test"), METRIC, "run of every method and seed")
+    if at_chance:
+        print(at_chance)
     if interrupted:
         print(f"\nresults so far: {out}/compare.parquet", flush=True)
         return rows

@@ -11,6 +11,7 @@ from orchestrator.config.hf_models import is_hf
 from orchestrator.config.job import Job
 from orchestrator.console.interrupts import STOP
 from orchestrator.data.datasets import example_batch
+from orchestrator.search.chance import Chance, at_chance_line
 from orchestrator.tracking.importance import format_importances, param_importances
 from orchestrator.tracking.mlflow_models import log_student_model
 from orchestrator.tracking.plots import search_figure
@@ -89,6 +90,9 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
         print(f"[bkd] best trial {best['trial_id']}: val_acc {best['val_acc']:.2f}, test_acc {best.get('test_acc', float('nan')):.2f}")
     if confirm:
         print(confirm)
+    at_chance = at_chance_line(rows, Chance.of_split(job, "val"), "val_acc", "trial")
+    if at_chance:
+        print(at_chance)
     if interrupted or STOP.received is not None:
         print(f"\nresults so far: {out}/trials.parquet", flush=True)
         return rows

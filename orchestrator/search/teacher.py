@@ -1,6 +1,6 @@
 """Get the teacher: a given checkpoint, an MLflow URI, an earlier run with the same teacher config,
 or a new training through the same Tune trial path as the search's trials (logged as its own MLflow
-run; interrupted, it continues from its last checkpoint with ``tune.resume=true``).
+run; interrupted, it continues after its last finished epoch with ``tune.resume=true``).
 
     python -m orchestrator.teacher data=fashion_mnist data.root=PATH pair=tiny
 """
@@ -22,11 +22,11 @@ from orchestrator.config.job import Job
 from orchestrator.config.models import build_model, spec_name
 from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime, PhaseFailed
 from orchestrator.data.datasets import is_streamed, load_dataset
-from orchestrator.search.tuner import verbosity
+from orchestrator.search.tuner import time_budget, verbosity
 from orchestrator.tracking.records import DIVERGED, RECORDED, TrialRecords
 from orchestrator.tracking.results import trial_id_of
 from orchestrator.tracking.runs import END_TAG, ROLE_TAG, first_line, flatten, log_params, reopen
-from orchestrator.tracking.trial_logger import epoch_write, trial_error
+from orchestrator.tracking.trial_logger import epoch_writes, trial_error
 from orchestrator.tracking.writer import MLflowWriter, Write
 from orchestrator.worker.runtime import trial_resources
 from orchestrator.worker.trial import run_trial
@@ -69,32 +69,42 @@ WRITERS: dict[str, MLflowWriter] = {}  # teacher run id -> this driver's writer 
 
 
 class TeacherLogger(Callback):
-    """Logs the teacher's epochs to its MLflow run as Tune reports them. A restored Tuner brings back
-    its own pickled copy of this callback, which finds this driver's writer by the run id."""
+    """Prints the teacher's epochs and logs them to its MLflow run as Tune reports them (in the driver, so the
+    teacher's last line follows its last epoch). An epoch a resumed teacher restored that this driver never
+    showed (a stop came between its end and its report) is shown and logged with the first new one."""
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
+    def __init__(self, run_id: str, epochs: int, shown: int = 0) -> None:
+        self.run_id, self.epochs, self.shown = run_id, epochs, shown
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get(RECORDED):
+            return
+        writes = epoch_writes(result, TEACHER, self.run_id)
+        for write in writes:
+            metrics, epoch = write.args["metrics"], int(write.args["step"])
+            if epoch > self.shown and "val_acc" in metrics and "train_loss" in metrics:
+                test = f", test_acc {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""
+                print(f"[bkd] teacher epoch {epoch}/{self.epochs}: loss {metrics['train_loss']:.4f}, "
+                      f"val_acc {metrics['val_acc']:.2f}%{test}", flush=True)
+                self.shown = epoch
         writer = WRITERS.get(self.run_id)
-        if writer is not None and not result.get(RECORDED):
-            writer.submit(epoch_write(result, TEACHER, self.run_id))
+        for write in writes if writer is not None else []:
+            writer.submit(write)
 
 
-def teacher_tuner(job: Job, name: str, run_id: str) -> tune.Tuner:
+def teacher_tuner(job: Job, name: str, run_id: str, logged: int = 0) -> tune.Tuner:
     """The teacher's training as a Tune experiment of one trial (``name``): one worker trains in the
-    trial's process, several as a Ray Train run inside it, like the search's trials. An experiment
-    that already exists (an interrupted teacher) continues from its trial's last checkpoint."""
+    trial's process, several as a Ray Train run inside it, like the search's trials. An interrupted teacher
+    (a stop, the time budget, a killed driver) continues in a new trial of the same experiment, from the
+    progress its last finished epoch left (``TrialRecords.save_progress``, key ``teacher``)."""
     t = job.cfg.tune
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=None, mode="teacher"),
                                     trial_resources(job))
-    path = os.path.join(job.storage_path, name)
-    if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=[TeacherLogger(run_id)],
+    run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=[TeacherLogger(run_id, job.cfg.teacher.epochs, logged)],
+                                stop=time_budget(job),
                                 failure_config=tune.FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbosity(job))
-    return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(num_samples=1, time_budget_s=t.time_budget_s))
+    return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(num_samples=1))
 
 
 def find_unfinished(client: MlflowClient, experiment_id: str, key: str) -> Optional[Run]:
@@ -114,7 +124,7 @@ def start_run(job: Job, client: MlflowClient, experiment_id: str) -> tuple[str, 
         if tune.Tuner.can_restore(os.path.join(job.storage_path, name)):
             reopen(client, run_id)
             logged = max([m.step for m in client.get_metric_history(run_id, "val_acc")], default=0)
-            print(f"[bkd] continuing the teacher's training from its last checkpoint (epoch {logged}/{job.cfg.teacher.epochs} "
+            print(f"[bkd] continuing the teacher's training after its last finished epoch ({logged}/{job.cfg.teacher.epochs} "
                   f"logged; MLflow run {run_id})", flush=True)
             return run_id, name, logged
     run = client.create_run(experiment_id, run_name=f"teacher-{spec_name(job.teacher_model)}-{job.cfg.data.name}",
@@ -142,13 +152,13 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     WRITERS[run_id] = writer
     try:
         with STOP.graceful("the teacher's training and saving it"):
-            results = teacher_tuner(job, name, run_id).fit()
+            results = teacher_tuner(job, name, run_id, logged).fit()
         result = results[0]
         records = TrialRecords(job.storage_path, name)
         record = records.read(trial_id_of(result))
         epoch = int((result.metrics or {}).get("epoch", logged))
         progress = f"the teacher's training (epoch {epoch}/{job.cfg.teacher.epochs}, MLflow run {run_id})"
-        kept = "it continues from its last checkpoint"
+        kept = f"every finished epoch is kept ({epoch} reported here), and the resume continues after the last one"
         if STOP.received is not None:
             raise Interrupted(progress, kept)
         if result.error is not None:  # the traceback stays in Tune's error.txt of the trial
@@ -198,10 +208,10 @@ def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[
 
 
 def score_teacher(job: Job, state: dict[str, torch.Tensor], announce: bool = True) -> dict[str, float]:
-    """A teacher's ``teacher_val_acc`` and ``teacher_test_acc``, scored once in the driver before any
-    trial (in-memory data; {} for streamed data): a checkpoint trained with other preprocessing or
-    another class order shows here, not after the search. ``announce``: print them (a teacher trained
-    just now has printed its own)."""
+    """A teacher's ``teacher_val_acc`` and ``teacher_test_acc``, scored once in the driver before any trial
+    (in-memory data; {} for streamed data): a checkpoint trained with other preprocessing or another class
+    order shows here, not after the search. ``announce``: print them (a teacher trained just now has printed
+    its own)."""
     if is_streamed(job.cfg.data):
         return {}
     from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate, score_on_test

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+import time
+from typing import Any, Optional
 
 import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
 from orchestrator.config.job import Job
 from orchestrator.console.progress import ProgressPrinter
@@ -16,6 +18,29 @@ from orchestrator.tracking.trial_logger import MLflowTrialLogger
 from orchestrator.worker.runtime import concurrent_trials, trial_resources
 from orchestrator.worker.trial import run_trial
 from search_spaces.space import suggest
+
+
+class TimeBudget(Stopper):
+    """``tune.time_budget_s``: stops every trial once this command has run that long. Tune's own budget
+    (``TuneConfig.time_budget_s``) is restored spent, so ``tune.resume=true`` after the budget ran out stopped at
+    once; this one starts afresh in the command that restores the experiment."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.started = float(seconds), time.time()
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return time.time() - self.started >= self.seconds
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, started=time.time())
+
+
+def time_budget(job: Job) -> Optional[TimeBudget]:
+    seconds = job.cfg.tune.time_budget_s
+    return TimeBudget(seconds) if seconds else None
 
 
 def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases: Optional[list[dict]] = None,
@@ -28,6 +53,7 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
     total = len(cases) if cases is not None else t.num_samples
     callbacks = [callback] if t.console == "ray" else [callback, ProgressPrinter(total)]
     run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=callbacks,
+                                stop=time_budget(job) if cases is None else None,
                                 failure_config=tune.FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbosity(job))
     path = os.path.join(job.storage_path, name)
@@ -47,7 +73,7 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
                                   num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(job),
-                                  time_budget_s=t.time_budget_s, reuse_actors=t.reuse_actors)
+                                  reuse_actors=t.reuse_actors)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)
 
 

@@ -8,6 +8,13 @@ reports it and returns at once. The driver adds a record for a trial the schedul
 
     <storage>/<experiment>/bkd_trials/<trial_id>/result.json   {"status", "metrics", "history"}
     <storage>/<experiment>/bkd_trials/<trial_id>/student.pt    the student of the last epoch (finished trials)
+    <storage>/<experiment>/bkd_trials/<trial_id>/progress.pt   a running trial's state after its last finished
+                                                               epoch (removed when the trial ends; the teacher's
+                                                               is under bkd_trials/teacher/)
+
+``progress.pt`` is what a stop keeps: Tune stops a trial's process without waiting for its epoch to end, and
+saves Tune checkpoints at most once per ``train.checkpoint_min_interval_s``; the trial writes its state here
+after every epoch, so a resumed or retried trial continues after its last finished epoch.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import torch
 FINISHED, DIVERGED, STOPPED_EARLY = "FINISHED", "DIVERGED", "STOPPED_EARLY"
 RECORDS_DIR = "bkd_trials"
 RECORDED = "bkd_recorded"  # set in a result that replays a record (not logged again)
+PROGRESS = "progress.pt"
+TEACHER_PROGRESS = "teacher"  # the key of the teacher's progress (each resume of the teacher is a new Tune trial)
 
 
 @dataclass
@@ -67,6 +76,34 @@ class TrialRecords:
         with fs.open_output_stream(f"{folder}/result.json.partial") as out:
             out.write(text.encode())
         fs.move(f"{folder}/result.json.partial", f"{folder}/result.json")
+        self.clear_progress(trial_id)  # the trial ended: its progress is no longer needed
+
+    def clear_progress(self, key: str) -> None:
+        fs, folder = self._folder(key)
+        try:
+            fs.delete_file(f"{folder}/{PROGRESS}")
+        except (FileNotFoundError, OSError):
+            pass
+
+    def save_progress(self, key: str, state: Mapping[str, Any]) -> None:
+        """A running trial's state after a finished epoch (``state["epoch"]``), replacing the one before;
+        written whole or not at all. ``key``: the trial id, or a name a later trial continues (the teacher's)."""
+        fs, folder = self._folder(key)
+        fs.create_dir(folder, recursive=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with fs.open_output_stream(f"{folder}/{PROGRESS}.partial") as out:
+            out.write(buffer.getvalue())
+        fs.move(f"{folder}/{PROGRESS}.partial", f"{folder}/{PROGRESS}")
+
+    def progress(self, key: str, device: Any = "cpu") -> Optional[dict[str, Any]]:
+        """The state ``save_progress`` wrote last under ``key``, or None."""
+        fs, folder = self._folder(key)
+        try:
+            with fs.open_input_stream(f"{folder}/{PROGRESS}") as src:
+                return torch.load(io.BytesIO(src.read()), map_location=device, weights_only=False)
+        except (FileNotFoundError, OSError):
+            return None
 
     def read(self, trial_id: str) -> Optional[TrialRecord]:
         fs, folder = self._folder(trial_id)

@@ -1,6 +1,7 @@
 """MLflowTrialLogger: the Tune callback that gives each trial its nested MLflow run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -18,6 +19,16 @@ def epoch_write(result: Mapping[str, Any], trial_id: str, run_id: Optional[str] 
     metrics = {k: v for k, v in result.items() if k not in SKIPPED_METRICS and isinstance(v, (int, float))}
     args = {"metrics": metrics, "step": step, "timestamp_ms": int(result.get("timestamp", 0) * 1000)}
     return Write("metrics", args | ({"run_id": run_id} if run_id else {}), trial_id)
+
+
+RESTORED_EPOCHS = "bkd_restored_epochs"  # a resumed trial's first result: the epochs it restored (JSON), for runs missing some
+
+
+def epoch_writes(result: Mapping[str, Any], trial_id: str, run_id: Optional[str] = None) -> list[Write]:
+    """The writes of a reported epoch, preceded by those of the epochs a resumed trial restored (a run that has
+    them already skips them: a step is never logged twice; one a stop kept from the driver is logged now)."""
+    restored = json.loads(result[RESTORED_EPOCHS]) if isinstance(result.get(RESTORED_EPOCHS), str) else []
+    return [epoch_write(earlier, trial_id, run_id) for earlier in restored] + [epoch_write(result, trial_id, run_id)]
 
 
 class MLflowTrialLogger(Callback):
@@ -40,7 +51,8 @@ class MLflowTrialLogger(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(RECORDED):
             return  # a resumed trial replaying its record: logged when it first ran
-        self.writer.submit(epoch_write(result, trial.trial_id))
+        for write in epoch_writes(result, trial.trial_id):
+            self.writer.submit(write)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}

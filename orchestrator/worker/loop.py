@@ -6,7 +6,10 @@ selects), and the test split only at the epochs where the trial may end (``test_
 where ASHA may stop it, ``config["test_epochs"]``, and the last); rank 0 saves a checkpoint (model +
 connectors + optimizer + scheduler + epoch) every ``train.checkpoint_every_epochs`` epochs, at most one
 per ``train.checkpoint_min_interval_s`` and always after the last, so that a restarted worker group
-or a retried trial resumes there.
+or a retried trial resumes there. After every epoch but the last it also writes that state as the trial's
+progress (``TrialRecords.save_progress``: one file, no Tune bookkeeping): a stop (Ctrl-C, SIGTERM, the time
+budget) or a killed process loses at most the epoch in progress, and the resume continues after the later of
+the two.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from orchestrator.data.datasets import example_batch, is_streamed, load_dataset
 from orchestrator.tracking.records import DIVERGED as DIVERGED_STATUS
 from orchestrator.tracking.records import FINISHED, TrialRecords
 from orchestrator.tracking.results import DIVERGED
+from orchestrator.tracking.trial_logger import RESTORED_EPOCHS
 from search_spaces.space import TrialParams, load_space, method_arguments
 
 STATE_FILE = "state.pt"
@@ -87,6 +91,9 @@ class Session:
     finish: Optional[Callable[[str, dict[str, Any], list, Optional[dict]], None]] = None
     # streamed data (data.in_memory=false): this rank's train, val and test iterators, or None to make them here
     streams: Callable[[], Optional[dict[str, Any]]] = lambda: None
+    # the trial's progress after its last finished epoch (TrialRecords.save_progress / progress), where it has records
+    save_progress: Optional[Callable[[dict[str, Any]], None]] = None
+    read_progress: Optional[Callable[[torch.device], Optional[dict[str, Any]]]] = None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -94,14 +101,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     (the ``Job``), ``params``, ``mode``, ``teacher_state`` and ``record_as`` (where rank 0 records the
     trial's end, or None)."""
     ctx = ray.train.get_context()
-    finish = None
-    if config.get("record_as") and ctx.get_world_rank() == 0:
-        storage, experiment, trial_id = config["record_as"]
-        records = TrialRecords(storage, experiment)
-        finish = lambda status, metrics, history, student: records.write(trial_id, status, metrics, history, student)  # noqa: E731
     session = Session(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray.train.get_checkpoint,
                       ray.train.Checkpoint.from_directory, lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
-                      lambda module: ray.train.torch.prepare_model(module, move_to_device=False), finish)
+                      lambda module: ray.train.torch.prepare_model(module, move_to_device=False))
+    if config.get("record_as"):
+        storage, experiment, trial_id = config["record_as"]
+        keep_records(session, TrialRecords(storage, experiment), trial_id, config.get("progress_key"))
     if is_streamed(config["job"].cfg.data):  # the trainer's datasets: a disjoint share of "train" per worker
         session.streams = lambda: {split: ray.train.get_dataset_shard(split) for split in ("train", "val", "test")}
     train_loop(config, session)
@@ -112,12 +117,26 @@ def tune_trial_loop(config: dict[str, Any], records: Optional[TrialRecords] = No
     group to start (seconds per trial), and Tune retries it from its last checkpoint. With ``records``,
     the trial records its end (``orchestrator.tracking.records``) before its last report."""
     use_gpu = config["job"].cfg.resources.use_gpu and torch.cuda.is_available()
-    trial_id = tune.get_context().get_trial_id()
-    finish = (lambda status, metrics, history, student: records.write(trial_id, status, metrics, history, student)) if records else None
     session = Session(0, 1, torch.device("cuda", 0) if use_gpu else torch.device("cpu"), tune.get_checkpoint,
                       tune.Checkpoint.from_directory, lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint),
-                      lambda module: module, finish)
+                      lambda module: module)
+    if records is not None:
+        keep_records(session, records, tune.get_context().get_trial_id(), config.get("progress_key"))
     train_loop(config, session)
+
+
+def keep_records(session: Session, records: TrialRecords, trial_id: str, progress_key: Optional[str] = None) -> None:
+    """The session records the trial's end and its progress (rank 0 writes; every rank reads the progress), the
+    progress under ``progress_key`` where a later Tune trial continues it (the teacher's), else the trial id."""
+    key = progress_key or trial_id
+    session.read_progress = lambda device: records.progress(key, device)
+    if session.rank == 0:
+        def finish(status: str, metrics: dict[str, Any], history: list, student: Optional[dict]) -> None:
+            records.write(trial_id, status, metrics, history, student)
+            records.clear_progress(key)
+
+        session.finish = finish
+        session.save_progress = lambda state: records.save_progress(key, state)
 
 
 def train_loop(config: dict[str, Any], session: Session) -> None:
@@ -153,6 +172,12 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
 
     start, history = resume(session, module, optimizer, scheduler, device)
+    restored = {RESTORED_EPOCHS: json.dumps(history)} if history else {}  # sent once: the loggers log those MLflow lacks
+
+    def report(metrics: dict[str, Any], checkpoint: Any) -> None:
+        nonlocal restored
+        session.report(metrics | restored, checkpoint)
+        restored = {}
     every, min_interval = job.cfg.train.checkpoint_every_epochs, job.cfg.train.checkpoint_min_interval_s
     last_saved = time.monotonic()
     ddp = session.wrap_model(module) if world > 1 else module
@@ -169,40 +194,43 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         if epoch in test_epochs and DIVERGED not in metrics:
             metrics.update(score_on_test(module, test_loader, bool(cfg.bf16)) if on_test else as_test(metrics))
         metrics.update(epoch=epoch, workers=world)
-        if mode == "teacher" and rank == 0 and DIVERGED not in metrics:  # the teacher's progress (bkd says why it failed)
-            test = f", test_acc {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""
-            print(f"[bkd] teacher epoch {epoch}/{cfg.epochs}: loss {metrics['train_loss']:.4f}, "
-                  f"val_acc {metrics['val_acc']:.2f}%{test}", flush=True)
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)} | {"timestamp": time.time()})
         if DIVERGED in metrics:
             # The trial ends here, not as an error: no retry would converge, and the searcher
             # learns from the diverged student's (chance-level) val_acc to avoid this region.
             if session.finish and rank == 0:
                 session.finish(DIVERGED_STATUS, metrics, history, None)
-            session.report(metrics, None)
+            report(metrics, None)
             return
         if epoch == cfg.epochs and session.finish and rank == 0:  # the student under its own class's names
             session.finish(FINISHED, metrics, history, module.student.source_state_dict())
+        if session.save_progress is not None and epoch < cfg.epochs:  # what a stop keeps, whatever the checkpoints (rank 0)
+            session.save_progress(trainer_state(module, optimizer, scheduler, epoch) | {"history": history})
         due = epoch % every == 0 and time.monotonic() - last_saved >= min_interval
         if rank != 0 or not (due or epoch == cfg.epochs):
-            session.report(metrics, None)
+            report(metrics, None)
             continue
         last_saved = time.monotonic()
         with tempfile.TemporaryDirectory() as folder:  # the report copies it into the run's storage
             save_state(folder, module, optimizer, scheduler, epoch, history)
-            session.report(metrics, session.checkpoint_from(folder))
+            report(metrics, session.checkpoint_from(folder))
 
 
 def resume(session: Session, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
            device: torch.device) -> tuple[int, list[dict[str, float]]]:
-    """Load the session's checkpoint (if any) into module, optimizer and scheduler; the first epoch
-    to run and the metrics of the epochs before it."""
+    """Load the later of the session's checkpoint and the trial's progress (if any) into module, optimizer
+    and scheduler; the first epoch to run and the metrics of the epochs before it."""
+    state, history = None, []
     checkpoint = session.get_checkpoint()
-    if not checkpoint:
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=False)
+            history = read_history(folder)
+    progress = session.read_progress(device) if session.read_progress else None
+    if progress is not None and (state is None or int(progress["epoch"]) > int(state["epoch"])):
+        state, history = progress, progress["history"]
+    if state is None:
         return 1, []
-    with checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, STATE_FILE), map_location=device, weights_only=False)
-        history = read_history(folder)
     result = module.load_state_dict(state["module"], strict=False)
     if result.unexpected_keys or any(not k.startswith("teacher.") for k in result.missing_keys):
         raise RuntimeError(f"checkpoint does not fit this trial's model: {result}")
@@ -223,7 +251,11 @@ def save_state(folder: str, module: torch.nn.Module, optimizer: torch.optim.Opti
     student alone as MODEL_FILE."""
     with open(os.path.join(folder, HISTORY_FILE), "w") as fh:
         json.dump(history, fh)
-    trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
-    torch.save({"module": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch}, os.path.join(folder, STATE_FILE))
+    torch.save(trainer_state(module, optimizer, scheduler, epoch), os.path.join(folder, STATE_FILE))
     torch.save(module.student.source_state_dict(), os.path.join(folder, MODEL_FILE))  # the model's own names
+
+
+def trainer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int) -> dict[str, Any]:
+    """Everything but the frozen teacher: what ``resume`` loads."""
+    trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    return {"module": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}

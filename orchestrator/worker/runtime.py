@@ -127,7 +127,7 @@ def scaling_config(job: Job) -> ray.train.ScalingConfig:
 
 def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher_state: Optional[dict] = None,
                  report_to_tune: bool = False, record_as: Optional[tuple[str, str, str]] = None,
-                 test_epochs: Optional[list[int]] = None) -> TorchTrainer:
+                 test_epochs: Optional[list[int]] = None, progress_key: Optional[str] = None) -> TorchTrainer:
     """A TorchTrainer running ``train_loop_per_worker``; a stable ``name`` lets a retry resume its checkpoints.
     ``record_as`` (storage path, Tune experiment, trial id): rank 0 records the trial's end there."""
     run_config = ray.train.RunConfig(
@@ -149,7 +149,7 @@ def make_trainer(job: Job, params: dict[str, Any], mode: str, name: str, teacher
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "params": params, "mode": mode, "teacher_state": teacher_state,
-                           "record_as": record_as, "test_epochs": test_epochs or []},
+                           "record_as": record_as, "test_epochs": test_epochs or [], "progress_key": progress_key},
         scaling_config=scaling_config(job),
         run_config=run_config,
         **data,

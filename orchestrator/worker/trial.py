@@ -9,7 +9,7 @@ import torch
 from ray import tune
 
 from orchestrator.config.job import Job
-from orchestrator.tracking.records import RECORDED, TrialRecords
+from orchestrator.tracking.records import RECORDED, TEACHER_PROGRESS, TrialRecords
 from orchestrator.tracking.results import case_of
 from orchestrator.worker.loop import tune_trial_loop
 from orchestrator.worker.runtime import make_trainer
@@ -31,15 +31,17 @@ def run_trial(config: dict[str, Any], job: Job, teacher_state: Optional[dict], m
     params = case_of(config)
     # listed cases run every epoch (no scheduler), and so does the teacher
     test_epochs = [] if "case" in config or mode == "teacher" else rung_epochs(job)
+    # the teacher's progress outlives its Tune trial: a resumed teacher is a new trial that continues it
+    progress_key = TEACHER_PROGRESS if mode == "teacher" else None
     if job.cfg.resources.workers_per_trial == 1:  # trains here: a reused process (tune.reuse_actors)
         torch._dynamo.reset()  # compiles this trial's model afresh, as a new process would
         tune_trial_loop({"job": job, "params": params, "mode": mode, "teacher_state": teacher_state,
-                         "test_epochs": test_epochs}, records)
+                         "test_epochs": test_epochs, "progress_key": progress_key}, records)
         return
     # rank 0 records the trial's end before its last report (Train's result keeps only checkpointed reports)
     make_trainer(job, params, mode, name=f"{context.get_experiment_name()}-train-{trial_id}", teacher_state=teacher_state,
                  report_to_tune=True, record_as=(job.storage_path, context.get_experiment_name(), trial_id),
-                 test_epochs=test_epochs).fit()
+                 test_epochs=test_epochs, progress_key=progress_key).fit()
 
 
 def rung_epochs(job: Job) -> list[int]:
