@@ -220,10 +220,12 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, floa
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
+def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False,
+             student_hits: Optional[list[torch.Tensor]] = None) -> dict[str, float]:
     """Top-1 accuracy in percent of the student (``val_acc``) and of each stepping stone.
 
-    Runs only the student and the stones (``module.logits``): no teacher forward, no loss.
+    Runs only the student and the stones (``module.logits``): no teacher forward, no loss. ``student_hits``:
+    a list that receives the student's per-example correctness (bool, CPU), batch by batch in the loader's order.
     """
     module.eval()
     inner = unwrap(module)
@@ -236,6 +238,8 @@ def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict
         for key, logits in heads.items():
             hits = (logits.argmax(dim=1) == y).sum()
             correct[key] = correct[key] + hits if key in correct else hits
+        if student_hits is not None:
+            student_hits.append((student_logits.argmax(dim=1) == y).cpu())
         total += y.shape[0]
     return {k: 100.0 * v.item() / max(1, total) for k, v in correct.items()}
 
@@ -262,9 +266,10 @@ def eval_loader(dataset: ImageDataset, cfg: TrainConfig, device: torch.device) -
     return BatchLoader(dataset, max(cfg.batch_size, 256), train=False, device=device, channels_last=bool(cfg.channels_last))
 
 
-def score_on_test(module: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
+def score_on_test(module: nn.Module, loader: BatchLoader, bf16: bool = False,
+                  student_hits: Optional[list[torch.Tensor]] = None) -> dict[str, float]:
     """``evaluate`` on the test split, its keys renamed ``test_acc`` (student) and ``test_acc_stone_<cut>``."""
-    return as_test(evaluate(module, loader, bf16))
+    return as_test(evaluate(module, loader, bf16, student_hits))
 
 
 def as_test(accuracies: dict[str, float]) -> dict[str, float]:

@@ -217,3 +217,40 @@ def test_method_parameters_out_of_range_name_their_key():
         assert info.value.key == key
     with pytest.raises(ValueError, match="takes alpha, beta, warmup_epochs, hint_block; drop \\['cuts'\\]"):
         methods.make("fitnet", teacher, student, sample_input=x, cuts=[1])
+
+
+def test_fitnet_and_reviewkd_follow_mdistillers_modules_on_a_cifar_resnet_pair():
+    """resnet32x4 -> resnet8x4 (CIFAR-100), the pair mdistiller's tables use. FitNet's regressor is conv + BN + ReLU
+    with the conv chosen by the grids (ConvReg); ReviewKD matches the teacher's stage outputs before their ReLU and
+    one more level, the pooled feature, and brings each fused map to the teacher's grid before its 3x3 conv."""
+    torch.manual_seed(0)
+    teacher, student = models.create("resnet32x4", 100, 3).eval(), models.create("resnet8x4", 100, 3)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+
+    fitnet = methods.make("fitnet", teacher, student, sample_input=x)
+    kinds = [type(m) for m in fitnet.regressor]
+    assert kinds == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU], fitnet.regressor
+    hint = student.features(x)[fitnet.hint - 1]
+    assert fitnet.regressor(hint).shape == teacher.features(x)[fitnet.hint - 1].shape
+    assert (fitnet.regressor(hint) >= 0).all()  # as the teacher's rectified hint
+    from bkd_core.forms import Form
+    from bkd_core.methods.fitnet import hint_conv
+    strided, transposed, valid = (hint_conv(Form("map", 16, s), Form("map", 32, t)) for s, t in
+                                  (((8, 8), (4, 4)), ((4, 4), (8, 8)), ((8, 8), (6, 6))))
+    assert (strided.kernel_size, strided.stride) == ((3, 3), (2, 2)) and isinstance(strided, torch.nn.Conv2d)
+    assert isinstance(transposed, torch.nn.ConvTranspose2d) and (transposed.kernel_size, transposed.stride) == ((4, 4), (2, 2))
+    assert valid.kernel_size == (3, 3) and valid(torch.zeros(1, 16, 8, 8)).shape == (1, 32, 6, 6)
+
+    review = methods.make("reviewkd", teacher, student, sample_input=x)
+    n = teacher.num_blocks
+    assert len(review.fusions) == n + 1 and review.fusions[n].attend is None  # the pooled level, deepest, unfused
+    with torch.no_grad():
+        targets, last = review.teacher_features(x)
+        after = teacher.features(x)
+    assert len(targets) == n + 1
+    for i in range(n):  # every stage end before its ReLU: negative values, and the ReLU of it is the block output
+        assert (targets[i] < 0).any() and torch.allclose(torch.relu(targets[i]), after[i], atol=1e-6)
+    assert torch.allclose(targets[n][:, :, 0, 0], after[-1].mean((2, 3)), atol=1e-6) and torch.equal(last, after[-1])
+    out = review.train()(x, y)
+    assert torch.isfinite(out.loss) and out.student_logits.shape == (4, 100)
+    assert torch.allclose(out.teacher_logits, teacher(x), atol=1e-5)  # the head still reads the rectified output

@@ -2,6 +2,7 @@
 statistics against hand-computed values; bad input before Ray starts."""
 import math
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -15,15 +16,17 @@ from orchestrator.config.compose import compose
 from orchestrator.config.job import validate
 from orchestrator.console.cli import entry_point
 from orchestrator.search.comparison import COLUMNS, check_methods, method_config
-from orchestrator.tracking.stats import Interval, paired_difference, verdict
+from orchestrator.tracking.stats import (Interval, SeedResult, decode_correct, encode_correct, method_interval, paired_difference,
+                                         verdict)
 from orchestrator.worker.loop import build_module
 
 
 def test_interval_and_paired_difference_by_hand():
-    i = Interval.of([1.0, 2.0, 3.0, 4.0, 5.0])  # std sqrt(2.5); t(0.975, 4) = 2.7764
+    i = Interval.of([1.0, 2.0, 3.0, 4.0, 5.0])  # std sqrt(2.5); t(0.975, 4) = 2.7764; no test term given
     assert i.mean == 3.0 and i.std == pytest.approx(math.sqrt(2.5))
     assert i.high - i.mean == pytest.approx(2.7764 * math.sqrt(2.5) / math.sqrt(5), rel=1e-4)
-    d = paired_difference({0: 94.1, 1: 93.8, 2: 94.0, 7: 50.0}, {0: 93.6, 1: 93.7, 2: 93.5})  # seed 7 has no pair
+    runs = lambda accs: {s: SeedResult(a, None, 1000) for s, a in accs.items()}  # noqa: E731
+    d = paired_difference(runs({0: 94.1, 1: 93.8, 2: 94.0, 7: 50.0}), runs({0: 93.6, 1: 93.7, 2: 93.5}))  # seed 7 has no pair
     assert d.n == 3 and d.mean == pytest.approx(0.3667, abs=1e-4)
     assert verdict("Block-KD", "KD", Interval(5, 0.31, 0.1, 0.12, 0.50)) == \
         "Block-KD beats KD by 0.31 points (95 % CI 0.12 to 0.50, 5 seeds)."
@@ -31,6 +34,38 @@ def test_interval_and_paired_difference_by_hand():
         "Block-KD and KD are not distinguishable at 5 seeds (difference -0.05 to 0.40)."
     assert "trails KD by 0.50" in verdict("DKD", "KD", Interval(3, -0.5, 0.1, -0.8, -0.2))
     assert "no interval" in verdict("DKD", "KD", Interval.of([0.3]))
+
+
+def test_equal_paired_differences_on_two_seeds_give_an_interval_at_least_the_test_splits_error():
+    """Two seeds, each 14 of 449 test examples better (KD 64.14/69.49 against LoCa 67.26/72.61, as a comparison
+    printed it): the seeds agree exactly, yet the interval is not zero-wide: the test examples' paired noise
+    counts, computed here by hand from the per-example results (t(0.975, 1) = 12.706)."""
+    n = 449
+    rng = np.random.default_rng(0)
+    kd, loca = {}, {}
+    for seed, right in ((1, 288), (2, 312)):
+        base = np.zeros(n, dtype=bool)
+        base[rng.choice(n, right, replace=False)] = True
+        better = base.copy()
+        better[rng.choice(np.flatnonzero(~base), 14, replace=False)] = True  # 14 more examples right, none fewer
+        kd[seed] = SeedResult(100.0 * base.mean(), decode_correct(encode_correct(base)), n)
+        loca[seed] = SeedResult(100.0 * better.mean(), decode_correct(encode_correct(better)), n)
+    d = paired_difference(loca, kd)
+    assert d.n == 2 and d.std == 0.0 and d.mean == pytest.approx(100 * 14 / n)
+    per_example = np.mean([loca[s].correct.astype(float) - kd[s].correct.astype(float) for s in (1, 2)], axis=0)
+    test_se = 100 * per_example.std(ddof=1) / math.sqrt(n)  # by hand: the paired test term of the mean difference
+    assert d.test_se == pytest.approx(test_se) and test_se > 0.22  # more than one example's worth (0.22 points)
+    assert d.high - d.mean == pytest.approx(12.706 * test_se, rel=1e-4) and d.low < d.mean < d.high
+    assert "not distinguishable at 2 seeds" in verdict("KD+LoCa", "KD", d) and "few seeds" in verdict("KD+LoCa", "KD", d)
+    # without per-example results (streamed test data): the binomial term of both accuracies, never zero either
+    plain = paired_difference({s: SeedResult(r.accuracy, None, n) for s, r in loca.items()},
+                              {s: SeedResult(r.accuracy, None, n) for s, r in kd.items()})
+    assert plain.high - plain.low > 0 and plain.test_se >= test_se
+    # one method's own interval over the same two seeds: the seeds' spread and the test term
+    one = method_interval(kd)
+    matrix = np.mean([kd[s].correct.astype(float) for s in (1, 2)], axis=0)
+    by_hand = math.sqrt(one.std ** 2 / 2 + (100 * matrix.std(ddof=1)) ** 2 / n)
+    assert one.high - one.mean == pytest.approx(12.706 * by_hand, rel=1e-4)
 
 
 def test_a_seed_gives_every_method_the_same_student_and_another_seed_another():

@@ -140,7 +140,7 @@ def test_a_search_selects_on_the_held_out_split_and_reports_chance_on_an_unlearn
     # the old protocol (data.val_fraction=0) selects on the test split: warned, tagged, and its figure is the test's
     argv = common(ws, "on-test") + ["data=image_folder", f"data.root={folder}", "data.image_size=8", "data.val_fraction=0",
                                            "tune.num_samples=1", "train.epochs=1", "teacher.epochs=1", "train.batch_size=16",
-                                           "teacher.batch_size=16", "search=kd"]
+                                           "teacher.batch_size=16", "search=kd", "teacher.allow_chance=true"]  # the test split is unlearnable
     assert entry_point(tune_entry.run, argv) == 0
     (row,) = pq.read_table(ws / "out" / "on-test" / "trials.parquet").to_pylist()
     assert row["val_acc"] == row["test_acc"]

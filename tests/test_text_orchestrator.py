@@ -110,6 +110,15 @@ def bad_inputs(world, tmp_path_factory):
     bad_folder(root / "empty", {"text": '""', "label": "positive"})
     transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                            image_size=8, patch_size=4).save_pretrained(root / "vit")
+    rows = write_text_folder(root / "no-rows", 30, 10)
+    (rows / "train.csv").write_text("text,label\n")  # a header and nothing else
+    unknown = root / "unknown-tok"  # a WordPiece vocabulary of three letters: every word of the data is [UNK]
+    unknown.mkdir()
+    from tokenizers import BertWordPieceTokenizer
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(["qqq zzz xxx zq xq"] * 20, vocab_size=40, min_frequency=1)
+    wordpiece.save_model(str(unknown))
+    transformers.BertTokenizer(vocab=str(unknown / "vocab.txt")).save_pretrained(unknown)
     other = make_tokenizer(root / "other-tok")
     other.add_tokens(["zebra", "quokka"])
     encoder("bert", other, 16, 2, root / "other-student", initializer_range=0.02)
@@ -120,6 +129,8 @@ def bad_inputs(world, tmp_path_factory):
     (["data.text_column=sentence"], "data.text_column", "has no column 'sentence'"),
     (["data.root={bad}/one-class"], "data.label_column", "holds one class ('same')"),
     (["data.root={bad}/empty"], "data.text_column", "row 31 of"),
+    (["data.root={bad}/no-rows"], "data.root", "train.csv has no rows"),
+    (["data.tokenizer={bad}/unknown-tok"], "data.tokenizer", "% of the tokens of"),
     (["pair.student=hf:{bad}/vit"], "pair.student", "is not a sequence classifier"),
     (["data.max_length=100"], "data.max_length", "(64 positions)"),
     (["pair.student=hf:{bad}/other-student"], "pair.student", "differs from the teacher's"),
@@ -161,6 +172,21 @@ def test_the_text_recipe_validates_with_adamw_and_every_compared_methods_configu
     configs = checked_configs(job)
     assert set(configs) == {"none", "kd", "blockkd"} and all(c.config["lr"] == 5e-5 for c in configs.values())
 
+
+
+@pytest.mark.ray
+def test_text_without_the_recipe_trains_its_teacher_with_adamw_and_it_learns(world, ray_cluster, tmp_path, capsys):
+    """data=text alone, the learning rate set, the optimizer not: text encoders get AdamW with a warm-up (with the
+    image defaults, SGD, this teacher stayed at ln 3), so the teacher is clearly above chance and the search runs."""
+    argv = args(world, tmp_path, "teacher.lr=5.0e-4", "teacher.batch_size=16", "search=kd", "tune.num_samples=1",
+                "train.epochs=1", "tune.name=plain")
+    job = validate(compose(argv))
+    assert (job.cfg.train.optimizer, job.cfg.train.schedule, job.cfg.train.warmup_epochs) == ("adamw", "linear", 1)
+    assert entry_point(tune_entry.run, argv) == 0
+    out = capsys.readouterr().out
+    assert "the teacher learned nothing" not in out
+    teacher_line = next(line for line in out.splitlines() if line.startswith("[bkd] teacher val_acc"))
+    assert float(teacher_line.split("val_acc ")[1].split("%")[0]) > 60, out
 
 
 TRAINING = ["recipe=text_bert", "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0",

@@ -70,6 +70,8 @@ class FeatureDistiller(Distiller):
         s_feats, t_feats = self.student.features(probe), self.teacher.features(probe)
         num_classes = self.teacher.head(t_feats[-1]).shape[1]
         self.student.train(was_training)
+        # where the teacher's output is a rectified map (after a ReLU), as a CNN's block ends are
+        self.t_nonnegative = [bool((f >= 0).all()) for f in t_feats]
         image = self._image = tuple(probe.shape[-2:]) if probe.dim() == 4 else None  # None: text
         forms = [[infer_form(f.shape[1:], image, f"block {i + 1} of the {role}") for i, f in enumerate(feats)]
                  for role, feats in (("student", s_feats), ("teacher", t_feats))]
@@ -99,10 +101,15 @@ class FeatureDistiller(Distiller):
         teacher = {id(p) for p in self.teacher.parameters()}
         yield from (p for p in self.parameters() if id(p) not in teacher)
 
+    def teacher_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The teacher's block outputs the method matches, and the last block's output (what its head reads)."""
+        feats = self.teacher.features(x)
+        return feats, feats[-1]
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> DistillOutput:
         with torch.no_grad():
-            t_feats = self.teacher.features(x)
-            t_logits = self.teacher.head(t_feats[-1])
+            t_feats, t_last = self.teacher_features(x)
+            t_logits = self.teacher.head(t_last)
         s_feats = self.student.features(x)
         s_logits = self.student.head(s_feats[-1])
         task = F.cross_entropy(s_logits.float(), y)

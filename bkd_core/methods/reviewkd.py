@@ -1,8 +1,10 @@
-"""``reviewkd``: knowledge review (Chen et al., 2021). Attention-based fusion (ABF) runs from the
-student's deepest block end to its first, each step fusing a block's output with the fused result of the
-deeper ones; every fused output is matched to the teacher's output at the same block end by the
-hierarchical context loss (HCL: mean squared error on the map and on its 4x4, 2x2 and 1x1 poolings,
-halving weights). Shapes and channels come from the probed block forms, for any pair."""
+"""``reviewkd``: knowledge review (Chen et al., 2021), laid out as mdistiller lays it out. Attention-based
+fusion (ABF) runs from the student's deepest level to its first, each step fusing a level with the fused
+result of the deeper ones. The levels are the block ends and, deepest, the pooled feature the head reads (a
+1x1 map). Each fused output is matched to the teacher's at the same level: its block outputs *before* their
+last ReLU (``preact``; a block without a final ``nn.ReLU`` gives its output) and its pooled feature, by the
+hierarchical context loss (HCL: mean squared error on the map and on its 4x4, 2x2 and 1x1 poolings, halving
+weights). Shapes and channels come from the probed block forms, for any pair."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -11,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..forms import Form, as_map
+from ..forms import Form, as_map, pooled
 from ..params import MethodParamError, as_int
 from .features import FeatureDistiller
+from .preact import preactivation_features
 from .registry import register
 
 
@@ -32,15 +35,17 @@ def hcl_loss(s: torch.Tensor, t: torch.Tensor, levels: Sequence[int] = (4, 2, 1)
 
 
 class AttentionFusion(nn.Module):
-    """One ABF step: the block's output reduced to ``mid`` channels, fused with the deeper result by two
-    per-position attention weights, then expanded to the teacher's channels at the teacher map's grid (given
-    per batch: a text batch's length is its own)."""
+    """One ABF step: the level's student output reduced to ``mid`` channels (1x1 conv + BN), fused with the
+    deeper result by two per-position attention weights, brought to the teacher map's grid (nearest, given per
+    batch: a text batch's length is its own), then expanded to the teacher's channels (3x3 conv + BN)."""
 
     def __init__(self, source: Form, target: Form, mid: int, fuse: bool) -> None:
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(source.channels, mid, 1, bias=False), nn.BatchNorm2d(mid))
         self.expand = nn.Sequential(nn.Conv2d(mid, target.channels, 3, padding=1, bias=False), nn.BatchNorm2d(target.channels))
         self.attend = nn.Sequential(nn.Conv2d(2 * mid, 2, 1), nn.Sigmoid()) if fuse else None
+        for conv in (self.reduce[0], self.expand[0]):
+            nn.init.kaiming_uniform_(conv.weight, a=1)  # the authors' initialisation
 
     def forward(self, x: torch.Tensor, deeper: Optional[torch.Tensor], grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.reduce(x)
@@ -48,17 +53,17 @@ class AttentionFusion(nn.Module):
             deeper = F.interpolate(deeper, size=x.shape[2:], mode="nearest")
             a = self.attend(torch.cat([x, deeper], dim=1))
             x = x * a[:, :1] + deeper * a[:, 1:]
-        out = self.expand(x)
-        if tuple(out.shape[2:]) != tuple(grid):
-            out = F.interpolate(out, size=tuple(grid), mode="bilinear", align_corners=False)
-        return out, x
+        if tuple(x.shape[2:]) != tuple(grid):
+            x = F.interpolate(x, size=tuple(grid), mode="nearest")
+        return self.expand(x), x
 
 
 @register("reviewkd")
 class ReviewKD(FeatureDistiller):
-    """``loss = alpha*CE + beta*sum_i HCL(ABF_i, T_i)`` over the block ends."""
+    """``loss = alpha*CE + beta*(sum_i HCL(ABF_i, T_i^pre) + HCL(ABF_pool, T_pool))`` over the block ends and the
+    pooled feature."""
 
-    summary = "reviewed features at the block ends"
+    summary = "reviewed features at the block ends and the pooled feature"
     pairs_blocks = True
     own_params = {"max_mid_channels": as_int}
     defaults = {"max_mid_channels": 512}  # mdistiller's
@@ -67,15 +72,22 @@ class ReviewKD(FeatureDistiller):
         if max_mid_channels < 1:
             raise MethodParamError("max_mid_channels", f"{max_mid_channels} channels; give at least 1 (the paper's 512).")
         mid = min(max_mid_channels, self.s_forms[-1].channels)
-        last = len(self.s_forms) - 1
-        self.fusions = nn.ModuleList(AttentionFusion(s, t, mid, fuse=i < last)
-                                     for i, (s, t) in enumerate(zip(self.s_forms, self.t_forms)))
+        levels = list(zip(self.s_forms, self.t_forms))
+        levels.append((Form("vector", self.s_forms[-1].channels), Form("vector", self.t_forms[-1].channels)))  # pooled
+        self.fusions = nn.ModuleList(AttentionFusion(s, t, mid, fuse=i < len(levels) - 1) for i, (s, t) in enumerate(levels))
+
+    def teacher_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The teacher's block outputs before their last ReLU, then its pooled feature (as a 1x1 map)."""
+        preact, last = preactivation_features(self.teacher, x)
+        return preact + [pooled(last, self.t_forms[-1])[:, :, None, None]], last
 
     def distill_loss(self, s_feats: Sequence[torch.Tensor], t_feats: Sequence[torch.Tensor], s_logits: torch.Tensor,
                      t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        student = [as_map(f, form) for f, form in zip(s_feats, self.s_forms)]
+        student.append(pooled(s_feats[-1], self.s_forms[-1])[:, :, None, None])
+        teacher = [as_map(f, form) for f, form in zip(t_feats, self.t_forms)] + [t_feats[-1]]
         deeper, loss = None, torch.zeros((), device=s_logits.device)
-        for i in reversed(range(len(s_feats))):
-            target = as_map(t_feats[i], self.t_forms[i])
-            out, deeper = self.fusions[i](as_map(s_feats[i], self.s_forms[i]), deeper, target.shape[2:])
-            loss = loss + hcl_loss(out, target)
+        for i in reversed(range(len(student))):
+            out, deeper = self.fusions[i](student[i], deeper, teacher[i].shape[2:])
+            loss = loss + hcl_loss(out, teacher[i])
         return loss

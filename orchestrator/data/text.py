@@ -68,6 +68,9 @@ def read_table(path: Path) -> pa.Table:
 
 def columns_of(d: TextData, table: pa.Table, source: str) -> TextColumns:
     """The configured columns of a table; a missing column or an empty text is a ConfigError."""
+    if table.num_rows == 0:
+        raise ConfigError("data.root" if not d.hub else "data.hub", f"{source} has no rows (a header and nothing else, or an "
+                          "empty file); give it one row per text and label.")
     wanted = {"data.text_column": d.text_column, "data.label_column": d.label_column}
     if d.text_pair_column:
         wanted["data.text_pair_column"] = d.text_pair_column
@@ -231,6 +234,8 @@ def build_cache(d: TextData, tokenizer: Any, folder: Path) -> None:
             labels = [index[str(v)] for v in cols.labels]
             data = tokenize(cols.texts, labels, tokenizer, d.max_length, len(names), pairs=cols.pairs, name=f"text/{split}")
             meta["truncated"][split] = int((data.lengths >= d.max_length).sum())
+            if split == "train":
+                meta["unknown_share"] = check_unknown_tokens(d, tokenizer, data, train.source)
             write_split(scratch / f"{split}.parquet", data)
         (scratch / "labels.json").write_text(json.dumps([v if isinstance(v, (int, str)) else str(v) for v in names]))
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -245,6 +250,38 @@ def build_cache(d: TextData, tokenizer: Any, folder: Path) -> None:
           f"into {folder}" + (f"; {reach['train']:,} training and {reach['test']:,} test texts reach max_length="
                               f"{d.max_length} tokens and are cut there (data.max_length sets it)"
                               if reach["train"] or reach["test"] else ""), flush=True)
+
+
+UNKNOWN_WARN, UNKNOWN_REFUSE = 0.05, 0.50  # shares of the training tokens the tokenizer does not know
+
+
+def unknown_share(tokenizer: Any, data: TextDataset) -> Optional[float]:
+    """The share of the texts' own tokens (special tokens and padding left out) that are the tokenizer's unknown
+    token; None for a tokenizer without one (byte-level BPE knows every text)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or len(data) == 0:
+        return None
+    ids, mask = data.tokens[:, 0].long(), data.tokens[:, 1].bool()
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", [])) - {unk}), dtype=torch.long)
+    real = mask & ~torch.isin(ids, special)
+    return float(((ids == unk) & real).sum()) / max(1, int(real.sum()))
+
+
+def check_unknown_tokens(d: TextData, tokenizer: Any, data: TextDataset, source: str) -> Optional[float]:
+    """Warn when over 5 % of the training tokens are unknown to the tokenizer; refuse (exit 2) over 50 %: the
+    models would read little but the unknown token, and train at chance."""
+    share = unknown_share(tokenizer, data)
+    if share is None or share <= UNKNOWN_WARN:
+        return share
+    what = (f"{100 * share:.1f} % of the tokens of {source} are the tokenizer's unknown token "
+            f"{getattr(tokenizer, 'unk_token', '[UNK]')!r} (tokenizer: {d.tokenizer})")
+    if share > UNKNOWN_REFUSE:
+        raise ConfigError("data.tokenizer", f"{what}: it does not know the data's words, and the models would train at "
+                          "chance. Give the tokenizer the teacher was trained with (data.tokenizer=FOLDER, or the teacher's "
+                          "folder), or check the text column (data.text_column).")
+    print(f"[bkd] warning: {what}; the models do not see those words. Check that it is the teacher's own tokenizer "
+          "(data.tokenizer).", flush=True)
+    return share
 
 
 def load_text(d: TextData) -> DataSplits:

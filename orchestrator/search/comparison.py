@@ -22,7 +22,7 @@ from orchestrator.search.chance import Chance, at_chance_line
 from orchestrator.search.search import RunSearch
 from orchestrator.search.summary import RunCases, collect_rows, first_failure
 from orchestrator.tracking.results import write_parquet
-from orchestrator.tracking.stats import Interval, paired_difference, verdict
+from orchestrator.tracking.stats import METHOD, SeedResult, decode_correct, method_interval, paired_difference, verdict
 from orchestrator.tracking.writer import MLflowWriter, Write
 from search_spaces.space import SearchSpaceError, defaults, uses_partition, with_lr_range
 from search_spaces.space import display as space_display
@@ -221,16 +221,25 @@ def tuned_cases(job: Job, run_search: RunSearch) -> list[dict[str, Any]]:
 METRIC = "test_acc"  # what a comparison reports: each run's final weights on the test split
 
 
-def summaries(rows: list[dict[str, Any]], methods: list[str], baseline: Optional[str]) -> list[dict[str, Any]]:
-    """Per method: its interval of test_acc over finished seeds and its paired difference to ``baseline``."""
-    acc = {m: {r["seed"]: r[METRIC] for r in rows if r["method"] == m and r["status"] == "FINISHED" and r.get(METRIC) is not None}
-           for m in methods}
+def seed_results(rows: list[dict[str, Any]], method: str, test_count: int) -> dict[int, SeedResult]:
+    """A method's finished seeds: test accuracy and, where the run kept it, its per-example correctness."""
+    found = {}
+    for r in rows:
+        if r["method"] == method and r["status"] == "FINISHED" and r.get(METRIC) is not None and r[METRIC] == r[METRIC]:
+            correct = decode_correct(r["test_correct"]) if isinstance(r.get("test_correct"), str) else None
+            found[r["seed"]] = SeedResult(float(r[METRIC]), correct, test_count)
+    return found
+
+
+def summaries(rows: list[dict[str, Any]], methods: list[str], baseline: Optional[str], test_count: int) -> list[dict[str, Any]]:
+    """Per method: its interval of test_acc over finished seeds and its paired difference to ``baseline``, each
+    counting the seeds' and the test split's noise (``orchestrator.tracking.stats``)."""
+    results = {m: seed_results(rows, m, test_count) for m in methods}
     out = []
     for m in methods:
-        values = list(acc[m].values())
-        entry: dict[str, Any] = {"method": m, "interval": Interval.of(values) if values else None}
+        entry: dict[str, Any] = {"method": m, "interval": method_interval(results[m])}
         if baseline and m != baseline:
-            entry["diff"] = paired_difference(acc[m], acc[baseline])
+            entry["diff"] = paired_difference(results[m], results[baseline])
             entry["verdict"] = verdict(display(m), display(baseline), entry["diff"])
         out.append(entry)
     return out
@@ -254,7 +263,7 @@ def format_summary(summary: list[dict[str, Any]], baseline: Optional[str]) -> st
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     sentences = [s["verdict"] for s in summary if s.get("verdict")]
-    return ("\n".join(text) + "\n(test_acc: the final weights on the test split, %; intervals: Student t, 95 %)\n\n"
+    return ("\n".join(text) + f"\n(test_acc: the final weights on the test split, %; 95 % intervals: {METHOD})\n\n"
             + "\n".join(sentences))
 
 
@@ -308,7 +317,7 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     write_parquet([{k: r[k] for k in COLUMNS} | r for r in rows], str(out / "compare.parquet"))
     c = job.cfg.compare
     methods, baseline = list(c.methods), c.baseline
-    summary = summaries(rows, methods, baseline)
+    summary = summaries(rows, methods, baseline, job.dataset.rows["test"])
     print("\n" + format_summary(summary, baseline))
     at_chance = at_chance_line(rows, Chance.of_split(job, "test"), METRIC, "run of every method and seed")
     if at_chance:

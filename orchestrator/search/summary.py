@@ -26,7 +26,7 @@ from orchestrator.tracking.results import (
     write_parquet,
 )
 from orchestrator.tracking.runs import child_runs, first_line, require_answer
-from orchestrator.tracking.stats import mean_std
+from orchestrator.tracking.stats import SeedResult, decode_correct, mean_std, method_interval
 from orchestrator.tracking.writer import MLflowWriter, Write
 
 SELECTION_TAG = "bkd.selection"  # val: the search selected on the held-out split; test: on the test split
@@ -169,7 +169,8 @@ def export_hf_student(job: Job, state: dict[str, torch.Tensor], folder: Path, pa
     return PackedClassifier(model.eval())
 
 
-CONFIRM_COLUMNS = ("confirm_val_acc_mean", "confirm_val_acc_std", "confirm_test_acc_mean", "confirm_test_acc_std")
+CONFIRM_COLUMNS = ("confirm_val_acc_mean", "confirm_val_acc_std", "confirm_test_acc_mean", "confirm_test_acc_std",
+                   "confirm_test_acc_ci_low", "confirm_test_acc_ci_high")
 
 
 def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_names: list[str], run_cases: RunCases) -> str:
@@ -191,12 +192,18 @@ def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_nam
     if not done:
         return f"[bkd] no confirmation run finished ({', '.join(r['status'] for r in rows)})"
     best["confirm_val_acc_mean"], best["confirm_val_acc_std"] = mean_std([r["val_acc"] for r in done])
-    tests = [r["test_acc"] for r in done if r.get("test_acc") is not None and r["test_acc"] == r["test_acc"]]
+    tests = {r["seed"]: SeedResult(float(r["test_acc"]), decode_correct(r["test_correct"]) if isinstance(r.get("test_correct"), str)
+                                   else None, job.dataset.rows["test"])
+             for r in done if r.get("test_acc") is not None and r["test_acc"] == r["test_acc"]}
     line = (f"\nbest configuration on {len(done)} fresh seeds: val_acc {best['confirm_val_acc_mean']:.2f} +- "
             f"{best['confirm_val_acc_std']:.2f}")
     if tests:
-        best["confirm_test_acc_mean"], best["confirm_test_acc_std"] = mean_std(tests)
-        line += f", test_acc {best['confirm_test_acc_mean']:.2f} +- {best['confirm_test_acc_std']:.2f}"
+        test = method_interval(tests)
+        best["confirm_test_acc_mean"], best["confirm_test_acc_std"] = test.mean, test.std
+        line += f", test_acc {test.mean:.2f} +- {test.std:.2f}"
+        if test.n > 1:  # the seeds' and the test split's noise, as compare counts them
+            best["confirm_test_acc_ci_low"], best["confirm_test_acc_ci_high"] = test.low, test.high
+            line += f" (95 % CI {test.low:.2f} to {test.high:.2f}, seeds and test examples)"
     reference = best.get("confirm_test_acc_mean", best["confirm_val_acc_mean"])
     gap = best["val_acc"] - reference
     return (line + f"\n(the search reported val_acc {best['val_acc']:.2f} for it: {'optimistic' if gap > 0 else 'pessimistic'} "

@@ -17,6 +17,7 @@ def case_of(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 FINAL_METRICS = ("val_acc", "test_acc", "train_loss", "throughput_img_s")
+TEST_CORRECT = "test_correct"  # the final student's per-example correctness on the test split (stats.encode_correct)
 DIVERGED = "diverged"  # a trial's last result has diverged=1 when its training loss became NaN/inf
 
 
@@ -87,6 +88,8 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status
     for key, value in metrics.items():
         if key.startswith(("val_acc_stone_", "test_acc_stone_", "train_loss_")):
             row[key] = float(value)
+    if isinstance(metrics.get(TEST_CORRECT), str):
+        row[TEST_CORRECT] = metrics[TEST_CORRECT]
     return row
 
 

@@ -46,7 +46,8 @@ from orchestrator.config.models import build_model
 from orchestrator.data.datasets import example_batch, is_streamed, load_dataset
 from orchestrator.tracking.records import DIVERGED as DIVERGED_STATUS
 from orchestrator.tracking.records import FINISHED, TrialRecords
-from orchestrator.tracking.results import DIVERGED
+from orchestrator.tracking.results import DIVERGED, TEST_CORRECT
+from orchestrator.tracking.stats import encode_correct
 from orchestrator.tracking.trial_logger import RESTORED_EPOCHS
 from search_spaces.space import TrialParams, load_space, method_arguments
 
@@ -192,7 +193,12 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             metrics = {DIVERGED: 1}
         metrics.update(evaluate(module, val_loader, bool(cfg.bf16)))
         if epoch in test_epochs and DIVERGED not in metrics:
-            metrics.update(score_on_test(module, test_loader, bool(cfg.bf16)) if on_test else as_test(metrics))
+            # the last epoch keeps the student's per-example correctness (a few KB): compare's intervals count the
+            # test split's sampling noise, paired by example (in-memory splits, whose order is fixed)
+            hits: Optional[list[torch.Tensor]] = [] if epoch == cfg.epochs and not is_streamed(data) else None
+            metrics.update(score_on_test(module, test_loader, bool(cfg.bf16), hits) if on_test else as_test(metrics))
+            if hits:
+                metrics[TEST_CORRECT] = encode_correct(torch.cat(hits).numpy())
         metrics.update(epoch=epoch, workers=world)
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)} | {"timestamp": time.time()})
         if DIVERGED in metrics:
