@@ -19,7 +19,7 @@ from torch import nn
 
 from ..connectors import build_connector
 from ..forms import Form
-from ..params import as_int
+from ..params import MethodParamError, as_int
 from .features import FeatureDistiller
 from .registry import register
 
@@ -44,14 +44,20 @@ class FitNet(FeatureDistiller):
 
     summary = "a FitNet hint"
     pairs_blocks = True
-    own_params = {"hint_block": as_int}
+    own_params = {"hint_block": as_int, "regressor": str}
     default_beta = 100.0  # mdistiller's CIFAR-100 feature weight
 
-    def build_modules(self, hint_block: int = 0, **_: Any) -> None:
+    def build_modules(self, hint_block: int = 0, regressor: str = "convreg", **_: Any) -> None:
+        """``regressor``: ``convreg`` (mdistiller's, the default) or ``connector`` (a connector alone, no ReLU: the
+        design before this one, kept to measure what the difference costs)."""
+        if regressor not in ("convreg", "connector"):
+            raise MethodParamError("regressor", f"{regressor!r}; give convreg (mdistiller's conv + BN + ReLU) or connector.")
         self.hint = self.check_block("hint_block", hint_block or (len(self.s_forms) + 1) // 2)
         s, t = self.s_forms[self.hint - 1], self.t_forms[self.hint - 1]
-        rectified = self.t_nonnegative[self.hint - 1]
-        if s.kind == t.kind == "map":
+        rectified = self.t_nonnegative[self.hint - 1] and regressor == "convreg"
+        if regressor == "connector":
+            self.regressor = build_connector(self.connector_kind, s.shape, t.shape, self._image)
+        elif s.kind == t.kind == "map":
             self.regressor = nn.Sequential(hint_conv(s, t), nn.BatchNorm2d(t.channels), *([nn.ReLU()] if rectified else []))
         else:
             connector = build_connector(self.connector_kind, s.shape, t.shape, self._image)

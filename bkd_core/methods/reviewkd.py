@@ -65,27 +65,38 @@ class ReviewKD(FeatureDistiller):
 
     summary = "reviewed features at the block ends and the pooled feature"
     pairs_blocks = True
-    own_params = {"max_mid_channels": as_int}
-    defaults = {"max_mid_channels": 512}  # mdistiller's
+    own_params = {"max_mid_channels": as_int, "levels": str}
+    defaults = {"max_mid_channels": 512, "levels": "preact_pooled"}  # mdistiller's
 
-    def build_modules(self, max_mid_channels: int = 512, **_: Any) -> None:
+    def build_modules(self, max_mid_channels: int = 512, levels: str = "preact_pooled", **_: Any) -> None:
+        """``levels``: ``preact_pooled`` (mdistiller's: the teacher's stages before their ReLU, and the pooled
+        feature) or ``block_ends`` (the block outputs as they are, no pooled level: the design before this one,
+        kept to measure what the difference costs)."""
         if max_mid_channels < 1:
             raise MethodParamError("max_mid_channels", f"{max_mid_channels} channels; give at least 1 (the paper's 512).")
+        if levels not in ("preact_pooled", "block_ends"):
+            raise MethodParamError("levels", f"{levels!r}; give preact_pooled (mdistiller's) or block_ends.")
+        self.mdistiller_levels = levels == "preact_pooled"
         mid = min(max_mid_channels, self.s_forms[-1].channels)
         levels = list(zip(self.s_forms, self.t_forms))
-        levels.append((Form("vector", self.s_forms[-1].channels), Form("vector", self.t_forms[-1].channels)))  # pooled
+        if self.mdistiller_levels:  # the pooled feature, deepest
+            levels.append((Form("vector", self.s_forms[-1].channels), Form("vector", self.t_forms[-1].channels)))
         self.fusions = nn.ModuleList(AttentionFusion(s, t, mid, fuse=i < len(levels) - 1) for i, (s, t) in enumerate(levels))
 
     def teacher_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The teacher's block outputs before their last ReLU, then its pooled feature (as a 1x1 map)."""
+        if not self.mdistiller_levels:
+            return super().teacher_features(x)
         preact, last = preactivation_features(self.teacher, x)
         return preact + [pooled(last, self.t_forms[-1])[:, :, None, None]], last
 
     def distill_loss(self, s_feats: Sequence[torch.Tensor], t_feats: Sequence[torch.Tensor], s_logits: torch.Tensor,
                      t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         student = [as_map(f, form) for f, form in zip(s_feats, self.s_forms)]
-        student.append(pooled(s_feats[-1], self.s_forms[-1])[:, :, None, None])
-        teacher = [as_map(f, form) for f, form in zip(t_feats, self.t_forms)] + [t_feats[-1]]
+        teacher = [as_map(f, form) for f, form in zip(t_feats, self.t_forms)]
+        if self.mdistiller_levels:
+            student.append(pooled(s_feats[-1], self.s_forms[-1])[:, :, None, None])
+            teacher.append(t_feats[-1])
         deeper, loss = None, torch.zeros((), device=s_logits.device)
         for i in reversed(range(len(student))):
             out, deeper = self.fusions[i](student[i], deeper, teacher[i].shape[2:])
