@@ -148,6 +148,19 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
         assert metrics[f"std_test_acc.{m}"] == pytest.approx(abs(acc[m, 1] - acc[m, 2]) / math.sqrt(2))
     diffs = [acc["blockkd", s] - acc["kd", s] for s in (1, 2)]
     assert metrics["diff_vs_kd.blockkd"] == pytest.approx(sum(diffs) / 2)
+    # each run kept its per-example correctness on the test split, and every interval counts it: none is zero-wide,
+    # and each is at least t(0.975, 1) times the paired test-split error of its difference
+    for r in rows:
+        correct = decode_correct(r["test_correct"])
+        assert correct.size == 449 and 100 * correct.mean() == pytest.approx(r["test_acc"])
+    for m in ALL_METHODS:
+        if m == "kd":
+            continue
+        low, high = metrics[f"diff_vs_kd_ci_low.{m}"], metrics[f"diff_vs_kd_ci_high.{m}"]
+        per_example = np.mean([decode_correct(r["test_correct"]).astype(float) for r in rows if r["method"] == m], axis=0) - \
+            np.mean([decode_correct(r["test_correct"]).astype(float) for r in rows if r["method"] == "kd"], axis=0)
+        test_se = 100 * per_example.std(ddof=1) / math.sqrt(per_example.size)
+        assert high - low >= 2 * 12.706 * test_se * (1 - 1e-9) and high > low, m
     assert metrics["diff_vs_kd_ci_low.blockkd"] < metrics["diff_vs_kd.blockkd"] < metrics["diff_vs_kd_ci_high.blockkd"]
     assert "diff_vs_kd.kd" not in metrics and "diff_vs_kd.none" in metrics
     for m in set(ALL_METHODS) - {"kd"}:  # the same seed, another method: no method silently trains as KD

@@ -187,6 +187,9 @@ def test_text_without_the_recipe_trains_its_teacher_with_adamw_and_it_learns(wor
     assert "the teacher learned nothing" not in out
     teacher_line = next(line for line in out.splitlines() if line.startswith("[bkd] teacher val_acc"))
     assert float(teacher_line.split("val_acc ")[1].split("%")[0]) > 60, out
+    lines = out.splitlines()
+    last_epoch = max(i for i, line in enumerate(lines) if line.startswith("[bkd] teacher epoch 6/6"))
+    assert lines.index(teacher_line) > last_epoch, "the teacher's last line follows its last epoch"
 
 
 TRAINING = ["recipe=text_bert", "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0",

@@ -3,17 +3,9 @@
 at; ``teacher.allow_chance=true`` goes on with a warning."""
 import pytest
 from test_search_endings import Search
-
-from orchestrator import tune as tune_entry
-from orchestrator.console.cli import entry_point
+from test_search_limits import run
 
 pytestmark = pytest.mark.ray
-
-
-def run(search: Search, capsys) -> tuple[int, str]:
-    code = entry_point(tune_entry.run, search.args)
-    printed = capsys.readouterr()
-    return code, printed.out + printed.err
 
 
 def test_a_teacher_trained_to_chance_stops_the_search_before_its_trials(ray_cluster, tmp_path, capsys):
@@ -39,3 +31,17 @@ def test_a_given_teacher_at_chance_stops_the_search_and_allow_chance_goes_on(ray
     assert code == 0, output[-3000:]
     assert "distilling from it anyway (teacher.allow_chance=true)" in output
     assert len(search.rows()) == 1
+
+
+def test_chance_is_the_largest_class_share_and_every_student_at_it_is_said_in_one_line():
+    from orchestrator.search.chance import Chance, at_chance_line
+
+    chance = Chance(34.0, 90)  # three classes, the largest 34 % of 90 texts
+    assert chance.threshold == pytest.approx(34.0 + 3 * 100 * (0.34 * 0.66 / 90) ** 0.5)  # 49.0: three binomial errors
+    at_majority = [{"status": "FINISHED", "test_acc": 34.0}, {"status": "FINISHED", "test_acc": 35.56},
+                   {"status": "FAILED", "test_acc": None}]
+    line = at_chance_line(at_majority, chance, "test_acc", "run of every method and seed")
+    assert line.startswith("[bkd] warning: every run of every method and seed ended at chance (test_acc at most 35.56 %")
+    assert "train.lr_range" in line and "train.epochs" in line
+    assert at_chance_line(at_majority + [{"status": "FINISHED", "test_acc": 80.0}], chance, "test_acc", "run") is None
+    assert at_chance_line(at_majority, None, "test_acc", "run") is None  # streamed data: chance not counted
