@@ -215,7 +215,7 @@ def test_method_parameters_out_of_range_name_their_key():
         with pytest.raises(methods.MethodParamError) as info:
             methods.make(name, teacher, student, sample_input=x, **params)
         assert info.value.key == key
-    with pytest.raises(ValueError, match="takes alpha, beta, warmup_epochs, hint_block; drop \\['cuts'\\]"):
+    with pytest.raises(ValueError, match="takes alpha, beta, warmup_epochs, hint_block, regressor; drop \\['cuts'\\]"):
         methods.make("fitnet", teacher, student, sample_input=x, cuts=[1])
 
 

@@ -129,7 +129,7 @@ def test_compare_methods_by_seeds_end_to_end(ray_cluster, tmp_path, capsys):
     assert all(r["status"] == "FINISHED" and r["epochs"] == 1 and r["val_acc"] > 0 and r["test_acc"] > 0 and r["mlflow_run_id"]
                for r in rows)
     assert "[bkd] KD (kd): lr=0.05, temperature=4, alpha=1, beta=1, logit_loss=kd, cuts=  <- its search space's defaults" in out
-    assert "[bkd] FitNet (fitnet): lr=0.05, alpha=1, beta=100, hint_block=0, cuts=  <- its search space's defaults" in out
+    assert "[bkd] FitNet (fitnet): lr=0.05, alpha=1, beta=100, hint_block=0, regressor=convreg, cuts=  <- its search space's defaults" in out
     assert "compare.fixed.blockkd: cuts; its search space's defaults for the rest" in out
     assert set(COLUMNS) <= set(rows[0])
     assert all(r["val_acc_stone_1"] is not None for r in rows if r["method"] == "blockkd")

@@ -34,6 +34,16 @@ def test_time_budget_stops_trials_with_their_epochs_and_leaves_no_run_running(ra
         assert run_.info.status == "KILLED" and run_.data.tags["bkd.end_reason"] == "stopped by tune.time_budget_s"
         assert search.steps(run_)[-1] == row["epochs"]
 
+    # the budget stops the search as Ctrl-C does: the resume (with the budget afresh) continues each stopped trial
+    # after its last finished epoch, in its own run, far within train.checkpoint_min_interval_s (30 s)
+    code, output = run(search.with_args("tune.resume=true"), capsys)
+    assert code == 1, output[-3000:]
+    again = {r["trial_id"]: r for r in search.rows()}
+    for row in rows:
+        steps = search.steps(search.client.get_run(by_trial[row["trial_id"]].info.run_id))
+        assert again[row["trial_id"]]["epochs"] > row["epochs"], (row, again.get(row["trial_id"]))
+        assert steps == list(range(1, again[row["trial_id"]]["epochs"] + 1)), "continued, no step twice, none missing"
+
 
 def test_a_search_whose_trials_all_diverge_exits_1_and_says_why(ray_cluster, tmp_path, capsys):
     search = Search(tmp_path, "all-bad", "search=kd", "search.params.lr.low=1.0e+8", "search.params.lr.high=1.0e+9",

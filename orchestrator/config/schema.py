@@ -229,8 +229,9 @@ class TuneSettings:
     num_samples: int = setting(4, "trials of the search", at_least(1, " (the number of trials)"))
     max_concurrent: int = setting(2, "trials at once (fewer where the cluster or the data's CPUs allow fewer)",
                                   at_least(1, " (trials at once)"))
-    time_budget_s: Optional[float] = setting(None, "stop starting trials after this many seconds; a teacher trained first gets the same "
-                                             "budget for its own training (null: no budget)",
+    time_budget_s: Optional[float] = setting(None, "stop the search after this many seconds of this command, its running trials "
+                                             "resumable (tune.resume=true, the budget afresh); a teacher trained first gets the "
+                                             "same budget for its own training (null: no budget)",
                                              Check("a number of seconds > 0, or null for no budget", lambda v: v > 0))
     scheduler: Optional[str] = setting("asha", "asha: ASHA stops weak trials early; none: every trial runs its epochs",
                                        one_of("asha", "none"))

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ def quiet_driver() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # a trial resumed after its last finished epoch reports Tune iterations Optuna has seen (Tune counts them from
+    # its last checkpoint): Optuna keeps the first value of each and says so, which a user need not read
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step`", category=UserWarning)
     quiet_loggers()
     # a failed trial: bkd prints its cause in one line; the traceback stays in the trial's error.txt and MLflow (bkd.error);
     # after Ctrl-C bkd prints the command that continues the search, not Tune's `Tuner.restore(...)`

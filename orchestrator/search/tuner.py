@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -21,21 +23,32 @@ from search_spaces.space import suggest
 
 
 class TimeBudget(Stopper):
-    """``tune.time_budget_s``: stops every trial once this command has run that long. Tune's own budget
-    (``TuneConfig.time_budget_s``) is restored spent, so ``tune.resume=true`` after the budget ran out stopped at
-    once; this one starts afresh in the command that restores the experiment."""
+    """``tune.time_budget_s``: stops the experiment once this command has run that long, the way Ctrl-C does
+    (Tune's own interrupt, SIGUSR1): Tune saves the experiment with its running trials unfinished, so
+    ``tune.resume=true`` continues them after their last finished epoch. Tune's own budget
+    (``TuneConfig.time_budget_s``) ends them for good instead, and is restored spent; this one starts afresh in
+    the command that restores the experiment. Where Tune could not install its interrupt (not the main
+    thread), the budget ends the trials as Tune's does."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds, self.started = float(seconds), time.time()
+        self.seconds, self.started, self.signalled = float(seconds), time.time(), False
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        return time.time() - self.started >= self.seconds
+        if time.time() - self.started < self.seconds:
+            return False
+        interrupt = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if threading.current_thread() is not threading.main_thread() or interrupt in (None, signal.SIG_DFL, signal.SIG_IGN):
+            return True
+        if not self.signalled:
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, started=time.time())
+        self.__dict__.update(state, started=time.time(), signalled=False)
 
 
 def time_budget(job: Job) -> Optional[TimeBudget]:

@@ -40,7 +40,7 @@ STATUSES = {
     "FINISHED": "trained every epoch",
     "STOPPED_EARLY": "stopped early by the scheduler (ASHA)",
     "DIVERGED": "its loss became NaN/inf",
-    "OUT_OF_TIME": "stopped by tune.time_budget_s",
+    "OUT_OF_TIME": "stopped by tune.time_budget_s; tune.resume=true continues it",
     "INTERRUPTED": "interrupted (SIGINT/SIGTERM); tune.resume=true continues it",
     "FAILED": "raised an error (after tune.max_failures retries)",
 }
@@ -57,7 +57,7 @@ def trial_status(tune_status: str, record: Any, has_results: bool, interrupted: 
         return None
     if interrupted:
         return "INTERRUPTED"
-    if tune_status == "TERMINATED":
+    if tune_status == "TERMINATED" or has_budget:  # the budget stops a search as Ctrl-C does: its trials resumable
         return "OUT_OF_TIME" if has_budget else "STOPPED_EARLY"
     return "INTERRUPTED"  # RUNNING, PENDING or PAUSED after Tune returned
 
