@@ -1,5 +1,6 @@
 """Every shipped method that reads block outputs trains on a text pair through batches of any length: the
-probe batch's length fixes nothing (one step per batch length, 1 to 64 tokens, drawn by hypothesis)."""
+probe batch's length fixes nothing (a step per batch length from 1 to 64 tokens, and batches of lengths, sizes
+and paddings drawn by hypothesis)."""
 import pytest
 import torch
 
@@ -62,3 +63,10 @@ def test_a_block_reading_method_trains_on_text_batches_of_every_length(method, p
         optimizer.step()
 
     step()
+    for length in range(1, 65):  # and every batch length once, 1 to 64 tokens
+        x, y = batch_of_length(tokenizer, 3, length), torch.tensor([0, 1, 2])
+        out = distiller.train()(x, y)
+        assert torch.isfinite(out.loss), length
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
