@@ -151,7 +151,7 @@ def main() -> None:
     hf_teacher, hf_student = bert(tokenizer, 256, 4, 4, 0), bert(tokenizer, 128, 2, 2, 1)
     plain = plain_kd(tokenizer, corpus, labels, hf_teacher, hf_student, args.batch, args.steps, args.max_length)
     teacher, student = from_hf(bert(tokenizer, 256, 4, 4, 0), groups=2), from_hf(bert(tokenizer, 128, 2, 2, 1))
-    ours_kd = bkd_step(dataset, teacher, student, "logit", args.batch, args.steps)
+    ours_kd = bkd_step(dataset, teacher, student, "kd", args.batch, args.steps)
     teacher, student = from_hf(bert(tokenizer, 256, 4, 4, 0), groups=2), from_hf(bert(tokenizer, 128, 2, 2, 1))
     ours_bkd = bkd_step(dataset, teacher, student, "blockkd", args.batch, args.steps)
     plain_again = plain_kd(tokenizer, corpus, labels, hf_teacher, hf_student, args.batch, args.steps, args.max_length)

@@ -195,9 +195,11 @@ class TrainSettings:
     compile_mode: Optional[str] = setting(None, "null: reduce-overhead on CUDA (CUDA graphs: less host time per step)",
                                           one_of(*COMPILE_MODES))
     cudnn_benchmark: Optional[bool] = setting(None, "cuDNN picks its fastest algorithm per shape; null: on for CUDA")
-    checkpoint_every_epochs: int = setting(1, "a retried trial resumes from its last checkpoint; the last epoch "
-                                           "always saves one", at_least(1, " (1: every epoch)"))
-    checkpoint_min_interval_s: float = setting(30.0, "at most one checkpoint per this many seconds (0: every due epoch)",
+    checkpoint_every_epochs: int = setting(1, "Tune checkpoints every this many epochs; the last epoch always saves one (a "
+                                           "stopped or retried trial continues after its last finished epoch either way)",
+                                           at_least(1, " (1: every epoch)"))
+    checkpoint_min_interval_s: float = setting(30.0, "at most one Tune checkpoint per this many seconds (0: every due epoch); "
+                                               "every epoch's state is kept apart from them",
                                                Check("a number of seconds >= 0 (0: no minimum)", lambda v: v >= 0))
     connector: str = setting("conv1x1", "the stepping stones' connectors: conv1x1 (+BN), or auto (resize as well "
                              "where the spatial sizes differ)", one_of("conv1x1", "auto"))
