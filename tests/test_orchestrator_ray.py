@@ -99,6 +99,7 @@ def test_tune_end_to_end(ray_cluster, workspace, capsys):
             "mlflow_run_id"} <= set(table[0])
     assert {r["trial_id"] for r in table} == set(final_per_child)
     assert all(r["status"] == "FINISHED" for r in table)
+    assert all(r["wall_time_s"] is not None and r["wall_time_s"] > 0 for r in table), "Tune's time of each trial"
     pids = {json.loads(line)["pid"] for f in (workspace / "ray" / "e2e").glob("*/result.json") for line in f.read_text().splitlines()}
     assert 1 <= len(pids) <= 2, "3 trials, 2 at a time: tune.reuse_actors (default) trains the third in a finished trial's process"
 

@@ -78,7 +78,8 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status
         "epochs": int(metrics.get("epoch", 0) or 0),
         **{k: v for k, v in params.items()},
         "best_val_acc": max(acc for _, acc in curve) if curve else float("nan"),
-        "wall_time_s": float(metrics.get("time_total_s", float("nan")) or float("nan")),
+        # Tune's time_total_s: a record holds the trial's own metrics only, Tune's last result has it
+        "wall_time_s": float(metrics.get("time_total_s") or (result.metrics or {}).get("time_total_s") or float("nan")),
         "started_at": min(started) if started else float("nan"),
         "mlflow_run_id": run_id,
         "error": error,
