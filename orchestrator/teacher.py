@@ -1,6 +1,7 @@
 """Get the teacher: a given checkpoint, an MLflow URI, an earlier run with the same teacher config,
 or a new training through the same Tune trial path as the search's trials (logged as its own MLflow
-run; interrupted, it continues after its last finished epoch with ``tune.resume=true``).
+run; interrupted, it continues after its last finished epoch with ``tune.resume=true``); exit 1 when it
+learned nothing (its val accuracy not clearly above chance, ``orchestrator.search.chance``).
 
     python -m orchestrator.teacher data=fashion_mnist data.root=PATH pair=tiny
 """
@@ -10,7 +11,8 @@ import sys
 
 from orchestrator.config.job import Job
 from orchestrator.console.cli import entry_point
-from orchestrator.search.teacher import obtain_teacher
+from orchestrator.search.chance import check_teacher
+from orchestrator.search.teacher import obtain_teacher, score_teacher
 from orchestrator.tracking.runs import connect
 from orchestrator.worker.runtime import check_cluster_resources, init_ray
 
@@ -19,8 +21,10 @@ def run(job: Job) -> str:
     client, experiment_id = connect(job.tracking_uri, job.cfg.mlflow.experiment)
     init_ray(job)
     check_cluster_resources(job)
-    _, source, _ = obtain_teacher(job, client, experiment_id)
+    state, source, trained_now = obtain_teacher(job, client, experiment_id)
     print(f"[bkd] teacher: {source}")
+    # a teacher that learned nothing is said here too (exit 1), not first by the search that would use it
+    check_teacher(job, score_teacher(job, state, announce=not trained_now), "trained just now" if trained_now else source)
     return source
 
 

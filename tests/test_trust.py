@@ -5,6 +5,9 @@ import pytest
 from test_search_endings import Search
 from test_search_limits import run
 
+from orchestrator import teacher as teacher_entry
+from orchestrator.console.cli import entry_point
+
 pytestmark = pytest.mark.ray
 
 
@@ -17,6 +20,12 @@ def test_a_teacher_trained_to_chance_stops_the_search_before_its_trials(ray_clus
     assert "teacher.lr=1e-06" in output and "teacher.epochs=6" in output and "teacher.allow_chance=true" in output
     assert "always answering the largest class scores" in output
     assert search.parent() is None and not (tmp_path / "out" / "chance" / "trials.parquet").exists(), "no trial ran"
+
+    # the teacher command says so too (the same teacher, reused from its MLflow run, not trained again)
+    code = entry_point(teacher_entry.run, search.args)
+    output = capsys.readouterr()
+    assert code == 1 and "reusing teacher from MLflow run" in output.out, output
+    assert "the teacher learned nothing" in output.err and "teacher.lr=1e-06" in output.err
 
 
 def test_a_given_teacher_at_chance_stops_the_search_and_allow_chance_goes_on(ray_cluster, tmp_path, capsys):
