@@ -54,3 +54,4 @@ def test_chance_is_the_largest_class_share_and_every_student_at_it_is_said_in_on
     assert "train.lr_range" in line and "train.epochs" in line
     assert at_chance_line(at_majority + [{"status": "FINISHED", "test_acc": 80.0}], chance, "test_acc", "run") is None
     assert at_chance_line(at_majority, None, "test_acc", "run") is None  # streamed data: chance not counted
+    assert Chance(99.0, 100).beaten_by(100.0) and not Chance(99.0, 100).beaten_by(99.0)  # one class fills the split

@@ -3,7 +3,8 @@ and the line that says when every student ended at chance.
 
 Chance is the majority class's share of a split (what always answering that class scores). A model *clearly*
 beats it when its accuracy lies more than three binomial standard errors of that share above it: a one-sided
-test at about 0.1 %, so a model that guesses is not taken for one that learned, even on a small split.
+test at about 0.1 %, so a model that guesses is not taken for one that learned, even on a small split (and at
+most halfway from chance to 100 %, where one class nearly fills the split).
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ class Chance:
 
     @property
     def threshold(self) -> float:
-        """The accuracy (%) a model must reach to be clearly above chance on this split."""
+        """The accuracy (%) a model must reach to be clearly above chance on this split; at most halfway from
+        chance to 100 %, so that on a split one class nearly fills a perfect model still counts."""
         p = self.share / 100.0
-        return self.share + MARGIN_SE * 100.0 * math.sqrt(p * (1.0 - p) / max(1, self.count))
+        margin = MARGIN_SE * 100.0 * math.sqrt(p * (1.0 - p) / max(1, self.count))
+        return self.share + min(margin, (100.0 - self.share) / 2)
 
     def beaten_by(self, accuracy: float) -> bool:
         return accuracy >= self.threshold
@@ -65,7 +68,7 @@ def check_teacher(job: Job, scores: dict[str, float], source: str) -> None:
               "preprocessing"]
     if c.data.name == "text":
         causes.append("the tokenizer (data.tokenizer, else the teacher's folder) does not know the data's words")
-    raise PhaseFailed(f"the teacher learned nothing: {figure}. No trial was started. Likely causes: {'; '.join(causes)}. "
+    raise PhaseFailed(f"the teacher learned nothing: {figure}. Nothing is distilled from it. Likely causes: {'; '.join(causes)}. "
                       "Fix the cause and run again, or set teacher.allow_chance=true to distil from it anyway.")
 
 
