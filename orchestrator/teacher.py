@@ -11,8 +11,7 @@ import sys
 
 from orchestrator.config.job import Job
 from orchestrator.console.cli import entry_point
-from orchestrator.search.chance import check_teacher
-from orchestrator.search.teacher import obtain_teacher, score_teacher
+from orchestrator.search.teacher import ready_teacher
 from orchestrator.tracking.runs import connect
 from orchestrator.worker.runtime import check_cluster_resources, init_ray
 
@@ -21,10 +20,9 @@ def run(job: Job) -> str:
     client, experiment_id = connect(job.tracking_uri, job.cfg.mlflow.experiment)
     init_ray(job)
     check_cluster_resources(job)
-    state, source, trained_now = obtain_teacher(job, client, experiment_id)
-    print(f"[bkd] teacher: {source}")
     # a teacher that learned nothing is said here too (exit 1), not first by the search that would use it
-    check_teacher(job, score_teacher(job, state, announce=not trained_now), "trained just now" if trained_now else source)
+    _, source, _ = ready_teacher(job, client, experiment_id)
+    print(f"[bkd] teacher: {source}")
     return source
 
 

@@ -54,7 +54,7 @@ class FitNet(FeatureDistiller):
             raise MethodParamError("regressor", f"{regressor!r}; give convreg (mdistiller's conv + BN + ReLU) or connector.")
         self.hint = self.check_block("hint_block", hint_block or (len(self.s_forms) + 1) // 2)
         s, t = self.s_forms[self.hint - 1], self.t_forms[self.hint - 1]
-        rectified = self.t_nonnegative[self.hint - 1] and regressor == "convreg"
+        rectified = self.t_nonnegative[self.hint - 1]
         if regressor == "connector":
             self.regressor = build_connector(self.connector_kind, s.shape, t.shape, self._image)
         elif s.kind == t.kind == "map":

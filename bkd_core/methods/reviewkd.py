@@ -78,10 +78,10 @@ class ReviewKD(FeatureDistiller):
             raise MethodParamError("levels", f"{levels!r}; give preact_pooled (mdistiller's) or block_ends.")
         self.mdistiller_levels = levels == "preact_pooled"
         mid = min(max_mid_channels, self.s_forms[-1].channels)
-        levels = list(zip(self.s_forms, self.t_forms))
+        pairs = list(zip(self.s_forms, self.t_forms))
         if self.mdistiller_levels:  # the pooled feature, deepest
-            levels.append((Form("vector", self.s_forms[-1].channels), Form("vector", self.t_forms[-1].channels)))
-        self.fusions = nn.ModuleList(AttentionFusion(s, t, mid, fuse=i < len(levels) - 1) for i, (s, t) in enumerate(levels))
+            pairs.append((Form("vector", self.s_forms[-1].channels), Form("vector", self.t_forms[-1].channels)))
+        self.fusions = nn.ModuleList(AttentionFusion(s, t, mid, fuse=i < len(pairs) - 1) for i, (s, t) in enumerate(pairs))
 
     def teacher_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The teacher's block outputs before their last ReLU, then its pooled feature (as a 1x1 map)."""

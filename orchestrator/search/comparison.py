@@ -21,8 +21,8 @@ from orchestrator.config.models import build_model
 from orchestrator.search.chance import Chance, at_chance_line
 from orchestrator.search.search import RunSearch
 from orchestrator.search.summary import RunCases, collect_rows, first_failure
-from orchestrator.tracking.results import write_parquet
-from orchestrator.tracking.stats import METHOD, SeedResult, decode_correct, method_interval, paired_difference, verdict
+from orchestrator.tracking.results import seed_result, write_parquet
+from orchestrator.tracking.stats import METHOD, SeedResult, method_interval, paired_difference, verdict
 from orchestrator.tracking.writer import MLflowWriter, Write
 from search_spaces.space import SearchSpaceError, defaults, uses_partition, with_lr_range
 from search_spaces.space import display as space_display
@@ -223,12 +223,8 @@ METRIC = "test_acc"  # what a comparison reports: each run's final weights on th
 
 def seed_results(rows: list[dict[str, Any]], method: str, test_count: int) -> dict[int, SeedResult]:
     """A method's finished seeds: test accuracy and, where the run kept it, its per-example correctness."""
-    found = {}
-    for r in rows:
-        if r["method"] == method and r["status"] == "FINISHED" and r.get(METRIC) is not None and r[METRIC] == r[METRIC]:
-            correct = decode_correct(r["test_correct"]) if isinstance(r.get("test_correct"), str) else None
-            found[r["seed"]] = SeedResult(float(r[METRIC]), correct, test_count)
-    return found
+    return {r["seed"]: seed_result(r, METRIC, test_count) for r in rows
+            if r["method"] == method and r["status"] == "FINISHED" and r.get(METRIC) is not None and r[METRIC] == r[METRIC]}
 
 
 def summaries(rows: list[dict[str, Any]], methods: list[str], baseline: Optional[str], test_count: int) -> list[dict[str, Any]]:

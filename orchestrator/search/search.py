@@ -14,9 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config.job import Job
 from orchestrator.console.interrupts import STOP
-from orchestrator.search.chance import check_teacher
 from orchestrator.search.summary import SELECTION_TAG, RunCases, collect_rows, first_failure, selection_note, summarize
-from orchestrator.search.teacher import obtain_teacher, score_teacher
+from orchestrator.search.teacher import ready_teacher
 from orchestrator.search.tuner import make_tuner
 from orchestrator.tracking.mlflow_models import log_dataset
 from orchestrator.tracking.records import TrialRecords
@@ -114,9 +113,7 @@ class Search:
             print(f"[bkd] warning: {selection_note(job)}.", flush=True)
         init_ray(job)
         check_cluster_resources(job)
-        self.teacher_state, self.teacher_source, trained_now = obtain_teacher(job, self.client, self.experiment_id)
-        teacher_scores = score_teacher(job, self.teacher_state, announce=not trained_now)
-        check_teacher(job, teacher_scores, "trained just now" if trained_now else self.teacher_source)
+        self.teacher_state, self.teacher_source, teacher_scores = ready_teacher(job, self.client, self.experiment_id)
         self.parent_id = parent_run(self.client, self.experiment_id, job, resume=job.cfg.tune.resume)
         if teacher_scores:
             log_metrics(self.client, self.parent_id, teacher_scores, 0, int(time.time() * 1000))

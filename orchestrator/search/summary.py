@@ -20,13 +20,14 @@ from orchestrator.tracking.results import (
     case_of,
     format_table,
     ranked,
+    seed_result,
     trial_row,
     trial_status,
     val_acc_curve,
     write_parquet,
 )
 from orchestrator.tracking.runs import child_runs, first_line, require_answer
-from orchestrator.tracking.stats import SeedResult, decode_correct, mean_std, method_interval
+from orchestrator.tracking.stats import mean_std, method_interval
 from orchestrator.tracking.writer import MLflowWriter, Write
 
 SELECTION_TAG = "bkd.selection"  # val: the search selected on the held-out split; test: on the test split
@@ -192,8 +193,7 @@ def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_nam
     if not done:
         return f"[bkd] no confirmation run finished ({', '.join(r['status'] for r in rows)})"
     best["confirm_val_acc_mean"], best["confirm_val_acc_std"] = mean_std([r["val_acc"] for r in done])
-    tests = {r["seed"]: SeedResult(float(r["test_acc"]), decode_correct(r["test_correct"]) if isinstance(r.get("test_correct"), str)
-                                   else None, job.dataset.rows["test"])
+    tests = {r["seed"]: seed_result(r, "test_acc", job.dataset.rows["test"])
              for r in done if r.get("test_acc") is not None and r["test_acc"] == r["test_acc"]}
     line = (f"\nbest configuration on {len(done)} fresh seeds: val_acc {best['confirm_val_acc_mean']:.2f} +- "
             f"{best['confirm_val_acc_std']:.2f}")

@@ -22,6 +22,7 @@ from orchestrator.config.job import Job
 from orchestrator.config.models import build_model, spec_name
 from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime, PhaseFailed
 from orchestrator.data.datasets import is_streamed, load_dataset
+from orchestrator.search.chance import check_teacher
 from orchestrator.search.tuner import time_budget, verbosity
 from orchestrator.tracking.records import DIVERGED, RECORDED, TrialRecords
 from orchestrator.tracking.results import trial_id_of
@@ -205,6 +206,15 @@ def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[
         return load_uri(job, f"runs:/{run_id}/{ARTIFACT}"), f"runs:/{run_id}/{ARTIFACT}", False
     state, run_id = train_teacher(job, client, experiment_id)
     return state, f"runs:/{run_id}/{ARTIFACT}", True
+
+
+def ready_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[dict[str, torch.Tensor], str, dict[str, float]]:
+    """The teacher the trials distil from (``obtain_teacher``), scored (``score_teacher``) and checked against
+    chance (``chance.check_teacher``: exit 1 for a teacher that learned nothing): (state, source, scores)."""
+    state, source, trained_now = obtain_teacher(job, client, experiment_id)
+    scores = score_teacher(job, state, announce=not trained_now)
+    check_teacher(job, scores, "trained just now" if trained_now else source)
+    return state, source, scores
 
 
 def score_teacher(job: Job, state: dict[str, torch.Tensor], announce: bool = True) -> dict[str, float]:

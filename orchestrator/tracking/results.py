@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.tracking.stats import SeedResult, decode_correct
+
 
 def case_of(config: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's parameters: a search's suggestion, or one listed case (``{"case": {...}}``) of
@@ -57,9 +59,18 @@ def trial_status(tune_status: str, record: Any, has_results: bool, interrupted: 
         return None
     if interrupted:
         return "INTERRUPTED"
-    if tune_status == "TERMINATED" or has_budget:  # the budget stops a search as Ctrl-C does: its trials resumable
-        return "OUT_OF_TIME" if has_budget else "STOPPED_EARLY"
+    if has_budget:  # the budget stopped the search, as Ctrl-C does: its trials left resumable (or TERMINATED by Tune's)
+        return "OUT_OF_TIME"
+    if tune_status == "TERMINATED":
+        return "STOPPED_EARLY"
     return "INTERRUPTED"  # RUNNING, PENDING or PAUSED after Tune returned
+
+
+def seed_result(row: Mapping[str, Any], metric: str, test_count: int) -> SeedResult:
+    """A finished run's test figure for the statistics: its ``metric`` and, where it kept them, its per-example
+    results (``test_correct``)."""
+    correct = decode_correct(row[TEST_CORRECT]) if isinstance(row.get(TEST_CORRECT), str) else None
+    return SeedResult(float(row[metric]), correct, test_count)
 
 
 def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status: str, record: Any = None) -> dict[str, Any]:

@@ -66,15 +66,15 @@ class Interval:
     test_se: float = float("nan")
 
     @classmethod
-    def of(cls, values: Sequence[float], example_variance: float = 0.0) -> "Interval":
+    def of(cls, values: Sequence[float], test_variance: float = 0.0) -> "Interval":
         """``values`` (one per seed, in points) and the test term ``s_example^2 / n`` (points^2) of their mean."""
         mean, std = mean_std(values)
-        test_se = math.sqrt(example_variance)
+        test_se = math.sqrt(test_variance)
         if len(values) < 2:
             return cls(len(values), mean, std, float("nan"), float("nan"), test_se)
         from scipy import stats as scipy_stats  # only comparisons need it (0.5 s to import)
 
-        se = math.sqrt(std ** 2 / len(values) + example_variance)
+        se = math.sqrt(std ** 2 / len(values) + test_variance)
         half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1)) * se
         return cls(len(values), mean, std, mean - half, mean + half, test_se)
 
