@@ -1,11 +1,15 @@
-"""Logit distances d(student, teacher): KD, DKD, KD with logit standardisation, DIST and LoCa-calibrated KD.
+"""Logit distances d(student, teacher): KD (forward KL), DKD, KD with logit standardisation, DIST, LoCa-calibrated
+KD, and the LLM distillation distances: reverse KL (MiniLLM's objective), skew KL (DistiLLM) and the generalised JSD
+(GKD). ULD's cross-tokenizer distance is in ``token_losses``.
 
 All are computed in fp32 (inputs are upcast), averaged over the batch and scaled by T^2 so that
-gradient magnitudes do not shrink with the temperature (Hinton et al., 2015).
+gradient magnitudes do not shrink with the temperature (Hinton et al., 2015). On token logits (B, L, V) every
+distance runs over the target tokens only, in chunks (``token_losses.per_token``).
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Optional
 
 import torch
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 
 from .params import MethodParamError
 
-LOGIT_LOSSES = ("kd", "dkd", "kd_ls", "dist", "loca")
+LOGIT_LOSSES = ("kd", "dkd", "kd_ls", "dist", "loca", "rkl", "skl", "jsd")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -114,6 +118,45 @@ def loca_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     return kl.mean() * temperature**2
 
 
+def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Reverse KL, MiniLLM's objective (Gu et al., 2024) without its policy gradient:
+    ``T^2 * KL(softmax(s/T) || softmax(t/T))``, mean over the rows: mode-seeking, the student need not cover every
+    mode of the teacher."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(dim=1).mean() * temperature**2
+
+
+def skew_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                 skew: float = 0.1) -> torch.Tensor:
+    """Skew forward KL, DistiLLM (Ko et al., 2024): ``T^2 * KL(p_t || skew*p_t + (1-skew)*p_s)``, mean over the rows;
+    ``skew=0`` is forward KL, and any skew > 0 keeps the target's log-ratio bounded by ``-log(skew)``."""
+    if not 0 <= skew < 1:
+        raise MethodParamError("skew_lambda", f"{skew}: skew KL mixes the teacher in with weight 0 <= skew_lambda < 1 (DistiLLM: 0.1).")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_mix = torch.logaddexp(log_p_t + math.log(skew), log_p_s + math.log1p(-skew)) if skew > 0 else log_p_s
+    return (log_p_t.exp() * (log_p_t - log_mix)).sum(dim=1).mean() * temperature**2
+
+
+def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence, GKD (Agarwal et al., 2024) as TRL computes it: with
+    ``m = beta*p_t + (1-beta)*p_s``, ``T^2 * (beta*KL(p_t || m) + (1-beta)*KL(p_s || m))``, mean over the rows;
+    ``beta=0`` is forward KL and ``beta=1`` reverse KL (the end points TRL sets)."""
+    if not 0 <= beta <= 1:
+        raise MethodParamError("jsd_beta", f"{beta}: the generalised JSD weighs the teacher by 0 <= jsd_beta <= 1 (GKD: 0.5).")
+    if beta == 0:
+        return kd_loss(student_logits, teacher_logits, temperature)
+    if beta == 1:
+        return reverse_kl_loss(student_logits, teacher_logits, temperature)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_m = torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log1p(-beta))
+    kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum(dim=1)
+    kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum(dim=1)
+    return (beta * kl_t + (1 - beta) * kl_s).mean() * temperature**2
+
+
 LogitDistance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
@@ -139,12 +182,28 @@ def _loca_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperatur
     return loca_kd_loss(s, t, y, temperature, alpha)
 
 
-DISTANCE_PARAMS = {"dkd": ("dkd_alpha", "dkd_beta"), "dist": ("dist_inter", "dist_intra"), "loca": ("loca_alpha",)}
+def _rkl_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    return reverse_kl_loss(s, t, temperature)
+
+
+def _skl_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, skew: float) -> torch.Tensor:
+    return skew_kl_loss(s, t, temperature, skew)
+
+
+def _jsd_distance(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
+    return jsd_loss(s, t, temperature, beta)
+
+
+DISTANCE_PARAMS = {"dkd": ("dkd_alpha", "dkd_beta"), "dist": ("dist_inter", "dist_intra"), "loca": ("loca_alpha",),
+                   "skl": ("skew_lambda",), "jsd": ("jsd_beta",)}
 
 
 def make_logit_distance(name: str, **kwargs: float) -> LogitDistance:
     """``d(student, teacher, target, temperature)`` for a loss name (DKD takes dkd_alpha, dkd_beta; DIST
-    dist_inter, dist_intra; LoCa loca_alpha)."""
+    dist_inter, dist_intra; LoCa loca_alpha; skew KL skew_lambda; the generalised JSD jsd_beta)."""
+    if name == "rkl":
+        _reject_kwargs(name, kwargs)
+        return _rkl_distance
     if name == "kd":
         _reject_kwargs(name, kwargs)
         return _kd_distance
@@ -165,6 +224,16 @@ def make_logit_distance(name: str, **kwargs: float) -> LogitDistance:
         if not 0 < alpha < 1:
             raise MethodParamError("loca_alpha", f"{alpha}: LoCa's scale needs 0 < loca_alpha < 1 (e.g. 0.9).")
         return functools.partial(_loca_distance, alpha=alpha)
+    if name == "skl":
+        skew = float(kwargs.get("skew_lambda", 0.1))
+        if not 0 <= skew < 1:
+            raise MethodParamError("skew_lambda", f"{skew}: skew KL mixes the teacher in with weight 0 <= skew_lambda < 1 (DistiLLM: 0.1).")
+        return functools.partial(_skl_distance, skew=skew)
+    if name == "jsd":
+        beta = float(kwargs.get("jsd_beta", 0.5))
+        if not 0 <= beta <= 1:
+            raise MethodParamError("jsd_beta", f"{beta}: the generalised JSD weighs the teacher by 0 <= jsd_beta <= 1 (GKD: 0.5).")
+        return functools.partial(_jsd_distance, beta=beta)
     raise ValueError(f"unknown logit loss {name!r}; valid: {', '.join(LOGIT_LOSSES)}.")
 
 

@@ -18,9 +18,11 @@ from torch import nn
 
 from .blocknet import BlockNet
 from .data import BatchLoader, DataSplits, ImageDataset
+from .data.lm import LMBatchLoader, LMDataset
 from .data.text import TextBatchLoader, TextDataset
 from .methods.base import Distiller, DistillOutput
 from .methods.none import Supervised  # noqa: F401  (train.Supervised: the teacher's own training)
+from .token_losses import IGNORE
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULES = ("cosine", "step", "linear")
@@ -229,6 +231,8 @@ def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False,
     """
     module.eval()
     inner = unwrap(module)
+    if getattr(loader, "token_level", False):
+        return evaluate_tokens(inner, loader, bf16)
     correct: dict[str, torch.Tensor] = {}
     total = 0
     for x, y in loader:
@@ -244,12 +248,48 @@ def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False,
     return {k: 100.0 * v.item() / max(1, total) for k, v in correct.items()}
 
 
+@torch.no_grad()
+def evaluate_tokens(inner: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
+    """A language model's held-out scores over the target tokens: ``val_loss`` (mean negative log-likelihood per
+    target token, nats), ``val_ppl`` (its exponential) and ``val_token_acc`` (next-token top-1, percent), for the
+    student and each stepping stone (``val_loss_stone_<cut>``, ...)."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for x, y in loader:
+        with autocast(loader.device, bf16):
+            student_logits, stones = inner.logits(x)
+        target = y != IGNORE
+        count = int(target.sum())
+        for suffix, logits in {"": student_logits, **{f"_stone_{c}": l for c, l in stones.items()}}.items():
+            rows, labels = logits[target].float(), y[target]
+            nll = torch.nn.functional.cross_entropy(rows, labels, reduction="sum") if count else rows.sum()
+            hits = (rows.argmax(-1) == labels).sum()
+            for key, value in ((f"nll{suffix}", nll), (f"hits{suffix}", hits)):
+                sums[key] = sums[key] + value if key in sums else value
+        tokens += count
+    metrics: dict[str, float] = {}
+    for key, value in sums.items():
+        if key.startswith("nll"):
+            loss = value.item() / max(1, tokens)
+            suffix = key[3:]
+            metrics[f"val_loss{suffix}"] = loss
+            metrics[f"val_ppl{suffix}"] = math.exp(min(loss, 700.0))
+        else:
+            metrics[f"val_token_acc{key[4:]}"] = 100.0 * value.item() / max(1, tokens)
+    metrics["val_tokens"] = float(tokens)
+    return metrics
+
+
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def make_loaders(data: DataSplits, cfg: TrainConfig, device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[BatchLoader, BatchLoader]:
     """Training loader (sharded, augmented) and the selection split's loader (``data.val``, else the test split);
     text datasets get a ``TextBatchLoader`` (each batch padded to its own longest text)."""
+    if isinstance(data.train, LMDataset):
+        train = LMBatchLoader(data.train, cfg.batch_size, train=True, device=device, seed=cfg.seed, rank=rank,
+                              world_size=world_size)
+        return train, eval_loader(data.selection, cfg, device)
     if isinstance(data.train, TextDataset):
         train = TextBatchLoader(data.train, cfg.batch_size, train=True, device=device, seed=cfg.seed, rank=rank,
                                 world_size=world_size)
@@ -261,6 +301,8 @@ def make_loaders(data: DataSplits, cfg: TrainConfig, device: torch.device, rank:
 
 def eval_loader(dataset: ImageDataset, cfg: TrainConfig, device: torch.device) -> BatchLoader:
     """An evaluation loader over a whole split (no shuffle, no augmentation)."""
+    if isinstance(dataset, LMDataset):
+        return LMBatchLoader(dataset, cfg.batch_size, train=False, device=device)
     if isinstance(dataset, TextDataset):
         return TextBatchLoader(dataset, max(cfg.batch_size, 256), train=False, device=device)
     return BatchLoader(dataset, max(cfg.batch_size, 256), train=False, device=device, channels_last=bool(cfg.channels_last))
@@ -272,9 +314,13 @@ def score_on_test(module: nn.Module, loader: BatchLoader, bf16: bool = False,
     return as_test(evaluate(module, loader, bf16, student_hits))
 
 
-def as_test(accuracies: dict[str, float]) -> dict[str, float]:
-    """``evaluate``'s ``val_acc*`` keys as ``test_acc*``: the same numbers when they come from the test split."""
-    return {key.replace("val_acc", "test_acc", 1): value for key, value in accuracies.items() if key.startswith("val_acc")}
+def as_test(scores: dict[str, float]) -> dict[str, float]:
+    """``evaluate``'s ``val_*`` scores (``val_acc*``; a language model's ``val_loss*``, ``val_ppl*``,
+    ``val_token_acc*``, ``val_tokens``) as ``test_*``: the same numbers when they come from the test split."""
+    return {"test_" + key[4:]: value for key, value in scores.items() if key.startswith(SCORES)}
+
+
+SCORES = ("val_acc", "val_loss", "val_ppl", "val_token_acc", "val_tokens")
 
 
 def fit(

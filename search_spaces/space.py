@@ -67,6 +67,16 @@ def with_lr_range(space: dict[str, Any], lr_range: Optional[Sequence[float]]) ->
     return {**space, "params": params}
 
 
+def for_data(space: dict[str, Any], lm: bool) -> dict[str, Any]:
+    """``space`` for the job's data: on causal LMs (``data=lm``) its ``lm.params`` replace or add to its params (the
+    LLM distances for ``kd`` and ``blockkd``); the ``lm`` section itself is dropped either way."""
+    section = space.get("lm") or {}
+    base = {k: v for k, v in space.items() if k != "lm"}
+    if not lm or not section.get("params"):
+        return base
+    return {**base, "params": {**(base.get("params") or {}), **section["params"]}}
+
+
 def method_of(space: Mapping[str, Any]) -> type[methods.Distiller]:
     """The ``bkd_core.methods`` class a space trains (its ``method``, default blockkd)."""
     return methods.get(space.get("method", "blockkd"))
@@ -227,6 +237,8 @@ class TrialParams:
     dist_inter: Optional[float] = None
     dist_intra: Optional[float] = None
     loca_alpha: Optional[float] = None
+    skew_lambda: Optional[float] = None
+    jsd_beta: Optional[float] = None
     cuts: tuple[int, ...] = ()
     stone_weights: tuple[float, ...] = ()
 
@@ -246,7 +258,8 @@ class TrialParams:
 
     def distill_kwargs(self) -> dict[str, Any]:
         """The distiller's keyword arguments the configuration sets (logit loss, temperatures, weights)."""
-        names = ("logit_loss", "temperature", "alpha", "beta", "dkd_alpha", "dkd_beta", "dist_inter", "dist_intra", "loca_alpha")
+        names = ("logit_loss", "temperature", "alpha", "beta", "dkd_alpha", "dkd_beta", "dist_inter", "dist_intra", "loca_alpha",
+                 "skew_lambda", "jsd_beta")
         kwargs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.cuts:
             kwargs |= {n: getattr(self, n) for n in ("stone_temperature", "gamma") if getattr(self, n) is not None}

@@ -5,6 +5,7 @@ from .download import download, fetch_files
 from .loader import BatchLoader, random_crop_flip
 from .parquet import IMAGENET_MEAN, IMAGENET_STD, ParquetImages, ShardLayout, load_parquet_in_memory
 from .sources import load_cifar, load_digits, load_idx_dataset, load_image_folder
+from .lm import LMBatchLoader, LMDataset, tokenize_lm  # noqa: F401  (bkd_core.data.LMDataset, ...)
 from .text import TextBatchLoader, TextDataset, tokenize  # noqa: F401  (bkd_core.data.TextDataset, ...)
 
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "image_folder", "parquet")

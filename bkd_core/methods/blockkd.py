@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..blocknet import BlockNet
 from ..connectors import build_connector
 from ..losses import make_logit_distance, warmup_factor
+from ..token_losses import per_token, task_loss
 from .base import Distiller, DistillOutput
 from .registry import register
 
@@ -51,7 +51,10 @@ class BlockKD(Distiller):
     ``stack_stones`` (default) runs the stones through each teacher block together, stacked along
     the batch: the same logits and gradients with fewer, larger kernels. It needs teacher blocks
     that compute each sample on its own in eval mode (convolutions, eval BN, pooling, linear
-    layers: every usual classifier); ``stack_stones=False`` runs the stones one by one.
+    layers: every usual classifier; decoder blocks too); ``stack_stones=False`` runs the stones one by one.
+
+    On causal LMs (``bkd_core.models.causal``) the logits are per token and every term runs over the target
+    tokens (``bkd_core.token_losses``); ``vocab_size``: the tokenizer's, when the two models pad it differently.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class BlockKD(Distiller):
         sample_input: Optional[torch.Tensor] = None,
         warmup_epochs: float = 0.0,
         stack_stones: bool = True,
+        vocab_size: Optional[int] = None,
         **loss_kwargs: float,
     ) -> None:
         super().__init__()
@@ -88,7 +92,7 @@ class BlockKD(Distiller):
         self.stone_weights = {cut: float(w) for cut, w in zip(self.cuts, stone_weights)}
         self.stone_temperatures = self._stone_temperatures(temperature, stone_temperature)
         self.logit_loss = logit_loss
-        self.distance = make_logit_distance(logit_loss, **loss_kwargs)
+        self.distance = per_token(make_logit_distance(logit_loss, **loss_kwargs), vocab=vocab_size)
         self.temperature = float(temperature)
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.warmup_epochs = float(warmup_epochs)
@@ -219,17 +223,18 @@ class BlockKD(Distiller):
         """The Block-KD objective and its parts (task, distill, cross)."""
         d, T = self.distance, self.temperature
         ramp = warmup_factor(self.epoch, self.warmup_epochs)
-        task = F.cross_entropy(student_logits.float(), y)
+        task = task_loss(student_logits, y)
         distill = d(student_logits, teacher_logits, y, T)
         for cut, logits in stones.items():
             w = self.stone_weights[cut]
-            task = task + w * F.cross_entropy(logits.float(), y)
+            task = task + w * task_loss(logits, y)
             distill = distill + w * d(logits, teacher_logits, y, self.stone_temperatures[cut])
         distill = ramp * distill
         loss = self.alpha * task + self.beta * distill
         parts = {"loss_task": task.detach(), "loss_distill": distill.detach()}
         if self.gamma != 0.0 and stones:
-            ensemble = torch.stack([s.float() for s in stones.values()]).mean(0).detach()
+            per_class = student_logits.dim() == 2  # token logits stay in their dtype: the distance upcasts per chunk
+            ensemble = torch.stack([s.float() if per_class else s for s in stones.values()]).mean(0).detach()
             cross = d(student_logits, ensemble, y, T)
             for cut, logits in stones.items():
                 cross = cross + d(logits, ensemble, y, self.stone_temperatures[cut])

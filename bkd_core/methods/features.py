@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any, ClassVar, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..blocknet import BlockNet
 from ..forms import Form, infer_form
 from ..losses import warmup_factor
 from ..params import MethodParamError
+from ..token_losses import task_loss
 from .base import Distiller, DistillOutput
 
 
@@ -112,7 +112,7 @@ class FeatureDistiller(Distiller):
             t_logits = self.teacher.head(t_last)
         s_feats = self.student.features(x)
         s_logits = self.student.head(s_feats[-1])
-        task = F.cross_entropy(s_logits.float(), y)
+        task = task_loss(s_logits, y)
         distill = warmup_factor(self.epoch, self.warmup_epochs) * self.distill_loss(s_feats, t_feats, s_logits, t_logits, y)
         loss = self.alpha * task + self.beta * distill
         parts = {"loss_task": task.detach(), "loss_distill": distill.detach(), "loss": loss.detach()}

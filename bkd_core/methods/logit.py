@@ -1,7 +1,7 @@
 """The logit baselines: plain logit distillation of the student, no stepping stones. One name per method, as
 search spaces, ``compare.methods`` and ``describe`` name them: ``kd`` (Hinton et al., 2015), ``dkd`` (Zhao et
 al., 2022), ``kd_ls`` (KD on standardised logits, Sun et al., 2024), ``dist`` (Huang et al., 2022) and ``loca``
-(KD on LoCa-calibrated teacher logits). One class underneath (``LogitKD``); each name fixes its logit loss."""
+(KD on LoCa-calibrated teacher logits); ``kd`` also takes the LLM distances ``rkl``, ``skl`` and ``jsd``. One class underneath (``LogitKD``); each name fixes its logit loss."""
 from __future__ import annotations
 
 from typing import Any, ClassVar, Optional, Sequence
@@ -21,7 +21,8 @@ class LogitKD(BlockKD):
 
     uses_partition = reads_blocks = pairs_blocks = False
     summary = "a logit-only baseline"
-    fixed_logit_loss: ClassVar[Optional[str]] = None  # each registered name fixes it
+    fixed_logit_loss: ClassVar[Optional[str]] = None  # each registered name fixes it (its default) ...
+    also_takes: ClassVar[tuple[str, ...]] = ()  # ... or allows these as well
 
     def __init__(self, teacher: BlockNet, student: BlockNet, **kwargs) -> None:
         stone_args = sorted({"cuts", "stone_weights", "stone_temperature", "connector", "gamma"} & set(kwargs))
@@ -30,7 +31,7 @@ class LogitKD(BlockKD):
         fixed = type(self).fixed_logit_loss
         if fixed is not None:
             given = kwargs.setdefault("logit_loss", fixed)
-            if given != fixed:
+            if given != fixed and given not in type(self).also_takes:
                 raise ValueError(f"the method {self.name!r} is logit loss {fixed!r}; drop logit_loss={given!r} or make "
                                  f"the method {given!r} instead.")
         super().__init__(teacher, student, **kwargs)
@@ -46,9 +47,11 @@ class LogitKD(BlockKD):
 
 @register("kd")
 class KD(LogitKD):
-    """Hinton KD on the logits (``LogitKD`` with ``logit_loss="kd"``)."""
+    """Hinton KD on the logits (``LogitKD`` with ``logit_loss="kd"``, forward KL), or one of its LLM variants:
+    ``rkl`` (reverse KL, MiniLLM's objective), ``skl`` (skew KL, DistiLLM) or ``jsd`` (generalised JSD, GKD)."""
 
     fixed_logit_loss = "kd"
+    also_takes = ("rkl", "skl", "jsd")
 
 
 @register("dkd")

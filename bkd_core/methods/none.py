@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..token_losses import task_loss
 from .base import Distiller, DistillOutput
 from .registry import register
 
@@ -31,5 +31,5 @@ class Supervised(Distiller):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> DistillOutput:
         logits = self.student(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = task_loss(logits, y)
         return DistillOutput(loss, logits, logits.detach(), {}, {"loss": loss.detach()})

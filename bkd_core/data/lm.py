@@ -1,0 +1,170 @@
+"""Language-model data: texts tokenized once into flat token arrays (no padding stored), and a loader that pads each
+batch to its own longest example and makes the next-token targets.
+
+    dataset = tokenize_lm(tokenizer, texts=["the sky is blue", ...], max_length=256)
+    dataset = tokenize_lm(tokenizer, prompts=[...], responses=[...])    # only the responses' tokens are targets
+    loader = LMBatchLoader(dataset, 16, train=True)
+    for x, y in loader: ...          # x: (B, 2, L) ids and mask (bkd_core.models.causal.pack_lm); y: (B, L) targets
+
+A token is a *target* when a model is scored on predicting it: every token but an example's first for plain text,
+the response's tokens for prompt/response pairs. ``y[b, t]`` is the token at ``t + 1`` where that token is a
+target, else ``-100`` (``bkd_core.token_losses.IGNORE``). The arrays are flat (``ids`` int32, ``targets`` bool,
+``offsets`` int64): views of a memory-mapped Arrow file share one copy between the processes of a node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from ..token_losses import IGNORE
+from .loader import EpochSampler
+
+
+@dataclass
+class LMDataset:
+    """Examples as flat arrays: ``ids[offsets[i]:offsets[i+1]]`` are example ``i``'s tokens and ``targets`` flags the
+    ones that are targets. ``labels`` (all 0) lets ``DataSplits.hold_out`` draw val at random."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor
+    offsets: torch.Tensor
+    vocab_size: int
+    name: str = "lm"
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 1 or self.targets.shape != self.ids.shape:
+            raise ValueError(f"{self.name}: ids and targets must be flat arrays of one length; got {tuple(self.ids.shape)} "
+                             f"and {tuple(self.targets.shape)}.")
+        if self.offsets.dim() != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.ids):
+            raise ValueError(f"{self.name}: offsets must run from 0 to the token count {len(self.ids)}.")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.zeros(len(self), dtype=torch.long)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab_size
+
+    @property
+    def in_channels(self) -> int:
+        """Rows of a packed batch: token ids, attention mask."""
+        return 2
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def target_count(self) -> int:
+        return int(self.targets.sum())
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Examples ``index`` padded on the right to their longest: (x, y) as ``LMBatchLoader`` gives them."""
+        return pad_batch(self.ids, self.targets, self.offsets, index)
+
+    def sample(self, count: int = 2) -> torch.Tensor:
+        """The first ``count`` examples as a packed model input (shape probes, input examples)."""
+        return self.batch(torch.arange(min(count, len(self))))[0]
+
+    def take(self, index: torch.Tensor, name: Optional[str] = None) -> "LMDataset":
+        """The examples at ``index``, as a new dataset (its own arrays)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        starts, lengths = self.offsets[index], self.lengths[index]
+        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        flat = torch.repeat_interleave(starts, lengths) + within
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+        return LMDataset(self.ids[flat], self.targets[flat], offsets, self.vocab_size, name or self.name)
+
+    def subset(self, count: int, seed: int = 0) -> "LMDataset":
+        if count >= len(self):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        return self.take(torch.randperm(len(self), generator=g)[:count].sort().values)
+
+
+def pad_batch(ids: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples ``index`` of flat arrays as (x (B, 2, L) ids and mask, right-padded with 0; y (B, L) targets)."""
+    starts, lengths = offsets[index], offsets[index + 1] - offsets[index]
+    longest = int(lengths.max()) if len(index) else 1
+    steps = torch.arange(longest, device=ids.device)
+    valid = steps[None, :] < lengths[:, None]
+    where = (starts[:, None] + steps[None, :]).clamp_max(max(0, len(ids) - 1))
+    tokens = torch.where(valid, ids[where].long(), 0)
+    is_target = valid & targets[where]
+    y = torch.full_like(tokens, IGNORE)
+    y[:, :-1] = torch.where(is_target[:, 1:], tokens[:, 1:], IGNORE)
+    return torch.stack([tokens, valid.long()], dim=1), y
+
+
+def tokenize_lm(tokenizer: Any, texts: Optional[Sequence[str]] = None, prompts: Optional[Sequence[str]] = None,
+                responses: Optional[Sequence[str]] = None, max_length: int = 512, name: str = "lm",
+                chat_template: bool = False, batch: int = 1024) -> tuple[LMDataset, dict[str, int]]:
+    """Texts (every token but the first is a target) or prompt/response pairs (the response's tokens are; with
+    ``chat_template``, the pair is written in the tokenizer's chat template, the response as the assistant's turn)
+    through a Hugging Face fast tokenizer, ending with its end-of-text token where it has one. Examples longer than
+    ``max_length`` are cut; empty responses are skipped. Returns the dataset and the counts of both."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    rows: list[list[int]] = []
+    flags: list[list[bool]] = []
+    counts = {"truncated": 0, "empty": 0}
+    if texts is not None:
+        for start in range(0, len(texts), batch):
+            for ids in tokenizer(list(texts[start:start + batch]), add_special_tokens=True)["input_ids"]:
+                ids = ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else [])
+                rows.append(ids)
+                flags.append([False] + [True] * (len(ids) - 1))
+    else:
+        if prompts is None or responses is None or len(prompts) != len(responses):
+            raise ValueError("give texts=..., or prompts=... and responses=... of one length.")
+        for start in range(0, len(prompts), batch):
+            chunk_p, chunk_r = list(prompts[start:start + batch]), list(responses[start:start + batch])
+            heads = [chat_prefix(tokenizer, p) if chat_template else p for p in chunk_p]
+            head_ids = tokenizer(heads, add_special_tokens=not chat_template)["input_ids"]
+            tail_ids = tokenizer(chunk_r, add_special_tokens=False)["input_ids"]
+            for head, tail in zip(head_ids, tail_ids):
+                if not tail:
+                    counts["empty"] += 1
+                    continue
+                tail = tail + ([eos] if eos is not None else [])
+                rows.append(head + tail)
+                flags.append([False] * len(head) + [True] * len(tail))
+    for i, row in enumerate(rows):
+        if len(row) > max_length:
+            counts["truncated"] += 1
+            rows[i], flags[i] = row[:max_length], flags[i][:max_length]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+    ids = torch.tensor([t for r in rows for t in r], dtype=torch.int32)
+    targets = torch.tensor([f for r in flags for f in r], dtype=torch.bool)
+    return LMDataset(ids, targets, offsets, len(tokenizer), name), counts
+
+
+def chat_prefix(tokenizer: Any, prompt: str) -> str:
+    """The prompt as the user's turn in the tokenizer's chat template, up to where the assistant's answer starts."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+class LMBatchLoader(EpochSampler):
+    """(x, y) batches of an ``LMDataset``: x (B, 2, L) int64 with L the batch's own longest example, y (B, L) next-token
+    targets. ``set_epoch`` reshuffles deterministically; ``rank``/``world_size`` shard as ``BatchLoader`` does;
+    ``train=True`` shuffles and drops the last partial batch."""
+
+    token_level = True  # evaluation scores tokens (train.evaluate_tokens)
+
+    def __init__(self, dataset: LMDataset, batch_size: int, *, train: bool, device: Union[str, torch.device] = "cpu",
+                 seed: int = 0, rank: int = 0, world_size: int = 1, **_: Any) -> None:
+        super().__init__(len(dataset), batch_size, train=train, device=torch.device(device), seed=seed, rank=rank,
+                         world_size=world_size, name=dataset.name, what="examples")
+        self.ids, self.targets = dataset.ids.to(self.device), dataset.targets.to(self.device)
+        self.offsets = dataset.offsets.to(self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = self._indices()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield pad_batch(self.ids, self.targets, self.offsets, index[start:start + self.batch_size])
