@@ -274,3 +274,23 @@ def test_a_decoder_learns_the_corpus(tokenizer, lm_splits):
     after = fit(Supervised(model), lm_splits, TrainConfig(epochs=4, batch_size=8, lr=3e-3, optimizer="adamw", channels_last=False))
     assert after["val_loss"] < before["val_loss"] - 1.0  # from about ln(V) to well below
     assert after["test_token_acc"] > 30.0
+
+
+def test_uld_distils_across_two_tokenizers(tokenizer, tmp_path):
+    other = make_tokenizer(tmp_path / "other", vocab_size=290, seed=3)
+    assert other.get_vocab() != tokenizer.get_vocab()
+    pairs = corpus(60)
+    prompts, responses = [p for p, _ in pairs] + ["the sky is"], [r for _, r in pairs] + ["  "]
+    student_data, counts = tokenize_lm(tokenizer, prompts=prompts, responses=responses, max_length=32)
+    student_data.partner, _ = tokenize_lm(other, prompts=prompts, responses=responses, max_length=32)
+    assert counts["empty"] == 1 and len(student_data) == len(student_data.partner) == 60
+    x, y = student_data.batch(torch.arange(4))
+    assert x.shape[1] == 5 and (x[:, 4] != IGNORE).sum() == (student_data.partner.batch(torch.arange(4))[1] != IGNORE).sum()
+    teacher = from_hf_causal(decoder("qwen2", other, 32, 2))
+    student = from_hf_causal(decoder("gpt2", tokenizer, 16, 2))
+    uld = methods.make("uld", teacher, student, sample_input=x)
+    splits = DataSplits(student_data.take(torch.arange(48)), student_data.take(torch.arange(48, 60))).hold_out(0.2)
+    metrics = fit(uld, splits, TrainConfig(epochs=1, batch_size=8, lr=3e-3, optimizer="adamw", channels_last=False))
+    assert math.isfinite(metrics["val_loss"]) and metrics["test_tokens"] > 0
+    with pytest.raises(ValueError, match="two tokenizations"):
+        methods.make("uld", teacher, student, sample_input=x[:, :2])

@@ -3,6 +3,7 @@ batch to its own longest example and makes the next-token targets.
 
     dataset = tokenize_lm(tokenizer, texts=["the sky is blue", ...], max_length=256)
     dataset = tokenize_lm(tokenizer, prompts=[...], responses=[...])    # only the responses' tokens are targets
+    dataset.partner = tokenize_lm(teacher_tokenizer, ...)[0]           # ULD: the teacher reads its own ids
     loader = LMBatchLoader(dataset, 16, train=True)
     for x, y in loader: ...          # x: (B, 2, L) ids and mask (bkd_core.models.causal.pack_lm); y: (B, L) targets
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..token_losses import IGNORE
 from .loader import EpochSampler
@@ -32,6 +34,7 @@ class LMDataset:
     offsets: torch.Tensor
     vocab_size: int
     name: str = "lm"
+    partner: Optional["LMDataset"] = None  # the same examples in a second tokenizer's ids (ULD's teacher)
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 1 or self.targets.shape != self.ids.shape:
@@ -39,6 +42,8 @@ class LMDataset:
                              f"and {tuple(self.targets.shape)}.")
         if self.offsets.dim() != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.ids):
             raise ValueError(f"{self.name}: offsets must run from 0 to the token count {len(self.ids)}.")
+        if self.partner is not None and len(self.partner) != len(self):
+            raise ValueError(f"{self.name}: {len(self)} examples but {len(self.partner)} in the second tokenization.")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -53,8 +58,8 @@ class LMDataset:
 
     @property
     def in_channels(self) -> int:
-        """Rows of a packed batch: token ids, attention mask."""
-        return 2
+        """Rows of a packed batch: token ids and attention mask (then the partner's ids, mask and targets)."""
+        return 2 if self.partner is None else 5
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -65,8 +70,22 @@ class LMDataset:
         return int(self.targets.sum())
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Examples ``index`` padded on the right to their longest: (x, y) as ``LMBatchLoader`` gives them."""
-        return pad_batch(self.ids, self.targets, self.offsets, index)
+        """Examples ``index`` padded on the right to their longest: (x, y) as ``LMBatchLoader`` gives them. With a
+        partner, x is (B, 5, L): this tokenization's ids and mask, then the partner's ids, mask and targets."""
+        x, y = pad_batch(self.ids, self.targets, self.offsets, index)
+        if self.partner is None:
+            return x, y
+        x_p, y_p = self.partner.batch(index)
+        width = max(x.shape[-1], x_p.shape[-1])
+        x, y = F.pad(x, (0, width - x.shape[-1])), F.pad(y, (0, width - y.shape[-1]), value=IGNORE)
+        x_p, y_p = F.pad(x_p, (0, width - x_p.shape[-1])), F.pad(y_p, (0, width - y_p.shape[-1]), value=IGNORE)
+        return torch.cat([x, x_p, y_p.unsqueeze(1)], dim=1), y
+
+    def to(self, device: Union[str, torch.device]) -> "LMDataset":
+        """The arrays on ``device`` (a loader's copy)."""
+        partner = self.partner.to(device) if self.partner is not None else None
+        return LMDataset(self.ids.to(device), self.targets.to(device), self.offsets.to(device), self.vocab_size, self.name,
+                         partner)
 
     def sample(self, count: int = 2) -> torch.Tensor:
         """The first ``count`` examples as a packed model input (shape probes, input examples)."""
@@ -79,7 +98,8 @@ class LMDataset:
         within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
         flat = torch.repeat_interleave(starts, lengths) + within
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
-        return LMDataset(self.ids[flat], self.targets[flat], offsets, self.vocab_size, name or self.name)
+        partner = self.partner.take(index) if self.partner is not None else None
+        return LMDataset(self.ids[flat], self.targets[flat], offsets, self.vocab_size, name or self.name, partner)
 
     def subset(self, count: int, seed: int = 0) -> "LMDataset":
         if count >= len(self):
@@ -127,8 +147,8 @@ def tokenize_lm(tokenizer: Any, texts: Optional[Sequence[str]] = None, prompts: 
             heads = [chat_prefix(tokenizer, p) if chat_template else p for p in chunk_p]
             head_ids = tokenizer(heads, add_special_tokens=not chat_template)["input_ids"]
             tail_ids = tokenizer(chunk_r, add_special_tokens=False)["input_ids"]
-            for head, tail in zip(head_ids, tail_ids):
-                if not tail:
+            for head, tail, text in zip(head_ids, tail_ids, chunk_r):
+                if not tail or not str(text).strip():  # blank in any tokenizer: skipped alike by a partner's
                     counts["empty"] += 1
                     continue
                 tail = tail + ([eos] if eos is not None else [])
@@ -161,10 +181,9 @@ class LMBatchLoader(EpochSampler):
                  seed: int = 0, rank: int = 0, world_size: int = 1, **_: Any) -> None:
         super().__init__(len(dataset), batch_size, train=train, device=torch.device(device), seed=seed, rank=rank,
                          world_size=world_size, name=dataset.name, what="examples")
-        self.ids, self.targets = dataset.ids.to(self.device), dataset.targets.to(self.device)
-        self.offsets = dataset.offsets.to(self.device)
+        self.dataset = dataset.to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = self._indices()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield pad_batch(self.ids, self.targets, self.offsets, index[start:start + self.batch_size])
+            yield self.dataset.batch(index[start:start + self.batch_size])
