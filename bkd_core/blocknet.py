@@ -101,8 +101,14 @@ class BlockNet(nn.Module):
     def remember_source(self, model: nn.Module) -> None:
         """Record each of this BlockNet's tensors' name in ``model``, the module it shares them with: a
         state_dict of the original model loads into the BlockNet, and the BlockNet saves under its names."""
-        original = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
-        self.source_names = {name: original[id(t)] for name, t in self.state_dict(keep_vars=True).items() if id(t) in original}
+        original: dict[int, list[str]] = {}
+        for name, t in model.state_dict(keep_vars=True).items():  # a tied tensor (an LM's embeddings and head) has several
+            original.setdefault(id(t), []).append(name)
+        self.source_names = {}
+        for name, t in self.state_dict(keep_vars=True).items():
+            names = original.get(id(t))
+            if names:  # tied names are given out in order, the last one to every later user
+                self.source_names[name] = names.pop(0) if len(names) > 1 else names[0]
 
     def source_state_dict(self) -> dict:
         """This BlockNet's weights under the wrapped model's own names (what ``model.load_state_dict``

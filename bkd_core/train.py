@@ -43,6 +43,7 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs, for "step"
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
+    grad_clip: Optional[float] = None  # clip the gradients' global norm to this (language models: 1.0); None: no clipping
     bf16: Optional[bool] = None  # None: on for CUDA
     channels_last: bool = True  # CUDA and CPU; off for a model that .view()s its feature maps
     compile: Optional[bool] = None  # None: on for CUDA (on CPU it pays off only for long runs)
@@ -57,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}.")
         if any(not isinstance(m, (int, float)) or not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"train.milestones must be increasing fractions of the epochs in (0, 1); got {list(self.milestones)}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"train.grad_clip must be a gradient norm > 0, or null for no clipping; got {self.grad_clip}.")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0.")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
@@ -150,6 +153,8 @@ def train_step(step: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tenso
         out = step(x, y)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.grad_clip)
     optimizer.step()
     return out
 

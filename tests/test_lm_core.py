@@ -214,9 +214,9 @@ def test_batches_pad_any_lengths_and_shift_the_targets(flags, draw):
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     ids = torch.arange(1, int(lengths.sum()) + 1, dtype=torch.int32)
     targets = torch.tensor([b for f in flags for b in f])
-    data = LMDataset(ids, targets, offsets, 1000)
+    data = LMDataset.of_offsets(ids, targets, offsets, 1000)
     index = torch.tensor(draw.draw(st.lists(st.integers(0, len(flags) - 1), min_size=1, max_size=5)))
-    x, y = pad_batch(data.ids, data.targets, data.offsets, index)
+    x, y = pad_batch(data.ids, data.targets, data.starts[index], data.lengths[index])
     assert x.shape[-1] == int(lengths[index].max()) and y.shape == x[:, 0].shape
     for row, i in enumerate(index.tolist()):
         n, start = len(flags[i]), int(offsets[i])
@@ -226,6 +226,7 @@ def test_batches_pad_any_lengths_and_shift_the_targets(flags, draw):
             want = start + pos + 2 if pos + 1 < n and flags[i][pos + 1] else IGNORE
             assert int(y[row, pos]) == want
     subset = data.take(index)
+    assert subset.ids is data.ids  # selecting examples shares the token arrays
     assert subset.batch(torch.arange(len(index)))[1].tolist() == y.tolist()
 
 

@@ -1,16 +1,17 @@
 """Language-model data: texts tokenized once into flat token arrays (no padding stored), and a loader that pads each
 batch to its own longest example and makes the next-token targets.
 
-    dataset = tokenize_lm(tokenizer, texts=["the sky is blue", ...], max_length=256)
-    dataset = tokenize_lm(tokenizer, prompts=[...], responses=[...])    # only the responses' tokens are targets
-    dataset.partner = tokenize_lm(teacher_tokenizer, ...)[0]           # ULD: the teacher reads its own ids
+    dataset, counts = tokenize_lm(tokenizer, texts=["the sky is blue", ...], max_length=256)
+    dataset, counts = tokenize_lm(tokenizer, prompts=[...], responses=[...])  # only the responses' tokens are targets
+    dataset.partner, _ = tokenize_lm(teacher_tokenizer, prompts=[...], responses=[...])  # ULD: the teacher's own ids
     loader = LMBatchLoader(dataset, 16, train=True)
     for x, y in loader: ...          # x: (B, 2, L) ids and mask (bkd_core.models.causal.pack_lm); y: (B, L) targets
 
 A token is a *target* when a model is scored on predicting it: every token but an example's first for plain text,
 the response's tokens for prompt/response pairs. ``y[b, t]`` is the token at ``t + 1`` where that token is a
-target, else ``-100`` (``bkd_core.token_losses.IGNORE``). The arrays are flat (``ids`` int32, ``targets`` bool,
-``offsets`` int64): views of a memory-mapped Arrow file share one copy between the processes of a node.
+target, else ``-100`` (``bkd_core.token_losses.IGNORE``). The token arrays are flat (``ids`` int32,
+``targets`` bool) and never copied by selecting examples: arrays memory-mapped from a file share one copy between the
+processes of a node.
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ from .loader import EpochSampler
 
 @dataclass
 class LMDataset:
-    """Examples as flat arrays: ``ids[offsets[i]:offsets[i+1]]`` are example ``i``'s tokens and ``targets`` flags the
-    ones that are targets. ``labels`` (all 0) lets ``DataSplits.hold_out`` draw val at random."""
+    """Examples over flat arrays: example ``i``'s tokens are ``ids[starts[i]:starts[i] + lengths[i]]`` and ``targets``
+    flags the ones that are targets. Selecting examples (``take``, the val hold-out) indexes ``starts`` and ``lengths``
+    alone: the token arrays are shared, never copied. ``labels`` (all 0) lets ``DataSplits.hold_out`` draw val at
+    random."""
 
     ids: torch.Tensor
     targets: torch.Tensor
-    offsets: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
     vocab_size: int
     name: str = "lm"
     partner: Optional["LMDataset"] = None  # the same examples in a second tokenizer's ids (ULD's teacher)
@@ -40,13 +44,22 @@ class LMDataset:
         if self.ids.dim() != 1 or self.targets.shape != self.ids.shape:
             raise ValueError(f"{self.name}: ids and targets must be flat arrays of one length; got {tuple(self.ids.shape)} "
                              f"and {tuple(self.targets.shape)}.")
-        if self.offsets.dim() != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.ids):
-            raise ValueError(f"{self.name}: offsets must run from 0 to the token count {len(self.ids)}.")
+        if self.starts.shape != self.lengths.shape or self.starts.dim() != 1:
+            raise ValueError(f"{self.name}: starts and lengths must give one start and one length per example.")
+        if len(self.starts) and (int((self.starts + self.lengths).max()) > len(self.ids) or int(self.lengths.min()) < 1):
+            raise ValueError(f"{self.name}: every example must hold at least one token within the {len(self.ids)} tokens.")
         if self.partner is not None and len(self.partner) != len(self):
             raise ValueError(f"{self.name}: {len(self)} examples but {len(self.partner)} in the second tokenization.")
 
+    @classmethod
+    def of_offsets(cls, ids: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, vocab_size: int,
+                   name: str = "lm") -> "LMDataset":
+        """Examples stored back to back: example ``i`` is ``ids[offsets[i]:offsets[i+1]]``."""
+        offsets = offsets.long()
+        return cls(ids, targets, offsets[:-1], offsets[1:] - offsets[:-1], vocab_size, name)
+
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.starts)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -62,17 +75,13 @@ class LMDataset:
         return 2 if self.partner is None else 5
 
     @property
-    def lengths(self) -> torch.Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-    @property
-    def target_count(self) -> int:
-        return int(self.targets.sum())
+    def token_count(self) -> int:
+        return int(self.lengths.sum())
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples ``index`` padded on the right to their longest: (x, y) as ``LMBatchLoader`` gives them. With a
         partner, x is (B, 5, L): this tokenization's ids and mask, then the partner's ids, mask and targets."""
-        x, y = pad_batch(self.ids, self.targets, self.offsets, index)
+        x, y = pad_batch(self.ids, self.targets, self.starts[index], self.lengths[index])
         if self.partner is None:
             return x, y
         x_p, y_p = self.partner.batch(index)
@@ -82,24 +91,21 @@ class LMDataset:
         return torch.cat([x, x_p, y_p.unsqueeze(1)], dim=1), y
 
     def to(self, device: Union[str, torch.device]) -> "LMDataset":
-        """The arrays on ``device`` (a loader's copy)."""
+        """The arrays on ``device`` (a loader's copy; on the CPU the same arrays)."""
         partner = self.partner.to(device) if self.partner is not None else None
-        return LMDataset(self.ids.to(device), self.targets.to(device), self.offsets.to(device), self.vocab_size, self.name,
-                         partner)
+        return LMDataset(self.ids.to(device), self.targets.to(device), self.starts.to(device), self.lengths.to(device),
+                         self.vocab_size, self.name, partner)
 
     def sample(self, count: int = 2) -> torch.Tensor:
         """The first ``count`` examples as a packed model input (shape probes, input examples)."""
         return self.batch(torch.arange(min(count, len(self))))[0]
 
     def take(self, index: torch.Tensor, name: Optional[str] = None) -> "LMDataset":
-        """The examples at ``index``, as a new dataset (its own arrays)."""
+        """The examples at ``index``, over the same token arrays."""
         index = torch.as_tensor(index, dtype=torch.long)
-        starts, lengths = self.offsets[index], self.lengths[index]
-        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        flat = torch.repeat_interleave(starts, lengths) + within
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
         partner = self.partner.take(index) if self.partner is not None else None
-        return LMDataset(self.ids[flat], self.targets[flat], offsets, self.vocab_size, name or self.name, partner)
+        return LMDataset(self.ids, self.targets, self.starts[index], self.lengths[index], self.vocab_size, name or self.name,
+                         partner)
 
     def subset(self, count: int, seed: int = 0) -> "LMDataset":
         if count >= len(self):
@@ -107,11 +113,15 @@ class LMDataset:
         g = torch.Generator().manual_seed(seed)
         return self.take(torch.randperm(len(self), generator=g)[:count].sort().values)
 
+    def target_count(self) -> int:
+        """Target tokens of these examples."""
+        return sum(int(self.targets[int(s):int(s) + int(n)].sum()) for s, n in zip(self.starts, self.lengths))
 
-def pad_batch(ids: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples ``index`` of flat arrays as (x (B, 2, L) ids and mask, right-padded with 0; y (B, L) targets)."""
-    starts, lengths = offsets[index], offsets[index + 1] - offsets[index]
-    longest = int(lengths.max()) if len(index) else 1
+
+def pad_batch(ids: torch.Tensor, targets: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples at ``starts`` of ``lengths`` tokens in flat arrays as (x (B, 2, L) ids and mask, right-padded with
+    0; y (B, L) next-token targets)."""
+    longest = int(lengths.max()) if len(lengths) else 1
     steps = torch.arange(longest, device=ids.device)
     valid = steps[None, :] < lengths[:, None]
     where = (starts[:, None] + steps[None, :]).clamp_max(max(0, len(ids) - 1))
@@ -159,10 +169,10 @@ def tokenize_lm(tokenizer: Any, texts: Optional[Sequence[str]] = None, prompts: 
             counts["truncated"] += 1
             rows[i], flags[i] = row[:max_length], flags[i][:max_length]
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+    starts = torch.cumsum(lengths, 0) - lengths
     ids = torch.tensor([t for r in rows for t in r], dtype=torch.int32)
     targets = torch.tensor([f for r in flags for f in r], dtype=torch.bool)
-    return LMDataset(ids, targets, offsets, len(tokenizer), name), counts
+    return LMDataset(ids, targets, starts, lengths, len(tokenizer), name), counts
 
 
 def chat_prefix(tokenizer: Any, prompt: str) -> str:

@@ -26,9 +26,9 @@ from bkd_core.methods import MethodParamError
 from bkd_core.train import TrainConfig
 from orchestrator.config.checks import ConfigError, check_fixed, check_number, check_values
 from orchestrator.config.compose import absolute_path
-from orchestrator.config.hf_models import check_text_pair, hf_source, is_hf
+from orchestrator.config.hf_models import check_lm_pair, check_text_pair, hf_source, is_hf
 from orchestrator.config.models import block_names, build_model, check_pretrained, spec_name
-from orchestrator.config.schema import BkdConfig, ParquetData, TextData
+from orchestrator.config.schema import BkdConfig, LMData, ParquetData, TextData
 from orchestrator.data.datasets import (
     dataset_spec,
     describe_dataset,
@@ -43,6 +43,7 @@ from search_spaces.space import (
     SearchSpaceError,
     TrialParams,
     defaults,
+    for_data,
     method_arguments,
     method_of,
     partitions,
@@ -64,11 +65,12 @@ class DatasetInfo:
     selection: str  # "val", or "test" with data.val_fraction=0
     classes: Optional[list[str]] = None  # class names in class-id order, where the data names them
     majority: Optional[dict[str, tuple[int, int]]] = None  # "val", "test": (the largest class's count, examples)
+    token_level: bool = False  # a causal LM's data: scored per target token, selected on val_loss (lower is better)
 
     @property
     def unit(self) -> str:
-        """What the dataset's samples are, in messages: texts or images."""
-        return "texts" if is_text_shape(self.shape) else "images"
+        """What the dataset's samples are, in messages: images, texts, or a language model's examples."""
+        return "examples" if self.token_level else "texts" if is_text_shape(self.shape) else "images"
 
     def mlflow_input(self) -> dict[str, str]:
         """Name, digest and source, JSON-able (it travels in queued MLflow writes)."""
@@ -125,6 +127,8 @@ class Job:
         if isinstance(d, TextData):  # the same texts, tokenized the same way
             spec["text"] = [d.hub, d.hub_config, d.test_split, d.text_column, d.text_pair_column, d.label_column, d.max_length,
                             d.tokenizer]
+        if isinstance(d, LMData):
+            spec["lm"] = [d.prompt_column, d.response_column, d.chat_template, t.grad_clip]
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -160,7 +164,7 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     d = c.data
     if d.name not in bkd_data.DATASETS and not isinstance(d, TextData):
         raise ConfigError("data.name", f"unknown dataset {d.name!r}; valid: {', '.join(bkd_data.DATASETS)}, text.")
-    check_modality(c)
+    check_modality(c, command)
     if not isinstance(d, ParquetData) and d.in_memory is False:
         raise ConfigError("data.in_memory", f"false streams Parquet shards, and data={d.name} is read into memory; "
                           "for streaming, write shards with `python -m orchestrator.prepare source=FOLDER output=DST` "
@@ -173,14 +177,18 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
 
     teacher, student = (build_model(c, role, shape.num_classes, shape.in_channels, shape.image_shape, check=True)
                         for role in ("teacher", "student"))
-    if isinstance(d, TextData):
+    if isinstance(d, LMData):
+        check_lm_pair(c, teacher, student, load_tokenizer(d.tokenizer))
+    elif isinstance(d, TextData):
         check_text_pair(c, teacher, student, load_tokenizer(d.tokenizer))
-    c.search = with_lr_range(c.search, c.train.lr_range)  # checked with every key (schema)
+    c.search = for_data(with_lr_range(c.search, c.train.lr_range), isinstance(d, LMData))  # checked with every key (schema)
     search = c.search
     try:
         method = method_of(search)
     except ValueError as exc:
         raise ConfigError("search.method", f"{exc} (none: the student alone).") from None
+    if command != "compare":
+        check_method_applies(method.name, c, "search")
     if method.pairs_blocks and teacher.num_blocks != student.num_blocks:
         teacher, student = group_blocks(c, teacher, student, shape)
     if method.pairs_blocks and teacher.num_blocks != student.num_blocks:
@@ -237,7 +245,8 @@ def validate(cfg: DictConfig, need_teacher_checkpoint_check: bool = True, comman
     name = str(t.name) if t.name is not None else default_experiment_name(c, storage, t.resume, command)
     rows = {"train": shape.train, "val": shape.val, "test": shape.test}
     dataset = DatasetInfo(**dataset_spec(d, rows), shape=shape.image_shape, rows=rows, folders=shape.folders,
-                          selection="test" if selects_on_test(d) else "val", classes=shape.classes, majority=shape.majority)
+                          selection="test" if selects_on_test(d) else "val", classes=shape.classes, majority=shape.majority,
+                          token_level=shape.token_level)
     return Job(c, shape.num_classes, shape.in_channels, student.num_blocks, options, storage,
                _tracking_uri(c.mlflow.tracking_uri), output_dir, name, dataset)
 
@@ -262,9 +271,25 @@ def group_blocks(c: BkdConfig, teacher: Any, student: Any, shape: Any) -> tuple[
     return nets["teacher"], nets["student"]
 
 
-def check_modality(c: BkdConfig) -> None:
+LM_METHODS = ("blockkd", "blockkd_fixed_partition", "kd", "none", "fitnet", "uld")  # what distils causal LMs (data=lm)
+
+
+def check_method_applies(name: str, c: BkdConfig, key: str) -> None:
+    """A method that cannot apply to the data is a ConfigError saying why: ULD outside data=lm, image feature and
+    relation methods on a causal LM's tokens."""
+    lm = isinstance(c.data, LMData)
+    if name == "uld" and not lm:
+        raise ConfigError(key, "uld distils causal language models of two tokenizers (data=lm, decoder hf: models); for "
+                          f"data={c.data.name} use kd, blockkd or another method of the same vocabulary.")
+    if lm and name not in LM_METHODS:
+        raise ConfigError(key, f"{name} does not apply to causal LMs: it matches image-style features, attention maps or "
+                          "relations between examples, where a decoder gives a sequence of next-token distributions. "
+                          f"On data=lm bkd distils with {', '.join(LM_METHODS)}.")
+
+
+def check_modality(c: BkdConfig, command: str = "tune") -> None:
     """Text data with ``hf:`` text models, images with image models; ``data=text``'s source, tokenizer and cache
-    made absolute (every worker reads the same)."""
+    made absolute (every worker reads the same); ``data=lm`` with ULD among the methods: the student's tokenizer too."""
     d, text = c.data, isinstance(c.data, TextData)
     for role in ("teacher", "student"):
         spec = getattr(c.pair, role)
@@ -280,6 +305,9 @@ def check_modality(c: BkdConfig) -> None:
         raise ConfigError("data.root", "data=text reads either a folder (data.root=FOLDER with train.csv/.jsonl/.parquet and "
                           "test.*) or a Hugging Face dataset (data.hub=NAME data.hub_config=CONFIG); give exactly one.")
     d.tokenizer = hf_source(d.tokenizer or c.pair.teacher)
+    methods_run = list(c.compare.methods or []) if command == "compare" else [(c.search or {}).get("method")]
+    if isinstance(d, LMData) and "uld" in methods_run:  # ULD's student reads its own ids, the teacher the teacher's
+        d.student_tokenizer = hf_source(d.student_tokenizer or c.pair.student)
     d.cache_dir = absolute_path(d.cache_dir or default_cache_dir())
     check_writable("data.cache_dir", d.cache_dir)
 
@@ -343,7 +371,7 @@ def train_config(c: BkdConfig, params: Mapping[str, Any], mode: str) -> TrainCon
             raise SearchSpaceError("a trial's parameters have no lr; every search space declares search.params.lr.")
         epochs, lr, batch, seed = t.epochs, trial.lr, t.batch_size, trial.seed_or(t.seed)
     return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, lr_base_batch=t.lr_base_batch, optimizer=t.optimizer, momentum=t.momentum,
-                       weight_decay=t.weight_decay, schedule=t.schedule, warmup_epochs=t.warmup_epochs,
+                       weight_decay=t.weight_decay, schedule=t.schedule, warmup_epochs=t.warmup_epochs, grad_clip=t.grad_clip,
                        milestones=tuple(t.milestones), bf16=t.bf16, channels_last=t.channels_last, compile=t.compile,
                        cudnn_benchmark=t.cudnn_benchmark, compile_mode=t.compile_mode, seed=seed)
 

@@ -143,9 +143,30 @@ class TextData:
     split_seed: int = split_seed_setting("texts")
 
 
-DataConfig = Union[BuiltinData, ImageFolderData, ParquetData, TextData]  # the typed ``data`` of a composed config
+@dataclass
+class LMData(TextData):
+    """Causal language modelling: root/train.* and root/test.* (CSV, TSV, JSON Lines or Parquet), or a Hugging Face
+    dataset; plain texts (every token a target) or prompt/response pairs (the response's tokens the targets), tokenized
+    once with the teacher's tokenizer and cached."""
+
+    name: str = setting("lm", "the dataset's loader")
+    text_column: Optional[str] = setting("text", "plain texts: every token (but each text's first) is a target; unused "
+                                         "with data.prompt_column and data.response_column")
+    prompt_column: Optional[str] = setting(None, "the context of each example: read by the models, never scored (with "
+                                           "data.response_column)")
+    response_column: Optional[str] = setting(None, "what the models learn to answer: its tokens are the targets")
+    chat_template: bool = setting(True, "prompt/response pairs are written in the tokenizer's chat template where it has "
+                                  "one (the prompt as the user's turn); false: the prompt's text, then the response's")
+    label_column: Optional[str] = setting(None, "unused: a language model's targets are its text's next tokens")
+    max_length: int = setting(512, "tokens per example at most: longer examples are cut (the number is printed); at most "
+                              "the models' positions", at_least(8, " (tokens)"))
+    student_tokenizer: Optional[str] = setting(None, "search=uld: the student's own tokenizer (null: the student's folder's); "
+                                               "every other method reads the teacher's ids")
+
+
+DataConfig = Union[BuiltinData, ImageFolderData, ParquetData, TextData, LMData]  # the typed ``data`` of a composed config
 DATA_SCHEMAS: dict[str, type] = {"builtin": BuiltinData, "image_folder": ImageFolderData, "parquet": ParquetData,
-                                 "text": TextData}
+                                 "text": TextData, "lm": LMData}
 
 
 # --- the sections of `python -m orchestrator.{tune,train,teacher,compare}` ---------------------------------
@@ -186,6 +207,8 @@ class TrainSettings:
                             one_of("cosine", "step", "linear"))
     milestones: list[float] = setting([0.5, 0.75], "step: multiply the lr by 0.1 at these fractions of the epochs")
     warmup_epochs: float = setting(0.0, "linear lr warm-up, in epochs (at most train.epochs)")
+    grad_clip: Optional[float] = setting(None, "clip the gradients' global norm to this every step (data=lm: 1.0); null: "
+                                         "no clipping", Check("a gradient norm > 0, or null for no clipping", lambda v: v > 0))
     distill_warmup_epochs: float = setting(0.0, "ramp the distillation terms from 0 to 1 over these epochs (DKD's "
                                            "recipe: 20 of 240)")
     bf16: Optional[bool] = setting(None, "bfloat16 autocast; null: on for CUDA")
@@ -212,7 +235,8 @@ class TeacherSettings:
                                         "(runs:/<id>/teacher/teacher.pt); null: trained first")
     init: Optional[str] = setting(None, "pretrained weights to fine-tune from for teacher.epochs (a classifier that "
                                   "does not fit is replaced)")
-    epochs: int = setting(6, "epochs of the teacher's own training", at_least(1))
+    epochs: int = setting(6, "epochs of the teacher's own training; 0: the teacher as given (its pretrained weights, "
+                          "e.g. an hf: folder), scored and checked but not trained", at_least(0, " (0: the teacher as given)"))
     lr: float = setting(0.1, "the teacher's learning rate", Check("a learning rate > 0", lambda v: v > 0))
     batch_size: int = setting(64, "global batch, split across a trial's workers", at_least(1))
     allow_chance: bool = setting(False, "distil from a teacher whose val accuracy is not clearly above chance (the "

@@ -29,11 +29,13 @@ QUIET_LOGGERS = {
     "ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled ..."
     "mlflow.utils.requirements_utils": logging.ERROR,  # a CPU torch's "+cpu" version label, said when the model is logged
     "torch._export": logging.ERROR,  # "dimension ... specialized" while MLflow exports the best student
+    "transformers": logging.ERROR,  # notices while MLflow loads a language model's folder to check its input example
 }
 
 
 def quiet_loggers() -> None:
     os.environ["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_LOGGING  # read again whenever a dataset runs
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars
     from ray.data import DataContext
     from ray.data._internal.logging import configure_logging
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestrator.tracking.objective import ACCURACY, Objective
 from orchestrator.tracking.records import RECORDED
 from orchestrator.tracking.trial_logger import trial_error
 
@@ -14,8 +15,8 @@ ENDED = ("TERMINATED", "ERROR")
 
 
 class ProgressPrinter(Callback):
-    def __init__(self, total: int) -> None:
-        self.total = total
+    def __init__(self, total: int, objective: Objective = ACCURACY) -> None:
+        self.total, self.objective = total, objective
         self.started = time.monotonic()
 
     def setup(self, **info: Any) -> None:
@@ -27,7 +28,8 @@ class ProgressPrinter(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         how = "replayed its record" if last.get(RECORDED) else f"ended after epoch {last.get('epoch', '?')}"
-        self._line(trials, f"{trial.trial_id} {how}, val_acc {last.get('val_acc', float('nan')):.2f}", ending=trial)
+        metric = self.objective.val
+        self._line(trials, f"{trial.trial_id} {how}, {metric} {last.get(metric, float('nan')):.2f}", ending=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cause = trial_error(trial)
@@ -43,8 +45,10 @@ class ProgressPrinter(Callback):
         ends, not yet TERMINATED/ERROR when Tune calls back."""
         done = sum(t.status in ENDED or t is ending for t in trials)
         running = sum(t.status == "RUNNING" and t is not ending for t in trials) + starting
-        scored = [(t.last_result["val_acc"], t.trial_id) for t in trials if (t.last_result or {}).get("val_acc") is not None]
-        best = f"best val_acc {max(scored)[0]:.2f} ({max(scored)[1]})" if scored else "no result yet"
+        metric = self.objective.val
+        scored = [(t.last_result[metric], t.trial_id) for t in trials if (t.last_result or {}).get(metric) is not None]
+        top = min(scored, key=lambda pair: self.objective.sort_key(pair[0])) if scored else None
+        best = f"best {metric} {top[0]:.2f} ({top[1]})" if top else "no result yet"
         elapsed = time.monotonic() - self.started
         print(f"[bkd] {elapsed:6.0f} s  trials {done}/{self.total} done, {running} running  {best}  <- {event}", flush=True)
 

@@ -10,7 +10,8 @@ import torch
 
 from bkd_core import data as bkd_data
 from orchestrator.config.checks import ConfigError
-from orchestrator.config.schema import DataConfig, ImageFolderData, ParquetData, TextData
+from orchestrator.config.schema import DataConfig, ImageFolderData, LMData, ParquetData, TextData
+from orchestrator.data.lm import load_lm
 from orchestrator.data.text import load_text
 
 DEFAULT_VAL_FRACTION = 0.1
@@ -35,7 +36,9 @@ def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
     """The dataset a config names: ``val`` held out of the training data (``data.val_fraction``,
     ``data.split_seed``; Parquet shards bring their own), then ``train_size`` applied to what is left
     (used by validation and workers)."""
-    if isinstance(data_cfg, TextData):
+    if isinstance(data_cfg, LMData):
+        splits = load_lm(data_cfg)
+    elif isinstance(data_cfg, TextData):
         splits = load_text(data_cfg)
     else:
         extra: dict[str, Any] = {"image_size": data_cfg.image_size} if isinstance(data_cfg, (ImageFolderData, ParquetData)) else {}
@@ -86,6 +89,7 @@ class DataShape:
     folders: Optional[dict[str, str]] = None  # streamed shards: the folder of each split
     classes: Optional[list[str]] = None  # class names in class-id order, where the data names them
     majority: Optional[dict[str, tuple[int, int]]] = None  # "val", "test": (the largest class's count, examples)
+    token_level: bool = False  # a causal LM's data: scored per target token (val_loss), not per example
 
 
 def majority_of(labels: torch.Tensor) -> tuple[int, int]:
@@ -113,6 +117,9 @@ def describe_dataset(d: DataConfig) -> DataShape:
     except OSError as exc:  # a bucket that cannot be reached or read
         raise ConfigError("data.root", f"cannot read {d.root}: {exc}. Check the URI and the credentials "
                           "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS, AWS_ENDPOINT_URL for an S3-compatible server).") from None
+    if isinstance(d, LMData):  # no classes: a language model's chance is not a majority class
+        return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test),
+                         [splits.in_channels, d.max_length], token_level=True)
     shape = [3, d.max_length] if isinstance(d, TextData) else list(splits.test.images.shape[1:])
     return DataShape(splits.num_classes, splits.in_channels, len(splits.train), len(splits.selection), len(splits.test), shape,
                      classes=[str(c) for c in splits.classes] if splits.classes else None,
@@ -120,16 +127,20 @@ def describe_dataset(d: DataConfig) -> DataShape:
 
 
 def is_text_shape(shape: list[int]) -> bool:
-    """A model input of packed token ids (``[3, L]``), not an image (``[C, H, W]``)."""
+    """A model input of packed token ids (``[3, L]``; a causal LM's ``[2, L]``, ULD's ``[5, L]``), not an image
+    (``[C, H, W]``)."""
     return len(shape) == 2
 
 
 def example_batch(shape: list[int], count: int = 2) -> torch.Tensor:
-    """A model input for shape probes and input examples: zero images, or texts of ``L`` tokens (ids 1..4)."""
+    """A model input for shape probes and input examples: zero images, or texts of ``L`` tokens (ids 1..4; an LM's
+    batch of ``min(L, 16)`` tokens, its targets every token after the first)."""
     if is_text_shape(shape):
-        length = shape[1]
+        length = shape[1] if shape[0] == 3 else min(shape[1], 16)
         ids = (torch.arange(length) % 4 + 1).expand(count, length)
-        return torch.stack([ids, torch.ones_like(ids), torch.zeros_like(ids)], dim=1).long()
+        rows = {3: [ids, torch.ones_like(ids), torch.zeros_like(ids)], 2: [ids, torch.ones_like(ids)],
+                5: [ids, torch.ones_like(ids), ids, torch.ones_like(ids), torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)]}
+        return torch.stack(rows[shape[0]], dim=1).long()
     return torch.zeros(count, *shape)
 
 

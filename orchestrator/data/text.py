@@ -45,7 +45,7 @@ def split_file(root: str, split: str) -> Path:
     if len(found) != 1:
         there = sorted(p.name for p in Path(root).iterdir() if p.is_file())[:8]
         problem = f"holds {len(found)} {split} files ({', '.join(p.name for p in found)})" if found else f"has no {split} file"
-        raise ConfigError("data.root", f"{root} {problem}; data=text reads one {split}.csv, {split}.tsv, {split}.jsonl or "
+        raise ConfigError("data.root", f"{root} {problem}; bkd reads one {split}.csv, {split}.tsv, {split}.jsonl or "
                           f"{split}.parquet (found: {', '.join(there) or 'nothing'}).")
     return found[0]
 
@@ -93,8 +93,9 @@ def columns_of(d: TextData, table: pa.Table, source: str) -> TextColumns:
     return TextColumns([str(t) for t in texts], [str(p) for p in pairs] if pairs is not None else None, labels, source)
 
 
-def read_split(d: TextData, split: str) -> TextColumns:
-    """``split`` (train, or ``data.test_split``) from the folder, or from the hub through ``datasets``."""
+def source_table(d: TextData, split: str) -> tuple[pa.Table, str, Any]:
+    """``split`` (train, or ``data.test_split``) of the folder, or of the hub through ``datasets``: its table, where it
+    came from in words, and the hub's features (None for a folder)."""
     if d.hub:
         try:
             import datasets
@@ -107,19 +108,24 @@ def read_split(d: TextData, split: str) -> TextColumns:
             raise ConfigError("data.hub", f"cannot load {d.hub} ({d.hub_config or 'default'}) split {split!r} "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); check the "
                               "name, data.hub_config, data.test_split and the connection to the hub.") from None
-        cols = columns_of(d, hub.data.table if hasattr(hub.data, "table") else pa.table(hub.to_dict()),
-                          f"{d.hub}{'/' + d.hub_config if d.hub_config else ''}:{split}")
-        names = getattr(hub.features.get(d.label_column), "names", None)  # a ClassLabel: its class names
-        if names:
-            cols.labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in cols.labels]
-        return cols
+        table = hub.data.table if hasattr(hub.data, "table") else pa.table(hub.to_dict())
+        return table, f"{d.hub}{'/' + d.hub_config if d.hub_config else ''}:{split}", hub.features
     path = split_file(str(d.root), split)
     try:
-        table = read_table(path)
+        return read_table(path), str(path), None
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError("data.root", f"cannot read {path} ({str(exc).splitlines()[0][:200]}); give a CSV with a header "
                           "row, JSON Lines (one object per line) or Parquet.") from None
-    return columns_of(d, table, str(path))
+
+
+def read_split(d: TextData, split: str) -> TextColumns:
+    """``split``'s texts and labels (a hub ClassLabel's ids as its class names)."""
+    table, source, features = source_table(d, split)
+    cols = columns_of(d, table, source)
+    names = getattr(features.get(d.label_column), "names", None) if features is not None else None
+    if names:
+        cols.labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in cols.labels]
+    return cols
 
 
 def class_names(d: TextData, train: TextColumns, test: TextColumns) -> list[Any]:

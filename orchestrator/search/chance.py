@@ -48,6 +48,8 @@ def check_teacher(job: Job, scores: dict[str, float], source: str) -> None:
     """Stop before the trials (``PhaseFailed``: exit 1) when the teacher's val accuracy is not clearly above
     chance, naming the figure, chance and the likely causes with their keys; ``teacher.allow_chance=true``
     goes on with a warning."""
+    if getattr(job.dataset, "token_level", False):
+        return check_lm_teacher(job, scores, source)
     chance = Chance.of_split(job, "val")
     if chance is None or "teacher_val_acc" not in scores or chance.beaten_by(scores["teacher_val_acc"]):
         return
@@ -70,6 +72,28 @@ def check_teacher(job: Job, scores: dict[str, float], source: str) -> None:
         causes.append("the tokenizer (data.tokenizer, else the teacher's folder) does not know the data's words")
     raise PhaseFailed(f"the teacher learned nothing: {figure}. Nothing is distilled from it. Likely causes: {'; '.join(causes)}. "
                       "Fix the cause and run again, or set teacher.allow_chance=true to distil from it anyway.")
+
+
+UNIFORM_SHARE = 0.9  # a language model teacher must be below 90 % of the uniform guess's loss, ln(V)
+
+
+def check_lm_teacher(job: Job, scores: dict[str, float], source: str) -> None:
+    """A language model teacher that learned nothing scores about ln(V) nats per token, the uniform guess's loss:
+    stop (exit 1) unless its val_loss is below ``UNIFORM_SHARE`` of that; ``teacher.allow_chance=true`` goes on."""
+    loss, vocab = scores.get("teacher_val_loss"), int(job.num_classes)
+    uniform = math.log(max(2, vocab))
+    if loss is None or loss < UNIFORM_SHARE * uniform:
+        return
+    figure = (f"the teacher ({source}) scores val_loss {loss:.3f} nats per target token, where a uniform guess over its "
+              f"{vocab} tokens scores ln({vocab}) = {uniform:.3f} (a teacher that learned something is below "
+              f"{UNIFORM_SHARE * uniform:.3f})")
+    if job.cfg.teacher.allow_chance:
+        print(f"[bkd] warning: {figure}; distilling from it anyway (teacher.allow_chance=true).", flush=True)
+        return
+    raise PhaseFailed(f"the teacher learned nothing: {figure}. Nothing is distilled from it. Likely causes: "
+                      "pair.teacher points at a folder without trained weights (a config alone is initialised at random), "
+                      "or the data's tokenizer is not the teacher's (data.tokenizer); with teacher.epochs>0, teacher.lr or "
+                      "teacher.epochs. Fix the cause and run again, or set teacher.allow_chance=true to distil from it anyway.")
 
 
 def at_chance_line(rows: Iterable[dict[str, Any]], chance: Optional[Chance], metric: str, what: str) -> Optional[str]:

@@ -16,19 +16,20 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from orchestrator.config.checks import ConfigError, check_fixed
-from orchestrator.config.job import Job, check_method_params
+from orchestrator.config.job import Job, check_method_applies, check_method_params
 from orchestrator.config.models import build_model
 from orchestrator.search.chance import Chance, at_chance_line
 from orchestrator.search.search import RunSearch
 from orchestrator.search.summary import RunCases, collect_rows, first_failure
+from orchestrator.tracking.objective import ACCURACY, Objective, objective_of
 from orchestrator.tracking.results import seed_result, write_parquet
 from orchestrator.tracking.stats import METHOD, SeedResult, method_interval, paired_difference, verdict
 from orchestrator.tracking.writer import MLflowWriter, Write
-from search_spaces.space import SearchSpaceError, defaults, uses_partition, with_lr_range
+from search_spaces.space import SearchSpaceError, defaults, for_data, uses_partition, with_lr_range
 from search_spaces.space import display as space_display
 from search_spaces.space import load_space as load_search_space
 
-COLUMNS = ("method", "seed", "test_acc", "val_acc", "best_val_acc", "status", "epochs", "mlflow_run_id", "trial_id")
+COLUMNS = ("method", "seed", "status", "epochs", "mlflow_run_id", "trial_id")  # first, then the objective's figures
 SPACE_DEFAULTS = "its search space's defaults"
 
 
@@ -37,9 +38,10 @@ def display(method: str) -> str:
 
 
 def load_space(method: str, job: Job) -> dict[str, Any]:
-    """A compared method's search space, its lr over ``train.lr_range`` where that is set."""
+    """A compared method's search space, its lr over ``train.lr_range`` where that is set (on causal LMs, with its
+    ``lm`` params)."""
     try:
-        return with_lr_range(load_search_space(method), job.cfg.train.lr_range)
+        return for_data(with_lr_range(load_search_space(method), job.cfg.train.lr_range), job.dataset.token_level)
     except SearchSpaceError as exc:
         raise ConfigError("compare.methods", str(exc)) from None
 
@@ -162,6 +164,8 @@ def check_methods(job: Job) -> list[str]:
     unknown = set(c.fixed or {}) - set(methods) | set(c.from_search or {}) - set(methods)
     if unknown:
         raise ConfigError("compare.fixed", f"names methods {sorted(unknown)} that are not in compare.methods={methods}.")
+    for method in methods:
+        check_method_applies(method, job.cfg, "compare.methods")
     if c.tune_trials and c.from_search:
         raise ConfigError("compare.tune_trials", "searches every method itself; drop compare.from_search (or "
                           "compare.tune_trials=null to take those searches' best configurations).")
@@ -213,30 +217,33 @@ def tuned_cases(job: Job, run_search: RunSearch) -> list[dict[str, Any]]:
         if best is None:
             raise NoConfiguration(f"no trial of {method}'s search finished ({first_failure(found.rows)}); the comparison "
                                   f"stops before its seeds. Its trials are in {Path(job.output_dir) / job.experiment_name / f'search-{method}'}.")
-        print(f"[bkd] {method}: best of {len(found.rows)} trials, val_acc {best['val_acc']:.2f} (trial {best['trial_id']})", flush=True)
+        o = objective_of(job)
+        print(f"[bkd] {method}: best of {len(found.rows)} trials, {o.val} {o.fmt(best[o.val])} (trial {best['trial_id']})", flush=True)
         configs[method] = method_config(job, method, (best, f"{method}'s search of {len(found.rows)} trials (MLflow run {found.run_id})"))
     return cases_of(job, configs)
 
 
-METRIC = "test_acc"  # what a comparison reports: each run's final weights on the test split
+def seed_results(rows: list[dict[str, Any]], method: str, test_count: int, objective: Objective = ACCURACY) -> dict[int, SeedResult]:
+    """A method's finished seeds: the test figure (``objective.test``: each run's final weights on the test split) and,
+    where the run kept it, its per-example correctness."""
+    metric = objective.test
+    count = test_count if objective is ACCURACY else 0  # a loss has no binomial test term
+    return {r["seed"]: seed_result(r, metric, count) for r in rows
+            if r["method"] == method and r["status"] == "FINISHED" and r.get(metric) is not None and r[metric] == r[metric]}
 
 
-def seed_results(rows: list[dict[str, Any]], method: str, test_count: int) -> dict[int, SeedResult]:
-    """A method's finished seeds: test accuracy and, where the run kept it, its per-example correctness."""
-    return {r["seed"]: seed_result(r, METRIC, test_count) for r in rows
-            if r["method"] == method and r["status"] == "FINISHED" and r.get(METRIC) is not None and r[METRIC] == r[METRIC]}
-
-
-def summaries(rows: list[dict[str, Any]], methods: list[str], baseline: Optional[str], test_count: int) -> list[dict[str, Any]]:
-    """Per method: its interval of test_acc over finished seeds and its paired difference to ``baseline``, each
-    counting the seeds' and the test split's noise (``orchestrator.tracking.stats``)."""
-    results = {m: seed_results(rows, m, test_count) for m in methods}
+def summaries(rows: list[dict[str, Any]], methods: list[str], baseline: Optional[str], test_count: int,
+              objective: Objective = ACCURACY) -> list[dict[str, Any]]:
+    """Per method: its interval of the test figure over finished seeds and its paired difference to ``baseline``, each
+    counting the seeds' and (where known) the test split's noise (``orchestrator.tracking.stats``)."""
+    results = {m: seed_results(rows, m, test_count, objective) for m in methods}
+    unit = "points" if objective is ACCURACY else "nats"
     out = []
     for m in methods:
         entry: dict[str, Any] = {"method": m, "interval": method_interval(results[m])}
         if baseline and m != baseline:
             entry["diff"] = paired_difference(results[m], results[baseline])
-            entry["verdict"] = verdict(display(m), display(baseline), entry["diff"])
+            entry["verdict"] = verdict(display(m), display(baseline), entry["diff"], objective.higher_is_better, unit)
         out.append(entry)
     return out
 
@@ -245,7 +252,7 @@ def _f(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_summary(summary: list[dict[str, Any]], baseline: Optional[str]) -> str:
+def format_summary(summary: list[dict[str, Any]], baseline: Optional[str], objective: Objective = ACCURACY) -> str:
     head = ["method", "n", "mean", "std", "95% CI"] + ([f"diff vs {baseline} (paired)", "95% CI"] if baseline else [])
     lines = [head]
     for s in summary:
@@ -259,15 +266,18 @@ def format_summary(summary: list[dict[str, Any]], baseline: Optional[str]) -> st
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     sentences = [s["verdict"] for s in summary if s.get("verdict")]
-    return ("\n".join(text) + f"\n(test_acc: the final weights on the test split, %; 95 % intervals: {METHOD})\n\n"
-            + "\n".join(sentences))
+    counted = all(s["interval"] is None or s["interval"].counts_examples for s in summary)
+    how = METHOD if counted else "Student t over seeds (the test split's sampling variance is not counted for a loss); paired by seed"
+    return ("\n".join(text) + f"\n({objective.test}: {objective.meaning} of the final weights on the test split, "
+            f"{objective.direction}; 95 % intervals: {how})\n\n" + "\n".join(sentences))
 
 
-def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str) -> Figure:
+def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], title: str, objective: Objective = ACCURACY) -> Figure:
     """Every seed as a dot, each method's mean with its 95 % interval; Block-KD's stepping stones beside it.
     Eleven methods and more stay readable: one colour each (tab20), slanted names, the axis kept to 0-100 %."""
     finished = {s["method"]: [r for r in rows if r["method"] == s["method"] and r["status"] == "FINISHED"] for s in summary}
-    stones = {m: sorted({k for r in done for k in r if k.startswith("test_acc_stone_") and r[k] is not None})
+    metric = objective.test
+    stones = {m: sorted({k for r in done for k in r if k.startswith(f"{metric}_stone_") and r[k] is not None})
               for m, done in finished.items()}  # stepping stones N_i: the student's first i blocks + connector + teacher's rest
     columns = len(summary) + sum(map(len, stones.values()))
     many = columns > 8
@@ -280,7 +290,7 @@ def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], ti
         x = len(labels)
         labels.append(display(s["method"]))
         done = finished[s["method"]]
-        ax.scatter([x + 0.08 * ((j % 5) - 2) for j in range(len(done))], [r[METRIC] for r in done], s=22, alpha=0.7,
+        ax.scatter([x + 0.08 * ((j % 5) - 2) for j in range(len(done))], [r[metric] for r in done], s=22, alpha=0.7,
                    color=colours[k % len(colours)])
         i = s["interval"]
         if i is not None:
@@ -292,9 +302,10 @@ def compare_figure(rows: list[dict[str, Any]], summary: list[dict[str, Any]], ti
             labels.append(f"{display(s['method'])}\nstone {key.rsplit('_', 1)[1]}")
             ax.scatter([x] * len(done), [r[key] for r in done], s=22, alpha=0.4, color="gray")
     ax.set_xticks(range(len(labels)), labels, rotation=30 if many else 0, ha="right" if many else "center")
-    low, high = ax.get_ylim()
-    ax.set_ylim(max(low, -2.0), min(high, 102.0))  # intervals of few seeds can reach past 0 and 100 %: the table has them
-    ax.set(ylabel="test_acc, final weights (%)", title=title)
+    if objective is ACCURACY:
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, -2.0), min(high, 102.0))  # intervals of few seeds can reach past 0 and 100 %: the table has them
+    ax.set(ylabel=f"{metric}, final weights ({objective.direction})", title=title)
     ax.grid(axis="y", alpha=0.3)
     if summary and summary[0]["interval"] is not None:
         ax.legend(loc="lower right")
@@ -305,23 +316,25 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     """compare.parquet, compare.png, the printed table and verdicts, and the parent run's metrics."""
     found, _, _ = collect_rows(job, parent, results, interrupted)
     rows = sorted(found, key=lambda r: (r.get("method") or "", r.get("seed") or 0))
+    columns = COLUMNS[:2] + (objective_of(job).test, objective_of(job).val, objective_of(job).best_val) + COLUMNS[2:]
     for r in rows:  # fixed names first, for readers of compare.parquet
-        for key in COLUMNS:
+        for key in columns:
             r.setdefault(key, None)
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet([{k: r[k] for k in COLUMNS} | r for r in rows], str(out / "compare.parquet"))
+    write_parquet([{k: r[k] for k in columns} | r for r in rows], str(out / "compare.parquet"))
     c = job.cfg.compare
     methods, baseline = list(c.methods), c.baseline
-    summary = summaries(rows, methods, baseline, job.dataset.rows["test"])
-    print("\n" + format_summary(summary, baseline))
-    at_chance = at_chance_line(rows, Chance.of_split(job, "test"), METRIC, "run of every method and seed")
+    o = objective_of(job)
+    summary = summaries(rows, methods, baseline, job.dataset.rows["test"], o)
+    print("\n" + format_summary(summary, baseline, o))
+    at_chance = at_chance_line(rows, Chance.of_split(job, "test"), o.test, "run of every method and seed")
     if at_chance:
         print(at_chance)
     if interrupted:
         print(f"\nresults so far: {out}/compare.parquet", flush=True)
         return rows
-    compare_figure(rows, summary, job.experiment_name).savefig(out / "compare.png", dpi=110)
+    compare_figure(rows, summary, job.experiment_name, o).savefig(out / "compare.png", dpi=110)
     print(f"\nresults: {out}/compare.parquet, plot: {out}/compare.png")
     print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open "
           f"http://127.0.0.1:5000/#/experiments/{parent.experiment_id}?workflowType=machine_learning)")
@@ -329,9 +342,9 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     for s in summary:
         i, d, m = s["interval"], s.get("diff"), s["method"]
         if i is not None:
-            metrics[f"mean_test_acc.{m}"] = i.mean
+            metrics[f"mean_{o.test}.{m}"] = i.mean
             if i.n > 1:
-                metrics[f"std_test_acc.{m}"] = i.std
+                metrics[f"std_{o.test}.{m}"] = i.std
         if d is not None and d.n > 0:
             metrics[f"diff_vs_{baseline}.{m}"] = d.mean
             if d.n > 1:

@@ -18,6 +18,7 @@ from orchestrator.search.summary import SELECTION_TAG, RunCases, collect_rows, f
 from orchestrator.search.teacher import ready_teacher
 from orchestrator.search.tuner import make_tuner
 from orchestrator.tracking.mlflow_models import log_dataset
+from orchestrator.tracking.objective import objective_of
 from orchestrator.tracking.records import TrialRecords
 from orchestrator.tracking.results import write_parquet
 from orchestrator.tracking.runs import (
@@ -168,7 +169,8 @@ class Search:
         best = rows[0] if rows and rows[0]["status"] == "FINISHED" else None
         if best is not None:
             writer.submit(Write("tags", {"run_id": run_id, "tags": {f"best.{k}": best[k] for k in names if k in best}}))
-            writer.submit(Write("metrics", {"run_id": run_id, "metrics": {"best_val_acc": float(best["val_acc"])}, "step": 0,
+            o = objective_of(self.job)
+            writer.submit(Write("metrics", {"run_id": run_id, "metrics": {f"best_{o.val}": float(best[o.val])}, "step": 0,
                                             "timestamp_ms": int(time.time() * 1000)}))
         writer.submit(Write("artifact", {"run_id": run_id, "path": str(folder / "trials.parquet")}))
         writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED" if best is not None else "FAILED",

@@ -13,7 +13,8 @@ from orchestrator.console.interrupts import STOP
 from orchestrator.data.datasets import example_batch
 from orchestrator.search.chance import Chance, at_chance_line
 from orchestrator.tracking.importance import format_importances, param_importances
-from orchestrator.tracking.mlflow_models import log_student_model
+from orchestrator.tracking.mlflow_models import log_generating_model, log_student_model
+from orchestrator.tracking.objective import Objective, objective_of
 from orchestrator.tracking.plots import search_figure
 from orchestrator.tracking.records import TrialRecords
 from orchestrator.tracking.results import (
@@ -23,7 +24,7 @@ from orchestrator.tracking.results import (
     seed_result,
     trial_row,
     trial_status,
-    val_acc_curve,
+    val_curve,
     write_parquet,
 )
 from orchestrator.tracking.runs import child_runs, first_line, require_answer
@@ -37,10 +38,10 @@ def selection_note(job: Job) -> str:
     """Which split selects and which reports, in one sentence."""
     rows = job.dataset.rows
     if job.selects_on_test:
-        return (f"selection on the TEST split ({rows['test']} {job.dataset.unit}; data.val_fraction=0): the best trial's accuracy is "
+        return (f"selection on the TEST split ({rows['test']} {job.dataset.unit}; data.val_fraction=0): the best trial's score is "
                 "chosen on the data it is reported on and is optimistic; hold out a val split (data.val_fraction=0.1) "
                 "for a figure you can trust")
-    return (f"selection on the held-out val split ({rows['val']} {job.dataset.unit} of the training data); test_acc: the final "
+    return (f"selection on the held-out val split ({rows['val']} {job.dataset.unit} of the training data); {objective_of(job).test}: the final "
             f"weights on the test split ({rows['test']} {job.dataset.unit}), never used to select")
 
 
@@ -49,7 +50,7 @@ RunCases = Callable[[list[dict], str], Any]  # (cases, Tune experiment name) -> 
 
 def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool,
                  name: Optional[str] = None) -> tuple[list[dict[str, Any]], dict[str, list], list[str]]:
-    """(rows best first, val_acc curves by trial id, parameter names) of a finished Tuner.fit.
+    """(rows best first, val curves (of the objective) by trial id, parameter names) of a finished Tuner.fit.
     Trials that never reported anything are not rows."""
     try:
         require_answer(parent.tracking_uri)
@@ -60,6 +61,7 @@ def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool
     records = TrialRecords(job.storage_path, name or job.experiment_name)
     has_budget = job.cfg.tune.time_budget_s is not None
     rows, curves, param_names = [], {}, []
+    objective = objective_of(job)
     # ResultGrid's results follow its trials in order; Tune's trial states live on the trials
     for trial, result in zip(results._experiment_analysis.trials, results):
         record = records.read(trial.trial_id)
@@ -68,11 +70,11 @@ def collect_rows(job: Job, parent: MLflowWriter, results: Any, interrupted: bool
             continue  # never started
         params = case_of(result.config or {})
         param_names += [k for k in params if k not in param_names]
-        row = trial_row(result, params, run_ids.get(trial.trial_id), status, record)
+        row = trial_row(result, params, run_ids.get(trial.trial_id), status, record, objective)
         row.setdefault("seed", job.cfg.train.seed)  # the seed it trained with: compare never reuses it
         rows.append(row)
-        curves[trial.trial_id] = val_acc_curve(result, record)
-    return ranked(rows), curves, param_names
+        curves[trial.trial_id] = val_curve(result, record, objective.val)
+    return ranked(rows, objective), curves, param_names
 
 
 def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_cases: RunCases) -> list[dict[str, Any]]:
@@ -80,29 +82,30 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
     runs of its configuration), then log them and the best trial to the parent run. An interrupted
     search logs no summary (its resume does)."""
     rows, curves, param_names = collect_rows(job, parent, results, interrupted)
+    o = objective_of(job)
     out = Path(job.output_dir) / job.experiment_name
     out.mkdir(parents=True, exist_ok=True)
     best = rows[0] if rows and rows[0]["status"] == "FINISHED" and not interrupted else None
     confirm = confirm_best(job, parent, best, param_names, run_cases) if best is not None else None
     write_parquet(rows, str(out / "trials.parquet"))
-    print("\n" + format_table(rows, param_names))
+    print("\n" + format_table(rows, param_names, o))
     print(f"\n[bkd] {selection_note(job)}.")
     if best is not None:
-        print(f"[bkd] best trial {best['trial_id']}: val_acc {best['val_acc']:.2f}, test_acc {best.get('test_acc', float('nan')):.2f}")
+        print(f"[bkd] best trial {best['trial_id']}: {o.val} {o.fmt(best[o.val])}, {o.test} {o.fmt(best.get(o.test))}")
     if confirm:
         print(confirm)
-    at_chance = at_chance_line(rows, Chance.of_split(job, "val"), "val_acc", "trial")
+    at_chance = at_chance_line(rows, Chance.of_split(job, "val"), o.val, "trial")
     if at_chance:
         print(at_chance)
     if interrupted or STOP.received is not None:
         print(f"\nresults so far: {out}/trials.parquet", flush=True)
         return rows
-    importances = param_importances(rows, job.cfg.search, job.num_blocks, job.cfg.fixed, job.cfg.tune.seed)
-    figure = search_figure(rows, curves, job.experiment_name, importances)
+    importances = param_importances(rows, job.cfg.search, job.num_blocks, job.cfg.fixed, job.cfg.tune.seed, o)
+    figure = search_figure(rows, curves, job.experiment_name, importances, o)
     figure.savefig(out / "search.png", dpi=110)
     student = export_student(TrialRecords(job.storage_path, job.experiment_name), best["trial_id"], out) if best else None
     if importances:
-        print("\n" + format_importances(importances, len(rows)))
+        print("\n" + format_importances(importances, len(rows), o))
     print(f"\nresults: {out}/trials.parquet, plots: {out}/search.png" + (f", best student: {student}" if student else ""))
     print(f"MLflow UI: mlflow ui --backend-store-uri {job.tracking_uri}   (then open "
           f"http://127.0.0.1:5000/#/experiments/{parent.experiment_id}?workflowType=machine_learning)")
@@ -116,10 +119,10 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
         if student:
             parent.submit(Write("artifact", {"run_id": parent_id, "path": student, "artifact_path": "best_student"}))
             log_best_model(job, parent, student)
-        summary["best_val_acc"] = float(best["val_acc"])
-        if best.get("test_acc") is not None and best["test_acc"] == best["test_acc"]:
-            summary["best_test_acc"] = float(best["test_acc"])  # the test accuracy of the best-on-val trial
-        summary.update({k: best[k] for k in CONFIRM_COLUMNS if best.get(k) is not None})
+        summary[f"best_{o.val}"] = float(best[o.val])
+        if best.get(o.test) is not None and best[o.test] == best[o.test]:
+            summary[f"best_{o.test}"] = float(best[o.test])  # the test figure of the best-on-val trial
+        summary.update({k: best[k] for k in confirm_columns(o) if best.get(k) is not None})
     summary["trials_finished"] = sum(r["status"] == "FINISHED" for r in rows)
     parent.submit(Write("metrics", {"run_id": parent_id, "metrics": summary, "step": 0, "timestamp_ms": int(time.time() * 1000)}))
     return rows
@@ -131,6 +134,17 @@ def log_best_model(job: Job, parent: MLflowWriter, student_file: str) -> None:
     from orchestrator.config.models import instantiate
 
     state = torch.load(student_file, map_location="cpu", weights_only=True)
+    if job.dataset.token_level:  # a causal LM: its folder, and an MLflow model that turns prompts into texts
+        folder = export_causal_student(job, state, Path(student_file).parent / "student_hf", parent)
+        try:
+            require_answer(job.tracking_uri)
+            uri = log_generating_model(job.tracking_uri, parent.parent_run_id, str(folder), job.cfg.mlflow.registered_model)
+            print(f"MLflow model: {uri} (prompts in, generated texts out)" + (
+                f" (registered as {job.cfg.mlflow.registered_model})" if job.cfg.mlflow.registered_model else ""))
+        except Exception as exc:
+            print(f"[bkd] warning: could not log the best student as an MLflow model ({type(exc).__name__}: "
+                  f"{first_line(exc)}); it is at {folder}.", flush=True)
+        return
     if is_hf(job.student_model):  # a Hugging Face folder beside student.pt, and the MLflow model reads packed ids
         model = export_hf_student(job, state, Path(student_file).parent / "student_hf", parent)
     else:
@@ -170,8 +184,34 @@ def export_hf_student(job: Job, state: dict[str, torch.Tensor], folder: Path, pa
     return PackedClassifier(model.eval())
 
 
-CONFIRM_COLUMNS = ("confirm_val_acc_mean", "confirm_val_acc_std", "confirm_test_acc_mean", "confirm_test_acc_std",
-                   "confirm_test_acc_ci_low", "confirm_test_acc_ci_high")
+def export_causal_student(job: Job, state: dict[str, torch.Tensor], folder: Path, parent: MLflowWriter) -> Path:
+    """The best causal LM student as a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads and
+    ``generate`` runs on: its weights, the tokenizer it read (the teacher's; under ULD its own) and a generation config
+    that ends at the end-of-text token; logged as the parent run's ``student_hf`` artifact."""
+    from orchestrator.config.hf_models import build_hf
+    from orchestrator.data.text import load_tokenizer
+
+    net = build_hf(job.cfg, "student", job.num_classes, job.cfg.pair.student_blocks, check=False)
+    model = net.hf_model[0]
+    model.load_state_dict(state, strict=True)
+    d = job.cfg.data
+    tokenizer = load_tokenizer(d.student_tokenizer or d.tokenizer)
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        model.generation_config.eos_token_id = eos
+        model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    parent.submit(Write("artifact", {"run_id": parent.parent_run_id, "path": str(folder), "artifact_path": "student_hf"}))
+    print(f"[bkd] best student as a Hugging Face folder: {folder} (AutoModelForCausalLM.from_pretrained(folder), "
+          "then generate)", flush=True)
+    return folder
+
+
+def confirm_columns(o: Objective) -> tuple[str, ...]:
+    """What confirmation runs add to the best row: the fresh seeds' val and test means, stds and the test interval."""
+    return (f"confirm_{o.val}_mean", f"confirm_{o.val}_std", f"confirm_{o.test}_mean", f"confirm_{o.test}_std",
+            f"confirm_{o.test}_ci_low", f"confirm_{o.test}_ci_high")
 
 
 def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_names: list[str], run_cases: RunCases) -> str:
@@ -192,22 +232,23 @@ def confirm_best(job: Job, parent: MLflowWriter, best: dict[str, Any], param_nam
     done = [r for r in rows if r["status"] == "FINISHED"]
     if not done:
         return f"[bkd] no confirmation run finished ({', '.join(r['status'] for r in rows)})"
-    best["confirm_val_acc_mean"], best["confirm_val_acc_std"] = mean_std([r["val_acc"] for r in done])
-    tests = {r["seed"]: seed_result(r, "test_acc", job.dataset.rows["test"])
-             for r in done if r.get("test_acc") is not None and r["test_acc"] == r["test_acc"]}
-    line = (f"\nbest configuration on {len(done)} fresh seeds: val_acc {best['confirm_val_acc_mean']:.2f} +- "
-            f"{best['confirm_val_acc_std']:.2f}")
+    o = objective_of(job)
+    val_mean, val_std, test_mean, test_std, ci_low, ci_high = confirm_columns(o)
+    best[val_mean], best[val_std] = mean_std([r[o.val] for r in done])
+    tests = {r["seed"]: seed_result(r, o.test, job.dataset.rows["test"])
+             for r in done if r.get(o.test) is not None and r[o.test] == r[o.test]}
+    line = f"\nbest configuration on {len(done)} fresh seeds: {o.val} {best[val_mean]:.2f} +- {best[val_std]:.2f}"
     if tests:
         test = method_interval(tests)
-        best["confirm_test_acc_mean"], best["confirm_test_acc_std"] = test.mean, test.std
-        line += f", test_acc {test.mean:.2f} +- {test.std:.2f}"
-        if test.n > 1:  # the seeds' and the test split's noise, as compare counts them
-            best["confirm_test_acc_ci_low"], best["confirm_test_acc_ci_high"] = test.low, test.high
-            line += f" (95 % CI {test.low:.2f} to {test.high:.2f}, seeds and test examples)"
-    reference = best.get("confirm_test_acc_mean", best["confirm_val_acc_mean"])
-    gap = best["val_acc"] - reference
-    return (line + f"\n(the search reported val_acc {best['val_acc']:.2f} for it: {'optimistic' if gap > 0 else 'pessimistic'} "
-            f"by {abs(gap):.2f} points against the fresh seeds' {'test' if 'confirm_test_acc_mean' in best else 'val'} mean)")
+        best[test_mean], best[test_std] = test.mean, test.std
+        line += f", {o.test} {test.mean:.2f} +- {test.std:.2f}"
+        if test.n > 1:  # the seeds' and (where runs keep per-example results) the test split's noise, as compare counts them
+            best[ci_low], best[ci_high] = test.low, test.high
+            line += f" (95 % CI {test.low:.2f} to {test.high:.2f}, {'seeds and test examples' if test.counts_examples else 'seeds'})"
+    reference = best.get(test_mean, best[val_mean])
+    gap = o.gain(best[o.val], reference)
+    return (line + f"\n(the search reported {o.val} {best[o.val]:.2f} for it: {'optimistic' if gap > 0 else 'pessimistic'} "
+            f"by {abs(gap):.2f} against the fresh seeds' {'test' if test_mean in best else 'val'} mean)")
 
 
 def export_student(records: TrialRecords, trial_id: str, out: Path) -> Optional[str]:

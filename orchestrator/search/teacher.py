@@ -24,6 +24,7 @@ from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime, PhaseF
 from orchestrator.data.datasets import is_streamed, load_dataset
 from orchestrator.search.chance import check_teacher
 from orchestrator.search.tuner import time_budget, verbosity
+from orchestrator.tracking.objective import ACCURACY, Objective, objective_of
 from orchestrator.tracking.records import DIVERGED, RECORDED, TrialRecords
 from orchestrator.tracking.results import trial_id_of
 from orchestrator.tracking.runs import END_TAG, ROLE_TAG, first_line, flatten, log_params, reopen
@@ -74,19 +75,20 @@ class TeacherLogger(Callback):
     teacher's last line follows its last epoch). An epoch a resumed teacher restored that this driver never
     showed (a stop came between its end and its report) is shown and logged with the first new one."""
 
-    def __init__(self, run_id: str, epochs: int, shown: int = 0) -> None:
-        self.run_id, self.epochs, self.shown = run_id, epochs, shown
+    def __init__(self, run_id: str, epochs: int, shown: int = 0, objective: Objective = ACCURACY) -> None:
+        self.run_id, self.epochs, self.shown, self.objective = run_id, epochs, shown, objective
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get(RECORDED):
             return
         writes = epoch_writes(result, TEACHER, self.run_id)
+        o = self.objective
         for write in writes:
             metrics, epoch = write.args["metrics"], int(write.args["step"])
-            if epoch > self.shown and "val_acc" in metrics and "train_loss" in metrics:
-                test = f", test_acc {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""
+            if epoch > self.shown and o.val in metrics and "train_loss" in metrics:
+                test = f", {o.test} {o.fmt(metrics[o.test])}" if o.test in metrics else ""
                 print(f"[bkd] teacher epoch {epoch}/{self.epochs}: loss {metrics['train_loss']:.4f}, "
-                      f"val_acc {metrics['val_acc']:.2f}%{test}", flush=True)
+                      f"{o.val} {o.fmt(metrics[o.val])}{test}", flush=True)
                 self.shown = epoch
         writer = WRITERS.get(self.run_id)
         for write in writes if writer is not None else []:
@@ -101,7 +103,7 @@ def teacher_tuner(job: Job, name: str, run_id: str, logged: int = 0) -> tune.Tun
     t = job.cfg.tune
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=None, mode="teacher"),
                                     trial_resources(job))
-    run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=[TeacherLogger(run_id, job.cfg.teacher.epochs, logged)],
+    run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=[TeacherLogger(run_id, job.cfg.teacher.epochs, logged, objective_of(job))],
                                 stop=time_budget(job),
                                 failure_config=tune.FailureConfig(max_failures=t.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbosity(job))
@@ -124,7 +126,7 @@ def start_run(job: Job, client: MlflowClient, experiment_id: str) -> tuple[str, 
         run_id, name = unfinished.info.run_id, unfinished.data.tags[EXPERIMENT_TAG]
         if tune.Tuner.can_restore(os.path.join(job.storage_path, name)):
             reopen(client, run_id)
-            logged = max([m.step for m in client.get_metric_history(run_id, "val_acc")], default=0)
+            logged = max([m.step for m in client.get_metric_history(run_id, objective_of(job).val)], default=0)
             print(f"[bkd] continuing the teacher's training after its last finished epoch ({logged}/{job.cfg.teacher.epochs} "
                   f"logged; MLflow run {run_id})", flush=True)
             return run_id, name, logged
@@ -187,8 +189,9 @@ def train_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[d
     out.mkdir(parents=True, exist_ok=True)
     path = out / "teacher.pt"
     torch.save(state, path)
-    test = f", test_acc {result.metrics['test_acc']:.2f}%" if "test_acc" in result.metrics else ""
-    print(f"[bkd] teacher val_acc {result.metrics['val_acc']:.2f}%{test}, saved to {path}", flush=True)
+    o = objective_of(job)
+    test = f", {o.test} {o.fmt(result.metrics[o.test])}" if o.test in result.metrics else ""
+    print(f"[bkd] teacher {o.val} {o.fmt(result.metrics[o.val])}{test}, saved to {path}", flush=True)
     writer.submit(Write("artifact", {"run_id": run_id, "path": str(path), "artifact_path": "teacher"}))
     writer.submit(Write("end", {"run_id": run_id, "status": "FINISHED"}))
     writer.drain(job.cfg.mlflow.end_wait_s, f"The teacher is at {path} (teacher.checkpoint={path} reuses it).")
@@ -200,6 +203,14 @@ def obtain_teacher(job: Job, client: MlflowClient, experiment_id: str) -> tuple[
     checkpoint = job.cfg.teacher.checkpoint
     if checkpoint:
         return load_uri(job, str(checkpoint)), str(checkpoint), False
+    if job.cfg.teacher.epochs == 0:  # as given: its pretrained weights (an hf: folder) or teacher.init
+        model = _empty_teacher(job)
+        if job.cfg.teacher.init:
+            from bkd_core.train import load_pretrained
+
+            load_pretrained(model, job.cfg.teacher.init, "teacher.init")
+        print(f"[bkd] teacher {spec_name(job.teacher_model)} as given (teacher.epochs=0)", flush=True)
+        return model.state_dict(), f"{job.teacher_model} as given", False
     run_id = find_trained(client, experiment_id, job.teacher_key())
     if run_id:
         print(f"[bkd] reusing teacher from MLflow run {run_id} (same teacher config)", flush=True)
@@ -229,9 +240,12 @@ def score_teacher(job: Job, state: dict[str, torch.Tensor], announce: bool = Tru
     splits = load_dataset(job.cfg.data)
     model = _empty_teacher(job)
     model.load_state_dict(model.from_source_names(state))
-    cfg, cpu = TrainConfig(batch_size=256, channels_last=False), torch.device("cpu")
-    scores = {"teacher_val_acc": evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))["val_acc"],
-              "teacher_test_acc": score_on_test(Supervised(model), eval_loader(splits.test, cfg, cpu))["test_acc"]}
+    o = objective_of(job)
+    cfg, cpu = TrainConfig(batch_size=256 if o is ACCURACY else 16, channels_last=False), torch.device("cpu")
+    val = evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))
+    test = score_on_test(Supervised(model), eval_loader(splits.test, cfg, cpu))
+    scores = {f"teacher_{o.val}": val[o.val], f"teacher_{o.test}": test[o.test]}
+    scores |= {f"teacher_{k}": v for k, v in (val | test).items() if k in o.also}
     if announce:
-        print(f"[bkd] teacher: val_acc {scores['teacher_val_acc']:.2f}%, test_acc {scores['teacher_test_acc']:.2f}%", flush=True)
+        print(f"[bkd] teacher: {o.val} {o.fmt(scores[f'teacher_{o.val}'])}, {o.test} {o.fmt(scores[f'teacher_{o.test}'])}", flush=True)
     return scores

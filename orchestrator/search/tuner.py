@@ -16,6 +16,7 @@ from ray.tune.stopper import Stopper
 
 from orchestrator.config.job import Job
 from orchestrator.console.progress import ProgressPrinter
+from orchestrator.tracking.objective import objective_of
 from orchestrator.tracking.trial_logger import MLflowTrialLogger
 from orchestrator.worker.runtime import concurrent_trials, trial_resources
 from orchestrator.worker.trial import run_trial
@@ -61,10 +62,11 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
     """The Tuner of the search (Optuna + ASHA), or of ``cases``: one trial per listed configuration,
     no search, no early stopping. ``name``: the Tune experiment (default: the job's)."""
     t = job.cfg.tune
+    o = objective_of(job)  # val_acc (max), or an LM's val_loss (min)
     name = name or job.experiment_name
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, teacher_state=teacher_state), trial_resources(job))
     total = len(cases) if cases is not None else t.num_samples
-    callbacks = [callback] if t.console == "ray" else [callback, ProgressPrinter(total)]
+    callbacks = [callback] if t.console == "ray" else [callback, ProgressPrinter(total, o)]
     run_config = tune.RunConfig(name=name, storage_path=job.storage_path, callbacks=callbacks,
                                 stop=time_budget(job) if cases is None else None,
                                 failure_config=tune.FailureConfig(max_failures=t.max_failures),
@@ -74,17 +76,17 @@ def make_tuner(job: Job, teacher_state: dict, callback: MLflowTrialLogger, cases
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if cases is not None:
         return tune.Tuner(trainable, param_space={"case": tune.grid_search(cases)}, run_config=run_config,
-                          tune_config=tune.TuneConfig(num_samples=1, metric="val_acc", mode="max", reuse_actors=t.reuse_actors,
+                          tune_config=tune.TuneConfig(num_samples=1, metric=o.val, mode=o.mode, reuse_actors=t.reuse_actors,
                                                       max_concurrent_trials=concurrent_trials(job)))
     sampler = optuna.samplers.RandomSampler(seed=t.seed) if t.searcher == "random" else None  # None: TPE
     searcher = OptunaSearch(
         space=functools.partial(suggest, space=job.cfg.search, num_blocks=job.num_blocks, fixed=job.cfg.fixed),
-        metric="val_acc", mode="max", seed=None if sampler else t.seed, sampler=sampler)
+        metric=o.val, mode=o.mode, seed=None if sampler else t.seed, sampler=sampler)
     scheduler = None
     if t.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=job.cfg.train.epochs,
                                   grace_period=t.grace_period, reduction_factor=t.reduction_factor)
-    tune_config = tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
+    tune_config = tune.TuneConfig(metric=o.val, mode=o.mode, search_alg=searcher, scheduler=scheduler,
                                   num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(job),
                                   reuse_actors=t.reuse_actors)
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune_config)

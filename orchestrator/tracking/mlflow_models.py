@@ -52,3 +52,24 @@ def log_student_model(tracking_uri: str, run_id: str, student: Any, example: Any
                                         input_example=example.numpy(), registered_model_name=registered_name,
                                         pip_requirements=mlflow.pytorch.get_default_pip_requirements())
     return info.model_uri
+
+
+def log_generating_model(tracking_uri: str, run_id: str, folder: str, registered_name: Optional[str]) -> str:
+    """Log a causal LM's Hugging Face ``folder`` on ``run_id`` as an MLflow model that turns a list of prompts into
+    generated texts (``orchestrator.tracking.lm_pyfunc``, logged as code; ``params={"max_new_tokens": N}``); register
+    it as ``registered_name`` when given. Returns the model URI."""
+    from pathlib import Path
+
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import infer_signature
+
+    code = Path(__file__).with_name("lm_pyfunc.py")
+    signature = infer_signature(["the prompt"], ["the generated text"], params={"max_new_tokens": 64})
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="student", python_model=str(code), artifacts={"student_hf": str(folder)},
+                                       signature=signature, input_example=["the prompt"],
+                                       registered_model_name=registered_name,
+                                       pip_requirements=["torch", "transformers", "mlflow"])
+    return info.model_uri

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.tracking.objective import ACCURACY, Objective
 from orchestrator.tracking.stats import SeedResult, decode_correct
 
 
@@ -18,14 +19,13 @@ def case_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(config["case"]) if isinstance(config.get("case"), Mapping) else dict(config)
 
 
-FINAL_METRICS = ("val_acc", "test_acc", "train_loss", "throughput_img_s")
 TEST_CORRECT = "test_correct"  # the final student's per-example correctness on the test split (stats.encode_correct)
 DIVERGED = "diverged"  # a trial's last result has diverged=1 when its training loss became NaN/inf
 
 
 def diverged_message(metrics: Mapping[str, Any]) -> str:
     return (f"the training loss became NaN/inf in epoch {int(metrics.get('epoch', 0))}: the run diverged "
-            "(the trial ends; its val_acc is that of the diverged student); lower the learning rate.")
+            "(the trial ends; its val score is that of the diverged student); lower the learning rate.")
 
 
 TRIAL_ID = re.compile(r"_([0-9a-f]{5,}_\d{5})_")
@@ -73,11 +73,12 @@ def seed_result(row: Mapping[str, Any], metric: str, test_count: int) -> SeedRes
     return SeedResult(float(row[metric]), correct, test_count)
 
 
-def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status: str, record: Any = None) -> dict[str, Any]:
+def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status: str, record: Any = None,
+              objective: Objective = ACCURACY) -> dict[str, Any]:
     """One row: parameters, final and best metrics, status, epochs, wall time. A recorded trial's own
     record is its truth (a resumed driver may hold only part of its history)."""
     metrics = dict(record.metrics if record is not None else result.metrics or {})
-    curve = val_acc_curve(result, record)
+    curve = val_curve(result, record, objective.val)
     history = result.metrics_dataframe
     started = [h["timestamp"] for h in record.history if "timestamp" in h] if record is not None else []
     if not started and history is not None and "timestamp" in history:
@@ -88,32 +89,32 @@ def trial_row(result: Any, params: Mapping[str, Any], run_id: str | None, status
         "status": status,
         "epochs": int(metrics.get("epoch", 0) or 0),
         **{k: v for k, v in params.items()},
-        "best_val_acc": max(acc for _, acc in curve) if curve else float("nan"),
+        objective.best_val: objective.best(value for _, value in curve),
         # Tune's time_total_s: a record holds the trial's own metrics only, Tune's last result has it
         "wall_time_s": float(metrics.get("time_total_s") or (result.metrics or {}).get("time_total_s") or float("nan")),
         "started_at": min(started) if started else float("nan"),
         "mlflow_run_id": run_id,
         "error": error,
     }
-    for key in FINAL_METRICS:
+    for key in objective.final_metrics():
         row[key] = float(metrics[key]) if key in metrics else float("nan")
     for key, value in metrics.items():
-        if key.startswith(("val_acc_stone_", "test_acc_stone_", "train_loss_")):
+        if key.startswith((f"{objective.val}_stone_", f"{objective.test}_stone_", "train_loss_")):
             row[key] = float(value)
     if isinstance(metrics.get(TEST_CORRECT), str):
         row[TEST_CORRECT] = metrics[TEST_CORRECT]
     return row
 
 
-def val_acc_curve(result: Any, record: Any = None) -> list[tuple[int, float]]:
-    """(epoch, val_acc) of every epoch a trial reported; a repeated epoch (a retried trial) keeps its last value."""
+def val_curve(result: Any, record: Any = None, metric: str = "val_acc") -> list[tuple[int, float]]:
+    """(epoch, ``metric``) of every epoch a trial reported; a repeated epoch (a retried trial) keeps its last value."""
     if record is not None and record.history:
-        pairs = [(h.get("epoch"), h.get("val_acc")) for h in record.history]
+        pairs = [(h.get("epoch"), h.get(metric)) for h in record.history]
     else:
         history = result.metrics_dataframe
-        if history is None or "val_acc" not in history or "epoch" not in history:
+        if history is None or metric not in history or "epoch" not in history:
             return []
-        pairs = list(zip(history["epoch"], history["val_acc"]))
+        pairs = list(zip(history["epoch"], history[metric]))
     points = {int(e): float(a) for e, a in pairs if e is not None and a is not None and e == e and a == a}
     return sorted(points.items())
 
@@ -133,31 +134,29 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def ranked(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best first: trials that trained every epoch, by their final val_acc (the accuracy of the
-    weights they end with, which student.pt holds); the others after them, by the same."""
-    def key(row: dict[str, Any]) -> tuple[bool, float]:
-        acc = row["val_acc"]
-        return row["status"] != "FINISHED", -(acc if not math.isnan(acc) else -1.0)
-
-    return sorted(rows, key=key)
+def ranked(rows: Iterable[dict[str, Any]], objective: Objective = ACCURACY) -> list[dict[str, Any]]:
+    """Best first: trials that trained every epoch, by their final val score (that of the weights they end with,
+    which student.pt holds); the others after them, by the same."""
+    return sorted(rows, key=lambda row: (row["status"] != "FINISHED", objective.sort_key(row.get(objective.val))))
 
 
-def format_table(rows: list[dict[str, Any]], param_names: list[str]) -> str:
+def format_table(rows: list[dict[str, Any]], param_names: list[str], objective: Objective = ACCURACY) -> str:
     """A plain-text table of the trials, best first, and what each status means."""
-    head = ["rank", "trial_id", "status", "epochs", "val_acc", "best_val_acc", "test_acc"] + param_names
+    o = objective
+    head = ["rank", "trial_id", "status", "epochs", o.val, o.best_val, o.test] + param_names
     lines = [head]
-    for i, r in enumerate(ranked(rows), 1):
-        cells = [str(i), str(r["trial_id"]), r["status"], str(r["epochs"]), _fmt(r["val_acc"]), _fmt(r["best_val_acc"]),
-                 _fmt(r.get("test_acc"))]
+    for i, r in enumerate(ranked(rows, o), 1):
+        cells = [str(i), str(r["trial_id"]), r["status"], str(r["epochs"]), _fmt(r.get(o.val)), _fmt(r.get(o.best_val)),
+                 _fmt(r.get(o.test))]
         lines.append(cells + [_fmt(r.get(p)) for p in param_names])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     seen = [s for s in STATUSES if any(r["status"] == s for r in rows)]
     legend = "; ".join(f"{s}: {STATUSES[s]}" for s in seen)
-    return ("\n".join(text) + "\n(val_acc: the selection split (held-out val; test with data.val_fraction=0), final epoch, the "
-            "weights kept, what ranks; best_val_acc: best epoch; test_acc: the same weights on the test split)"
+    return ("\n".join(text) + f"\n({o.val}: {o.meaning}, {o.direction}, on the selection split (held-out val; test with "
+            f"data.val_fraction=0), final epoch, the weights kept, what ranks; {o.best_val}: best epoch; {o.test}: the same "
+            "weights on the test split)"
             + (f"\n({legend})" if legend else ""))
 
 

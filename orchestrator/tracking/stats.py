@@ -16,7 +16,8 @@ is slightly conservative. The interval is ``mean +- t(0.975, k - 1) * sqrt(var)`
 degrees of freedom, so two seeds give an honest, wide interval, and it is never zero-wide while the test
 split is finite. Without per-example results (streamed test data) the example term is the binomial one,
 ``p (1 - p) / n`` (for a difference, the two methods' terms added: conservative, as it ignores their
-positive correlation).
+positive correlation). A language model's loss keeps no per-example results here: its intervals count the seeds
+alone, and say so.
 """
 from __future__ import annotations
 
@@ -64,19 +65,23 @@ class Interval:
     low: float
     high: float
     test_se: float = float("nan")
+    counts_examples: bool = True  # the test split's sampling variance is in the interval
 
     @classmethod
-    def of(cls, values: Sequence[float], test_variance: float = 0.0) -> "Interval":
-        """``values`` (one per seed, in points) and the test term ``s_example^2 / n`` (points^2) of their mean."""
+    def of(cls, values: Sequence[float], test_variance: Optional[float] = 0.0) -> "Interval":
+        """``values`` (one per seed, in points) and the test term ``s_example^2 / n`` (points^2) of their mean (None:
+        not known, the interval counts the seeds alone)."""
         mean, std = mean_std(values)
+        counts = test_variance is not None
+        test_variance = test_variance or 0.0
         test_se = math.sqrt(test_variance)
         if len(values) < 2:
-            return cls(len(values), mean, std, float("nan"), float("nan"), test_se)
+            return cls(len(values), mean, std, float("nan"), float("nan"), test_se, counts)
         from scipy import stats as scipy_stats  # only comparisons need it (0.5 s to import)
 
         se = math.sqrt(std ** 2 / len(values) + test_variance)
         half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1)) * se
-        return cls(len(values), mean, std, mean - half, mean + half, test_se)
+        return cls(len(values), mean, std, mean - half, mean + half, test_se, counts)
 
 
 def example_variance(per_seed: Sequence[np.ndarray]) -> float:
@@ -96,11 +101,11 @@ def binomial_variance(accuracy: float, count: int) -> float:
 
 @dataclass
 class SeedResult:
-    """One run's test figure: its accuracy (%), and its per-example correctness where it was kept."""
+    """One run's test figure: its accuracy (%) (or an LM's loss), and its per-example correctness where it was kept."""
 
     accuracy: float
     correct: Optional[np.ndarray] = None
-    count: int = 0  # test examples (for the binomial term when ``correct`` is missing)
+    count: int = 0  # test examples (for the binomial term when ``correct`` is missing; 0: an LM's loss, no such term)
 
 
 def method_interval(results: Mapping[int, SeedResult]) -> Optional[Interval]:
@@ -109,10 +114,13 @@ def method_interval(results: Mapping[int, SeedResult]) -> Optional[Interval]:
         return None
     runs = list(results.values())
     values = [r.accuracy for r in runs]
+    test: Optional[float]
     if all(r.correct is not None for r in runs) and len({r.correct.size for r in runs}) == 1:
         test = example_variance([r.correct for r in runs])
-    else:  # the same n examples for every seed: the mean's test term is at most one run's p (1 - p) / n
+    elif max(r.count for r in runs) > 0:  # the same n examples for every seed: at most one run's p (1 - p) / n
         test = binomial_variance(sum(values) / len(values), max(r.count for r in runs))
+    else:
+        test = None
     return Interval.of(values, test)
 
 
@@ -123,26 +131,30 @@ def paired_difference(values: Mapping[int, SeedResult], reference: Mapping[int, 
         return None
     diffs = [values[s].accuracy - reference[s].accuracy for s in seeds]
     pairs = [(values[s].correct, reference[s].correct) for s in seeds]
+    count = max(max(values[s].count, reference[s].count) for s in seeds)
+    test: Optional[float]
     if all(a is not None and b is not None and a.size == b.size for a, b in pairs) and len({a.size for a, _ in pairs}) == 1:
         test = example_variance([a.astype(float) - b.astype(float) for a, b in pairs])
+    elif count == 0:
+        test = None
     else:
-        count = max(max(values[s].count, reference[s].count) for s in seeds)
         mean_a = sum(values[s].accuracy for s in seeds) / len(seeds)
         mean_b = sum(reference[s].accuracy for s in seeds) / len(seeds)
         test = binomial_variance(mean_a, count) + binomial_variance(mean_b, count)
     return Interval.of(diffs, test)
 
 
-def verdict(name: str, reference: str, diff: Optional[Interval]) -> str:
-    """One plain sentence: which method is better, by how much, and how sure."""
+def verdict(name: str, reference: str, diff: Optional[Interval], higher_is_better: bool = True, unit: str = "points") -> str:
+    """One plain sentence: which method is better, by how much, and how sure (``higher_is_better=False``: a loss)."""
     if diff is None or diff.n == 0:
         return f"{name} and {reference} share no finished seed: nothing to compare."
     if diff.n < 2:
-        return f"{name} - {reference} = {diff.mean:+.2f} points on one seed: no interval; use compare.seeds >= 2."
+        return f"{name} - {reference} = {diff.mean:+.2f} {unit} on one seed: no interval; use compare.seeds >= 2."
     span = f"{diff.low:.2f} to {diff.high:.2f}"
     few = " (few seeds: a wide interval; more compare.seeds narrow it)" if diff.n < 3 else ""
-    if diff.low > 0:
-        return f"{name} beats {reference} by {diff.mean:.2f} points (95 % CI {span}, {diff.n} seeds){few}."
-    if diff.high < 0:
-        return f"{name} trails {reference} by {-diff.mean:.2f} points (95 % CI {span}, {diff.n} seeds){few}."
+    above, below = (diff.low > 0, diff.high < 0) if higher_is_better else (diff.high < 0, diff.low > 0)
+    if above:
+        return f"{name} beats {reference} by {abs(diff.mean):.2f} {unit} (95 % CI {span}, {diff.n} seeds){few}."
+    if below:
+        return f"{name} trails {reference} by {abs(diff.mean):.2f} {unit} (95 % CI {span}, {diff.n} seeds){few}."
     return f"{name} and {reference} are not distinguishable at {diff.n} seeds (difference {span}){few}."

@@ -169,7 +169,7 @@ class MLflowWriter:
                     log_dataset(client, run_id, args["dataset"])
             else:  # a retried or resumed trial: its epochs already logged are not logged again
                 reopen(client, run_id)
-                steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+                steps = [m.step for key in ("val_acc", "val_loss") for m in client.get_metric_history(run_id, key)]
                 self.logged_epoch[write.trial_id] = max([self.logged_epoch.get(write.trial_id, 0), *steps])
             return
         run_id = args.get("run_id") or self.run_ids.get(write.trial_id or "")
