@@ -245,12 +245,22 @@ def check_text_pair(c: Any, teacher: BlockNet, student: BlockNet, tokenizer: Any
 
 
 def check_lm_pair(c: Any, teacher: BlockNet, student: BlockNet, tokenizer: Any) -> None:
-    """Each decoder covers its tokenizer's ids and ``data.max_length`` positions; a student tokenizer that differs from
-    the teacher's is refused (naming both and ULD) unless ULD reads each model's own ids (``data.student_tokenizer``)."""
+    """A student tokenizer that differs from the teacher's is refused (naming both and ULD) unless ULD reads each
+    model's own ids (``data.student_tokenizer``); each decoder covers its tokenizer's ids and ``data.max_length``
+    positions."""
     from orchestrator.data.text import load_tokenizer
 
     d = c.data
     own = load_tokenizer(d.student_tokenizer, "data.student_tokenizer") if d.student_tokenizer else None
+    source = hf_source(c.pair.student)
+    if own is None and Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():
+        mine = load_tokenizer(source, "pair.student")
+        if mine.get_vocab() != tokenizer.get_vocab():
+            differ = len(set(mine.get_vocab().items()) ^ set(tokenizer.get_vocab().items())) // 2
+            raise ConfigError("pair.student", f"its tokenizer ({source}, {len(mine)} tokens) differs from the teacher's "
+                              f"({d.tokenizer}, {len(tokenizer)} tokens; about {differ} entries differ), and every method but "
+                              "ULD feeds both models the teacher's ids. Distil across the two tokenizers with search=uld "
+                              "(each model reads its own ids), or give a student built on the teacher's tokenizer.")
     for role, net, reads in (("teacher", teacher, tokenizer), ("student", student, own or tokenizer)):
         model = net.hf_model[0]
         vocab = int(getattr(model.config, "vocab_size", 0))
@@ -263,14 +273,3 @@ def check_lm_pair(c: Any, teacher: BlockNet, student: BlockNet, tokenizer: Any) 
             raise ConfigError("data.max_length", f"{d.max_length} tokens is more than the {role} {getattr(c.pair, role)} "
                               f"takes ({limit} positions); set data.max_length={limit} or less (longer examples are cut, "
                               "and bkd says how many).")
-    if own is not None:
-        return
-    source = hf_source(c.pair.student)
-    if Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():
-        mine = load_tokenizer(source, "pair.student")
-        if mine.get_vocab() != tokenizer.get_vocab():
-            differ = len(set(mine.get_vocab().items()) ^ set(tokenizer.get_vocab().items())) // 2
-            raise ConfigError("pair.student", f"its tokenizer ({source}, {len(mine)} tokens) differs from the teacher's "
-                              f"({d.tokenizer}, {len(tokenizer)} tokens; about {differ} entries differ), and every method but "
-                              "ULD feeds both models the teacher's ids. Distil across the two tokenizers with search=uld "
-                              "(each model reads its own ids), or give a student built on the teacher's tokenizer.")

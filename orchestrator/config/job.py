@@ -117,7 +117,9 @@ class Job:
     def teacher_key(self) -> str:
         """Identifies a teacher training: same key, same teacher (reused instead of retrained)."""
         d = self.cfg.data
-        spec = {"model": self.teacher_model, "classes": self.num_classes, "channels": self.in_channels,
+        channels = min(self.in_channels, 2) if self.dataset.token_level else self.in_channels  # ULD's teacher: its own ids
+        classes = None if self.dataset.token_level else self.num_classes  # an LM's vocabulary: its tokenizer (below)
+        spec = {"model": self.teacher_model, "classes": classes, "channels": channels,
                 "data": d.name, "root": d.root, "train_size": d.train_size,
                 "val": [val_fraction(d), getattr(d, "split_seed", 0)],  # a teacher never trained on the val split
                 "teacher": {k: v for k, v in asdict(self.cfg.teacher).items() if k not in ("checkpoint", "allow_chance")},

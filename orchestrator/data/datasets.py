@@ -55,6 +55,15 @@ def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
     return splits
 
 
+def teacher_view(splits: bkd_data.DataSplits) -> bkd_data.DataSplits:
+    """The splits as the teacher reads them: a ULD dataset's partner (the teacher's own token ids of the same
+    examples, held out alike); any other dataset as it is."""
+    if getattr(splits.train, "partner", None) is None:
+        return splits
+    partner = lambda d: d.partner if d is not None else None  # noqa: E731
+    return bkd_data.DataSplits(partner(splits.train), partner(splits.test), splits.augmentation, splits.classes, partner(splits.val))
+
+
 def shard_folders(data_cfg: ParquetData) -> dict[str, str]:
     """The shard folder of each split a streamed trial reads: train, val (the test folder when the
     search selects on test) and test; a ConfigError when data.val_fraction does not match the shards."""

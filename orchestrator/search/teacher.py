@@ -21,7 +21,7 @@ from orchestrator.config.checks import ConfigError
 from orchestrator.config.job import Job
 from orchestrator.config.models import build_model, spec_name
 from orchestrator.console.interrupts import STOP, Interrupted, OutOfTime, PhaseFailed
-from orchestrator.data.datasets import is_streamed, load_dataset
+from orchestrator.data.datasets import is_streamed, load_dataset, teacher_view
 from orchestrator.search.chance import check_teacher
 from orchestrator.search.tuner import time_budget, verbosity
 from orchestrator.tracking.objective import ACCURACY, Objective, objective_of
@@ -237,7 +237,7 @@ def score_teacher(job: Job, state: dict[str, torch.Tensor], announce: bool = Tru
         return {}
     from bkd_core.train import Supervised, TrainConfig, eval_loader, evaluate, score_on_test
 
-    splits = load_dataset(job.cfg.data)
+    splits = teacher_view(load_dataset(job.cfg.data))
     model = _empty_teacher(job)
     model.load_state_dict(model.from_source_names(state))
     o = objective_of(job)

@@ -38,7 +38,7 @@ class GeneratingLM(mlflow.pyfunc.PythonModel):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow reads the logged signature
+    def predict(self, context, model_input, params=None):  # no type hints: the logged signature declares max_new_tokens
         import torch
 
         prompts = prompts_of(model_input)

@@ -58,6 +58,7 @@ def log_generating_model(tracking_uri: str, run_id: str, folder: str, registered
     """Log a causal LM's Hugging Face ``folder`` on ``run_id`` as an MLflow model that turns a list of prompts into
     generated texts (``orchestrator.tracking.lm_pyfunc``, logged as code; ``params={"max_new_tokens": N}``); register
     it as ``registered_name`` when given. Returns the model URI."""
+    import warnings
     from pathlib import Path
 
     import mlflow
@@ -67,7 +68,8 @@ def log_generating_model(tracking_uri: str, run_id: str, folder: str, registered
     code = Path(__file__).with_name("lm_pyfunc.py")
     signature = infer_signature(["the prompt"], ["the generated text"], params={"max_new_tokens": 64})
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)  # the signature is given
         info = mlflow.pyfunc.log_model(name="student", python_model=str(code), artifacts={"student_hf": str(folder)},
                                        signature=signature, input_example=["the prompt"],
                                        registered_model_name=registered_name,

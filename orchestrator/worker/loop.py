@@ -43,7 +43,7 @@ from bkd_core.train import (
 )
 from orchestrator.config.job import Job, train_config
 from orchestrator.config.models import build_model
-from orchestrator.data.datasets import example_batch, is_streamed, load_dataset
+from orchestrator.data.datasets import example_batch, is_streamed, load_dataset, teacher_view
 from orchestrator.tracking.records import DIVERGED as DIVERGED_STATUS
 from orchestrator.tracking.records import FINISHED, TrialRecords
 from orchestrator.tracking.results import DIVERGED, TEST_CORRECT
@@ -162,7 +162,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
                                                                bool(cfg.channels_last), world, session.streams())
         sample = example_batch(job.dataset.shape)
     else:
-        splits = load_dataset(data)
+        splits = load_dataset(data) if mode != "teacher" else teacher_view(load_dataset(data))
         train_loader, val_loader = make_loaders(splits, cfg, device, rank, world)
         test_loader = eval_loader(splits.test, cfg, device) if on_test else val_loader
         sample = splits.train.sample(2)
