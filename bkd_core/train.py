@@ -237,7 +237,7 @@ def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False,
     module.eval()
     inner = unwrap(module)
     if getattr(loader, "token_level", False):
-        return evaluate_tokens(inner, loader, bf16)
+        return evaluate_tokens(inner, loader, bf16, student_hits)
     correct: dict[str, torch.Tensor] = {}
     total = 0
     for x, y in loader:
@@ -254,10 +254,12 @@ def evaluate(module: nn.Module, loader: BatchLoader, bf16: bool = False,
 
 
 @torch.no_grad()
-def evaluate_tokens(inner: nn.Module, loader: BatchLoader, bf16: bool = False) -> dict[str, float]:
+def evaluate_tokens(inner: nn.Module, loader: BatchLoader, bf16: bool = False,
+                    per_example: Optional[list[torch.Tensor]] = None) -> dict[str, float]:
     """A language model's held-out scores over the target tokens: ``val_loss`` (mean negative log-likelihood per
     target token, nats), ``val_ppl`` (its exponential) and ``val_token_acc`` (next-token top-1, percent), for the
-    student and each stepping stone (``val_loss_stone_<cut>``, ...)."""
+    student and each stepping stone (``val_loss_stone_<cut>``, ...). ``per_example``: a list that receives the
+    student's (summed negative log-likelihood, target tokens) of each example, (B, 2) per batch, in order."""
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for x, y in loader:
@@ -265,6 +267,9 @@ def evaluate_tokens(inner: nn.Module, loader: BatchLoader, bf16: bool = False) -
             student_logits, stones = inner.logits(x)
         target = y != IGNORE
         count = int(target.sum())
+        if per_example is not None:
+            losses = torch.nn.functional.cross_entropy(student_logits.float().transpose(1, 2), y.clamp_min(0), reduction="none")
+            per_example.append(torch.stack([(losses * target).sum(1), target.sum(1).float()], 1).cpu())
         for suffix, logits in {"": student_logits, **{f"_stone_{c}": l for c, l in stones.items()}}.items():
             rows, labels = logits[target].float(), y[target]
             nll = torch.nn.functional.cross_entropy(rows, labels, reduction="sum") if count else rows.sum()

@@ -227,7 +227,7 @@ def seed_results(rows: list[dict[str, Any]], method: str, test_count: int, objec
     """A method's finished seeds: the test figure (``objective.test``: each run's final weights on the test split) and,
     where the run kept it, its per-example correctness."""
     metric = objective.test
-    count = test_count if objective is ACCURACY else 0  # a loss has no binomial test term
+    count = test_count if objective is ACCURACY else 0  # a loss has no binomial term (its per-example terms stand in)
     return {r["seed"]: seed_result(r, metric, count) for r in rows
             if r["method"] == method and r["status"] == "FINISHED" and r.get(metric) is not None and r[metric] == r[metric]}
 

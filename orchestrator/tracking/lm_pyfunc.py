@@ -7,10 +7,13 @@ torch and transformers only.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import mlflow.pyfunc
 from mlflow.models import set_model
+
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")  # the logged signature declares it
 
 ARTIFACT = "student_hf"  # the artifact key of the Hugging Face folder
 

@@ -16,8 +16,9 @@ is slightly conservative. The interval is ``mean +- t(0.975, k - 1) * sqrt(var)`
 degrees of freedom, so two seeds give an honest, wide interval, and it is never zero-wide while the test
 split is finite. Without per-example results (streamed test data) the example term is the binomial one,
 ``p (1 - p) / n`` (for a difference, the two methods' terms added: conservative, as it ignores their
-positive correlation). A language model's loss keeps no per-example results here: its intervals count the seeds
-alone, and say so.
+positive correlation). A language model's loss (the mean over target tokens, a ratio of per-example sums) keeps
+each example's linearised term, ``(nll_i - L * n_i) / mean(n)`` (the delta method): their variance over examples,
+divided by n, is the test term of L, and paired differences pair them by example as for correctness.
 """
 from __future__ import annotations
 
@@ -42,16 +43,27 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def encode_correct(correct: "np.ndarray | Sequence[bool]") -> str:
-    """Per-example correctness (bools in the test split's order) as a short string: bits, base64 (10,000
-    examples: 1,668 characters)."""
-    bits = np.asarray(correct, dtype=bool)
+    """Per-example results in the test split's order as a short string: correctness (bools) as bits, base64 (10,000
+    examples: 1,668 characters); an LM's per-example loss terms (floats) as float16, base64, after an ``f``."""
+    values = np.asarray(correct)
+    if values.dtype.kind == "f":
+        return f"f{values.size}:" + base64.b64encode(values.astype(np.float16).tobytes()).decode()
+    bits = values.astype(bool)
     return f"{bits.size}:" + base64.b64encode(np.packbits(bits).tobytes()).decode()
 
 
 def decode_correct(text: str) -> np.ndarray:
-    """``encode_correct``'s string back to bools."""
+    """``encode_correct``'s string back to bools (or floats)."""
     count, data = text.split(":", 1)
+    if count.startswith("f"):
+        return np.frombuffer(base64.b64decode(data), dtype=np.float16)[: int(count[1:])].astype(np.float64)
     return np.unpackbits(np.frombuffer(base64.b64decode(data), dtype=np.uint8))[: int(count)].astype(bool)
+
+
+def in_points(values: np.ndarray) -> np.ndarray:
+    """Per-example results in the figure's units: correctness as 0 or 100 points, a loss's terms as they are."""
+    values = np.asarray(values)
+    return values.astype(float) * 100.0 if values.dtype == bool else values.astype(float)
 
 
 @dataclass
@@ -85,12 +97,13 @@ class Interval:
 
 
 def example_variance(per_seed: Sequence[np.ndarray]) -> float:
-    """``s_example^2 / n`` in points^2: the variance over examples of each example's value (correctness, or a
-    difference of correctness) averaged over the seeds, divided by the examples' count."""
-    matrix = np.stack([np.asarray(v, dtype=float) for v in per_seed])
+    """``s_example^2 / n`` in the figure's units squared: the variance over examples of each example's value
+    (correctness, a loss's term, or a difference of them; ``in_points``) averaged over the seeds, divided by the
+    examples' count."""
+    matrix = np.stack([in_points(v) for v in per_seed])
     per_example = matrix.mean(axis=0)
     n = per_example.size
-    return float(per_example.var(ddof=1)) * 100.0**2 / n if n > 1 else 0.0
+    return float(per_example.var(ddof=1)) / n if n > 1 else 0.0
 
 
 def binomial_variance(accuracy: float, count: int) -> float:
@@ -134,7 +147,7 @@ def paired_difference(values: Mapping[int, SeedResult], reference: Mapping[int, 
     count = max(max(values[s].count, reference[s].count) for s in seeds)
     test: Optional[float]
     if all(a is not None and b is not None and a.size == b.size for a, b in pairs) and len({a.size for a, _ in pairs}) == 1:
-        test = example_variance([a.astype(float) - b.astype(float) for a, b in pairs])
+        test = example_variance([in_points(a) - in_points(b) for a, b in pairs])
     elif count == 0:
         test = None
     else:

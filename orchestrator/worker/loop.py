@@ -198,7 +198,7 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
             hits: Optional[list[torch.Tensor]] = [] if epoch == cfg.epochs and not is_streamed(data) else None
             metrics.update(score_on_test(module, test_loader, bool(cfg.bf16), hits) if on_test else as_test(metrics))
             if hits:
-                metrics[TEST_CORRECT] = encode_correct(torch.cat(hits).numpy())
+                metrics[TEST_CORRECT] = encode_correct(per_example_results(torch.cat(hits)))
         metrics.update(epoch=epoch, workers=world)
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)} | {"timestamp": time.time()})
         if DIVERGED in metrics:
@@ -220,6 +220,16 @@ def train_loop(config: dict[str, Any], session: Session) -> None:
         with tempfile.TemporaryDirectory() as folder:  # the report copies it into the run's storage
             save_state(folder, module, optimizer, scheduler, epoch, history)
             report(metrics, session.checkpoint_from(folder))
+
+
+def per_example_results(hits: torch.Tensor):
+    """What a run keeps of each test example: its correctness (bools), or for a language model ((nll, tokens) rows)
+    its linearised loss term ``(nll_i - L * n_i) / mean(n)``, whose spread over examples is the test term of L."""
+    if hits.dtype == torch.bool:
+        return hits.numpy()
+    nll, tokens = hits[:, 0].double(), hits[:, 1].double()
+    loss = nll.sum() / tokens.sum().clamp_min(1)
+    return ((nll - loss * tokens) / tokens.mean().clamp_min(1e-9)).numpy()
 
 
 def resume(session: Session, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
