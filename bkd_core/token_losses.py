@@ -2,8 +2,8 @@
 
 Token logits are (B, L, V); the targets ``y`` are (B, L) next-token ids with ``IGNORE`` (-100) where a position is
 not a target (the prompt, padding, the last token). Every loss here runs over the target tokens only, ``chunk``
-tokens at a time, each chunk under activation checkpointing: no (B, L, V) float32 tensor is made for either model
-(the softmaxes of one chunk exist at a time, in the forward and again in the backward). Vocabularies padded to
+tokens at a time, forward and backward (the backward recomputes each chunk): no (B, L, V) float32 softmax is made
+for either model, only one chunk's at a time, and the logits' gradient is written into one buffer. Vocabularies padded to
 different sizes (Qwen2.5: 151,936 against 152,064) are compared over their first ``vocab`` columns, the
 tokenizer's real vocabulary (default: the smaller of the two).
 
@@ -16,12 +16,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .losses import LogitDistance
 
 IGNORE = -100  # not a target: the label Hugging Face's causal LMs ignore as well
-CHUNK = 1024  # target tokens per chunk: at V = 152k, a float32 chunk of softmax is 0.6 GB
+CHUNK = 256  # target tokens per chunk: at V = 152k, one float32 softmax of a chunk is 156 MB
 
 
 def target_rows(y: torch.Tensor) -> torch.Tensor:
@@ -29,30 +28,52 @@ def target_rows(y: torch.Tensor) -> torch.Tensor:
     return (y.reshape(-1) != IGNORE).nonzero().squeeze(1)
 
 
-def _rows(fn: Callable[..., torch.Tensor], index: torch.Tensor, vocab: Optional[int], y: torch.Tensor,
-          *logits: torch.Tensor) -> torch.Tensor:
-    return fn(*[flat[index, :vocab] for flat in logits], y[index])
+class _ChunkedRows(torch.autograd.Function):
+    """The mean over N rows of ``fn(*row_logits, targets)``, computed ``chunk`` rows at a time, forward and backward.
+    ``rows`` (k, N): which row of each of the k flat logits tensors (and, by its first line, of ``y``) enters. The
+    backward recomputes each chunk and writes its gradient into one buffer per input: no chunk keeps its softmaxes,
+    and no per-chunk full-size gradient is made (as indexing under autograd would)."""
+
+    @staticmethod
+    def forward(ctx, fn, rows, vocab, chunk, y, *logits):  # type: ignore[override]
+        ctx.fn, ctx.vocab, ctx.chunk = fn, vocab, chunk
+        ctx.save_for_backward(rows, y, *logits)
+        total = logits[0].new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[1], chunk):
+            index = rows[:, start:start + chunk]
+            parts = [flat[at, :vocab] for flat, at in zip(logits, index)]
+            total += fn(*parts, y[index[0]]).float() * index.shape[1]
+        return total / rows.shape[1]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        rows, y, *logits = ctx.saved_tensors
+        needs = ctx.needs_input_grad[5:]
+        grads = [torch.zeros_like(flat) if need else None for flat, need in zip(logits, needs)]
+        count = rows.shape[1]
+        for start in range(0, count, ctx.chunk):
+            index = rows[:, start:start + ctx.chunk]
+            with torch.enable_grad():
+                pieces = [flat[at, :ctx.vocab].detach().requires_grad_(need) for flat, at, need in zip(logits, index, needs)]
+                value = ctx.fn(*pieces, y[index[0]]).float() * (index.shape[1] / count)
+                found = iter(torch.autograd.grad(value, [p for p in pieces if p.requires_grad], grad_out))
+            for grad, at, need in zip(grads, index, needs):
+                if need:
+                    grad[at, :ctx.vocab] = next(found).to(grad.dtype)
+        return (None, None, None, None, None, *grads)
 
 
 def chunked_mean(fn: Callable[..., torch.Tensor], logits: Sequence[torch.Tensor], y: torch.Tensor,
                  vocab: Optional[int] = None, chunk: int = CHUNK, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mean over the target tokens of ``fn(*rows_of_each_logits, targets)`` (``fn`` returns the mean over its
-    rows), computed ``chunk`` tokens at a time. ``rows``: the flat target indices (default: ``target_rows(y)``)."""
+    rows), computed ``chunk`` tokens at a time, forward and backward. ``rows``: the flat target indices (default:
+    ``target_rows(y)``), or (k, N) indices, one line per logits tensor."""
     flat = [l.reshape(-1, l.shape[-1]) for l in logits]
-    y_flat = y.reshape(-1)
     rows = target_rows(y) if rows is None else rows
-    count = rows.numel()
-    if count == 0:  # no target in the batch: a zero that keeps the graph
+    if rows.numel() == 0:  # no target in the batch: a zero that keeps the graph
         return sum(l.sum() for l in flat) * 0.0
-    grad = torch.is_grad_enabled() and any(l.requires_grad for l in flat)
-    total = None
-    for start in range(0, count, chunk):
-        index = rows[start:start + chunk]
-        part = (checkpoint(_rows, fn, index, vocab, y_flat, *flat, use_reentrant=False) if grad
-                else _rows(fn, index, vocab, y_flat, *flat))
-        part = part * index.numel()
-        total = part if total is None else total + part
-    return total / count
+    rows = rows.expand(len(flat), -1) if rows.dim() == 1 else rows
+    return _ChunkedRows.apply(fn, rows, vocab, chunk, y.reshape(-1), *flat)
 
 
 def shared_vocab(*logits: torch.Tensor, vocab: Optional[int] = None) -> int:
@@ -114,16 +135,5 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y_stude
     """ULD over token logits of two tokenizers: ``sorted_probability_l1`` of each aligned pair of target tokens
     (``aligned_targets``), the mean over the pairs, in chunks."""
     rows_s, rows_t = aligned_targets(y_student, y_teacher)
-    s_flat, t_flat = student_logits.reshape(-1, student_logits.shape[-1]), teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    count = rows_s.numel()
-    if count == 0:
-        return s_flat.sum() * 0.0
-    total = None
-    for start in range(0, count, chunk):
-        index_s, index_t = rows_s[start:start + chunk], rows_t[start:start + chunk]
-
-        def part(s: torch.Tensor, t: torch.Tensor, i_s: torch.Tensor = index_s, i_t: torch.Tensor = index_t) -> torch.Tensor:
-            return sorted_probability_l1(s[i_s], t[i_t], temperature)
-        value = checkpoint(part, s_flat, t_flat, use_reentrant=False) if s_flat.requires_grad else part(s_flat, t_flat)
-        total = value * index_s.numel() if total is None else total + value * index_s.numel()
-    return total / count
+    return chunked_mean(lambda s_rows, t_rows, _: sorted_probability_l1(s_rows, t_rows, temperature),
+                        [student_logits, teacher_logits.detach()], y_student, chunk=chunk, rows=torch.stack([rows_s, rows_t]))

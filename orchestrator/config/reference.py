@@ -33,6 +33,7 @@ DATA_TITLES = {
     "image_folder": "An image folder",
     "parquet": "Parquet shards",
     "text": "Text files or a Hugging Face dataset",
+    "lm": "Language-model text: plain texts or prompt/response pairs",
 }
 
 
