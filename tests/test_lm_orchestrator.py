@@ -82,6 +82,13 @@ def test_prompts_are_context_texts_are_targets_and_the_cache_is_memory_mapped(wo
     assert int(cut.train.lengths.max()) == 8
 
 
+def test_a_hub_dataset_reads_as_its_folder_does(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    hub = load_dataset(lm_data(world, tmp_path, hub=str(world / "texts")))
+    folder = load_dataset(lm_data(world, tmp_path, root=str(world / "texts")))
+    assert torch.equal(hub.test.ids, folder.test.ids) and torch.equal(hub.train.lengths, folder.train.lengths)
+
+
 @pytest.fixture(scope="module")
 def bad(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-bad")
@@ -124,6 +131,8 @@ def test_empty_responses_are_skipped_and_counted_and_the_lm_family_sets_adamw(wo
     assert (t.optimizer, t.schedule, t.grad_clip, t.warmup_epochs) == ("adamw", "cosine", 1.0, 0.1)
     assert job.cfg.search["params"]["logit_loss"] == {"choices": ["kd", "rkl", "skl", "jsd"], "default": "kd"}
     assert job.dataset.token_level and job.dataset.shape == [2, 40]
+    recipe = validate(compose(args(world, tmp_path, "recipe=lm")))  # the keys given here win over the recipe's
+    assert (recipe.cfg.compare.seeds, recipe.cfg.train.lr_range, recipe.cfg.train.grad_clip) == (3, [1e-5, 1e-3, 1e-4], 1.0)
 
 
 def test_a_student_from_the_teachers_layers(world, tmp_path, capsys):

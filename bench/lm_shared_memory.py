@@ -1,0 +1,87 @@
+"""The node's memory for the token ids of data=lm with 1 and with 4 concurrent trials: memory-mapped from the cache
+(what ``orchestrator.data.lm`` does: one copy in the page cache, shared) against a copy per trial (what an in-memory
+tensor per process costs).
+
+    python bench/lm_shared_memory.py                 # 40 M tokens (200 MB of ids and target flags)
+    python bench/lm_shared_memory.py --tokens 100000000
+
+Each trial is a process that reads the cache as a trial does (``orchestrator.data.lm.read_arrays``), holds the
+val split out, and pads every batch of an epoch (``LMBatchLoader``), touching every token; the node's memory is the
+sum of the processes' proportional set sizes (``Pss`` of /proc/<pid>/smaps_rollup: a shared page counts once
+across them), read while all of them hold their data.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bkd_core.data import DataSplits, LMBatchLoader  # noqa: E402
+from orchestrator.data.lm import read_arrays  # noqa: E402
+
+
+def write_cache(folder: Path, tokens: int, length: int = 512) -> None:
+    rng = np.random.default_rng(0)
+    np.save(folder / "train.ids.npy", rng.integers(0, 32_000, tokens, dtype=np.int32))
+    np.save(folder / "train.targets.npy", np.ones(tokens, dtype=bool))
+    np.save(folder / "train.lengths.npy", np.full(tokens // length, length, dtype=np.int64))
+
+
+def trial(folder: str, copy: bool, ready, done) -> None:
+    data = read_arrays(Path(folder), "train", 32_000, "lm/train")
+    if copy:
+        data.ids, data.targets = data.ids.clone(), data.targets.clone()
+    splits = DataSplits(data, data.take(torch.arange(8))).hold_out(0.1)
+    loader = LMBatchLoader(splits.train, 64, train=True)
+    seen = sum(int(x[:, 1].sum()) for x, _ in loader)  # one epoch: every token read
+    ready.put(seen)
+    done.wait()
+
+
+def pss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def node_memory(folder: str, trials: int, copy: bool) -> float:
+    ctx = mp.get_context("spawn")
+    ready, done = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=trial, args=(folder, copy, ready, done)) for _ in range(trials)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=600)
+    total = sum(pss_mb(p.pid) for p in procs)
+    done.set()
+    for p in procs:
+        p.join()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=40_000_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        write_cache(Path(folder), args.tokens)
+        size = sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**20
+        print(f"{args.tokens:,} tokens: {size:.0f} MB of token ids and target flags; {time.strftime('%Y-%m-%d')}", flush=True)
+        print("| trials at once | memory-mapped (bkd) | a copy per trial | copy / mapped |\n|---|---|---|---|")
+        for k in (1, 4):
+            mapped, copied = node_memory(folder, k, False), node_memory(folder, k, True)
+            print(f"| {k} | {mapped:.0f} MB | {copied:.0f} MB | {copied / mapped:.2f}x |", flush=True)
+    print("(node memory: the sum of the trial processes' Pss, the interpreter and torch included)")
+
+
+if __name__ == "__main__":
+    main()
