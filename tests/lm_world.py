@@ -48,7 +48,8 @@ def make_tokenizer(folder: Path, vocab_size: int = 320, seed: int = 0):
 
 def decoder(kind: str, tokenizer, hidden: int, layers: int, folder: Optional[Path] = None, positions: int = 64,
             vocab_size: Optional[int] = None):
-    """A tiny causal LM (llama, qwen2 or gpt2), saved with the tokenizer to ``folder``."""
+    """A tiny causal LM (llama, qwen2, qwen3, mistral, phi3 or gpt2), saved with the tokenizer to ``folder``; mistral
+    and phi3 with a sliding window of 4 tokens, qwen3 with sliding-window layers after the first."""
     import transformers
 
     torch.manual_seed(0)
@@ -64,6 +65,13 @@ def decoder(kind: str, tokenizer, hidden: int, layers: int, folder: Optional[Pat
                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False)
         if kind == "llama":
             model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+        elif kind == "mistral":
+            model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=4))
+        elif kind == "phi3":
+            model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, sliding_window=4))
+        elif kind == "qwen3":
+            model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, use_sliding_window=True, sliding_window=4,
+                                                                           max_window_layers=1))
         else:
             model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     if folder is not None:

@@ -138,7 +138,7 @@ BAD_VALUES = [  # (override, the key named, a fragment of the fix)
     (["tune.reduction_factor=1"], "tune.reduction_factor", "number > 1"),
     (["tune.seed=x"], "tune.seed", "an integer"),
     (["tune.max_failures=-2"], "tune.max_failures", "-1 for no limit"),
-    (["teacher.epochs=0"], "teacher.epochs", "integer >= 1"),
+    (["teacher.epochs=-1"], "teacher.epochs", "(0: the teacher as given)"),
     (["teacher.lr=abc"], "teacher.lr", "> 0"),
     (["resources.cpus_per_worker=0"], "resources.cpus_per_worker", "> 0"),
     (["ray.num_cpus=two"], "ray.num_cpus", "or null for all"),

@@ -40,7 +40,7 @@ def padded_batch(vocab: int, side: str) -> torch.Tensor:
     return pack_lm(ids * mask, mask)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gpt2"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_cut_decoder_gives_the_models_logits_with_padding_on_either_side(tokenizer, kind, side):
     model = decoder(kind, tokenizer, 32, 4)
@@ -200,6 +200,21 @@ def test_prompt_tokens_are_context_and_response_tokens_are_targets(tokenizer):
     assert (y[0, :prompt - 1] == IGNORE).all()
     assert y[0, prompt - 1:prompt - 1 + len(response)].tolist() == response
     assert y[0, -1] == IGNORE and x.shape == (1, 2, prompt + len(response))
+
+
+def test_a_chat_template_writes_the_prompt_as_the_users_turn_and_scores_the_answer(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    chat = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    chat.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    data, _ = tokenize_lm(chat, prompts=["the sky is"], responses=[" blue"], chat_template=True)
+    x, y = data.batch(torch.tensor([0]))
+    head = chat("<|endoftext|>user: the sky is\nassistant:", add_special_tokens=False)["input_ids"]
+    assert x[0, 0, :len(head)].tolist() == head  # the template's words are context, never targets
+    assert (y[0, :len(head) - 1] == IGNORE).all()
+    answer = chat(" blue", add_special_tokens=False)["input_ids"] + [chat.eos_token_id]
+    assert y[0, len(head) - 1:len(head) - 1 + len(answer)].tolist() == answer
 
 
 def test_long_texts_are_cut_and_counted(tokenizer):

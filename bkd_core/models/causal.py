@@ -88,13 +88,13 @@ class DecoderLayers(nn.Module):
     """Consecutive decoder layers; each sees the causal mask (full or sliding-window, as its config says), the
     position ids and the rotary embeddings the model itself would build for the batch's attention mask."""
 
-    def __init__(self, layers: Sequence[nn.Module], run: range, config, rotary: Optional[nn.Module], gpt2: bool) -> None:
+    def __init__(self, layers: Sequence[nn.Module], run: range, config, rotary: Optional[nn.Module], gpt2: bool,
+                 kinds: Sequence[str]) -> None:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         super().__init__()
         self.layers, self.config, self.gpt2 = nn.ModuleList(layers), config, gpt2
         self.rotary = rotary  # parameter-free (its inv_freq is not saved): registered in every block, moved with it
-        kinds = getattr(config, "layer_types", None) or ["full_attention"] * (run[-1] + 1)
         self.kinds = [kinds[i] for i in run]
         self.masks = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -126,6 +126,19 @@ class LMHead(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
+def attention_kinds(model: nn.Module, count: int) -> list[str]:
+    """Each decoder layer's mask, as the model's own forward picks it: per layer from ``config.layer_types`` where the
+    model keeps one mask per kind (Qwen2, Qwen3), sliding-window for every layer where the config sets a window and the
+    model uses one mask (Mistral, Phi-3), else causal."""
+    config = model.config
+    base = getattr(model, "model", None)
+    if hasattr(base, "has_sliding_layers") and getattr(config, "layer_types", None):
+        return list(config.layer_types)[:count]
+    if getattr(config, "sliding_window", None) and getattr(config, "model_type", "") in ("mistral", "phi3"):
+        return ["sliding_attention"] * count
+    return ["full_attention"] * count
+
+
 def from_hf_causal(model: nn.Module, groups: Optional[int] = None, ends: Optional[Sequence[int]] = None,
                    sample: Optional[torch.Tensor] = None) -> BlockNet:
     """A causal LM as a BlockNet: the embeddings, then ``groups`` runs of decoder layers (default: one per layer), or
@@ -147,7 +160,8 @@ def from_hf_causal(model: nn.Module, groups: Optional[int] = None, ends: Optiona
         layers, embeddings, norm, rotary = list(base.h), GPT2Embeddings(base.wte, base.wpe, base.drop), base.ln_f, None
     runs = layer_runs(ends, len(layers)) if ends is not None else group_layers(len(layers), groups or len(layers))
     blocks: list[nn.Module] = [embeddings]
-    blocks += [DecoderLayers([layers[i] for i in run], run, model.config, rotary, layout == "gpt2") for run in runs]
+    kinds = attention_kinds(model, len(layers))
+    blocks += [DecoderLayers([layers[i] for i in run], run, model.config, rotary, layout == "gpt2", kinds) for run in runs]
     net = BlockNet(blocks, LMHead(norm, model.lm_head))
     net.remember_source(model)
     net.block_ends = ["embeddings"] + [f"layer.{run[-1]}" for run in runs]

@@ -91,7 +91,7 @@ def summarize(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, r
     print("\n" + format_table(rows, param_names, o))
     print(f"\n[bkd] {selection_note(job)}.")
     if best is not None:
-        print(f"[bkd] best trial {best['trial_id']}: {o.val} {o.fmt(best[o.val])}, {o.test} {o.fmt(best.get(o.test))}")
+        print(f"[bkd] best trial {best['trial_id']}: {o.val} {best[o.val]:.2f}, {o.test} {best.get(o.test, float('nan')):.2f}")
     if confirm:
         print(confirm)
     at_chance = at_chance_line(rows, Chance.of_split(job, "val"), o.val, "trial")

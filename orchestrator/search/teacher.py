@@ -241,9 +241,12 @@ def score_teacher(job: Job, state: dict[str, torch.Tensor], announce: bool = Tru
     model = _empty_teacher(job)
     model.load_state_dict(model.from_source_names(state))
     o = objective_of(job)
-    cfg, cpu = TrainConfig(batch_size=256 if o is ACCURACY else 16, channels_last=False), torch.device("cpu")
-    val = evaluate(Supervised(model), eval_loader(splits.selection, cfg, cpu))
-    test = score_on_test(Supervised(model), eval_loader(splits.test, cfg, cpu))
+    gpu = job.cfg.resources.use_gpu and torch.cuda.is_available()  # a driver with a GPU scores a language model there
+    device = torch.device("cuda" if gpu else "cpu")
+    cfg = TrainConfig(batch_size=256 if o is ACCURACY else 16, channels_last=False)
+    model.to(device)
+    val = evaluate(Supervised(model), eval_loader(splits.selection, cfg, device))
+    test = score_on_test(Supervised(model), eval_loader(splits.test, cfg, device))
     scores = {f"teacher_{o.val}": val[o.val], f"teacher_{o.test}": test[o.test]}
     scores |= {f"teacher_{k}": v for k, v in (val | test).items() if k in o.also}
     if announce:
