@@ -30,9 +30,9 @@ from orchestrator.data.lm import read_arrays  # noqa: E402
 
 def write_cache(folder: Path, tokens: int, length: int = 512) -> None:
     rng = np.random.default_rng(0)
-    np.save(folder / "train.ids.npy", rng.integers(0, 32_000, tokens, dtype=np.int32))
-    np.save(folder / "train.targets.npy", np.ones(tokens, dtype=bool))
-    np.save(folder / "train.lengths.npy", np.full(tokens // length, length, dtype=np.int64))
+    (folder / "train.ids.bin").write_bytes(rng.integers(0, 32_000, tokens, dtype=np.int32).tobytes())
+    (folder / "train.targets.bin").write_bytes(np.ones(tokens, dtype=bool).tobytes())
+    (folder / "train.lengths.bin").write_bytes(np.full(tokens // length, length, dtype=np.int64).tobytes())
 
 
 def trial(folder: str, copy: bool, ready, done) -> None:

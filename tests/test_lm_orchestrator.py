@@ -68,7 +68,7 @@ def test_prompts_are_context_texts_are_targets_and_the_cache_is_memory_mapped(wo
     # val is held out of train over the same token arrays: one copy, memory-mapped from the cache
     assert len(pairs.train) + len(pairs.val) == 160 and pairs.train.ids.data_ptr() == pairs.val.ids.data_ptr()
     mapped = Path("/proc/self/maps").read_text()
-    assert ".ids.npy" in mapped and str(tmp_path) in mapped  # the token ids are the cache file's pages, not a copy
+    assert ".ids.bin" in mapped and str(tmp_path) in mapped  # the token ids are the cache file's pages, not a copy
 
     texts = load_dataset(lm_data(world, tmp_path, root=str(world / "texts")))
     x, y = texts.test.batch(torch.tensor([0]))
@@ -80,6 +80,17 @@ def test_prompts_are_context_texts_are_targets_and_the_cache_is_memory_mapped(wo
     cut = load_dataset(lm_data(world, tmp_path / "cut", root=str(world / "texts"), max_length=8))
     assert "reach max_length=8 tokens and are cut there" in capsys.readouterr().out
     assert int(cut.train.lengths.max()) == 8
+
+
+def test_the_cache_is_written_a_batch_of_rows_at_a_time_and_reads_the_same(world, tmp_path, monkeypatch):
+    from orchestrator.data import lm as lm_cache
+
+    parquet = write_lm_folder(tmp_path / "parquet", train=60, test=20, fmt="parquet", prompts=True)
+    whole = load_dataset(lm_data(world, tmp_path / "whole", root=str(parquet), prompt_column="prompt", response_column="response"))
+    monkeypatch.setattr(lm_cache, "ROWS", 7)  # 60 rows in 9 batches, read batch by batch from the Parquet file
+    batched = load_dataset(lm_data(world, tmp_path / "batched", root=str(parquet), prompt_column="prompt", response_column="response"))
+    assert torch.equal(whole.train.ids, batched.train.ids) and torch.equal(whole.test.lengths, batched.test.lengths)
+    assert torch.equal(whole.val.starts, batched.val.starts)
 
 
 def test_a_hub_dataset_reads_as_its_folder_does(world, tmp_path, monkeypatch):

@@ -4,9 +4,13 @@ cached as flat NumPy arrays, one folder per (data, tokenizers, max_length, colum
 the cache while it validates; every trial memory-maps it, so the trials of a node share one copy of the token ids
 (the page cache's) however many run at once.
 
-    cache_dir/<digest>/<split>.ids.npy, .targets.npy, .lengths.npy   the examples back to back (int32, bool, int64)
-    cache_dir/<digest>/<split>.teacher.*.npy                          ULD: the same examples in the teacher's ids
+    cache_dir/<digest>/<split>.ids.bin, .targets.bin, .lengths.bin   the examples back to back (int32, bool, int64)
+    cache_dir/<digest>/<split>.teacher.*.bin                          ULD: the same examples in the teacher's ids
     cache_dir/<digest>/meta.json                                      sources, tokenizers, max_length, cut and skipped
+
+The cache is written ``ROWS`` examples at a time (a Parquet file is read in as many row batches), so building it
+holds one batch's token lists, not the corpus's; reading it maps the files, so a corpus larger than memory trains
+from the page cache.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ import torch
 from bkd_core.data import DataSplits, LMDataset, tokenize_lm
 from orchestrator.config.checks import ConfigError
 from orchestrator.config.schema import LMData
-from orchestrator.data.text import default_cache_dir, load_tokenizer, source_digest, source_table, tokenizer_digest
+from orchestrator.data.text import default_cache_dir, load_tokenizer, source_digest, source_table, split_file, tokenizer_digest
 
 ARRAYS = ("ids", "targets", "lengths")
 
@@ -43,19 +47,32 @@ def columns(d: LMData) -> dict[str, str]:
     return {"data.text_column": d.text_column}
 
 
-def read_lm_split(d: LMData, split: str) -> tuple[dict[str, list[str]], str]:
-    """The configured columns of a split as strings (a missing column: ConfigError naming the columns there)."""
-    table, source, _ = source_table(d, split)
-    if table.num_rows == 0:
+ROWS = 8192  # examples tokenized at a time while the cache is written
+
+
+def lm_batches(d: LMData, split: str) -> Iterator[tuple[dict[str, list[str]], str]]:
+    """The configured columns of a split, ``ROWS`` rows at a time, as strings (a Parquet file read batch by batch);
+    an empty split or a missing column is a ConfigError naming the columns there."""
+    path = None if d.hub else split_file(str(d.root), split)
+    if path is not None and path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet, source = pq.ParquetFile(path), str(path)
+        names, rows = parquet.schema_arrow.names, parquet.metadata.num_rows
+        batches: Iterator[Any] = parquet.iter_batches(batch_size=ROWS, columns=[n for n in columns(d).values() if n in names])
+    else:
+        table, source, _ = source_table(d, split)
+        names, rows = table.column_names, table.num_rows
+        batches = iter(table.to_batches(max_chunksize=ROWS))
+    if rows == 0:
         raise ConfigError("data.root" if not d.hub else "data.hub", f"{source} has no rows (a header and nothing else, or an "
                           "empty file); give it one row per example.")
-    found = {}
     for key, name in columns(d).items():
-        if name not in table.column_names:
-            raise ConfigError(key, f"{source} has no column {name!r} (its columns: {', '.join(table.column_names)}); set "
-                              f"{key}=<one of them>.")
-        found[key] = ["" if v is None else str(v) for v in table.column(name).to_pylist()]
-    return found, source
+        if name not in names:
+            raise ConfigError(key, f"{source} has no column {name!r} (its columns: {', '.join(names)}); set {key}=<one of them>.")
+    for batch in batches:
+        yield {key: ["" if v is None else str(v) for v in batch.column(name).to_pylist()]
+               for key, name in columns(d).items()}, source
 
 
 def chat_template_used(d: LMData, tokenizer: Any) -> bool:
@@ -81,18 +98,36 @@ def tokenize_split(d: LMData, tokenizer: Any, found: dict[str, list[str]], name:
                        max_length=d.max_length, name=name, chat_template=chat_template_used(d, tokenizer))
 
 
-def write_arrays(folder: Path, prefix: str, data: LMDataset) -> None:
-    np.save(folder / f"{prefix}.ids.npy", data.ids.numpy())
-    np.save(folder / f"{prefix}.targets.npy", data.targets.numpy())
-    np.save(folder / f"{prefix}.lengths.npy", data.lengths.numpy())
+class SplitWriter:
+    """Appends tokenized batches of one split to its three flat files."""
+
+    def __init__(self, folder: Path, prefix: str) -> None:
+        self.files = {a: open(folder / f"{prefix}.{a}.bin", "wb") for a in ARRAYS}
+        self.examples = self.tokens = 0
+
+    def add(self, data: LMDataset) -> None:
+        self.files["ids"].write(data.ids.numpy().astype(np.int32).tobytes())
+        self.files["targets"].write(data.targets.numpy().astype(np.bool_).tobytes())
+        self.files["lengths"].write(data.lengths.numpy().astype(np.int64).tobytes())
+        self.examples, self.tokens = self.examples + len(data), self.tokens + data.token_count
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+
+
+DTYPES = {"ids": np.int32, "targets": np.bool_, "lengths": np.int64}
 
 
 def read_arrays(folder: Path, prefix: str, vocab_size: int, name: str) -> LMDataset:
     """A cached split, memory-mapped: the token arrays are views of the files (one copy per node, in the page cache)."""
+    def mapped(array: str) -> np.ndarray:
+        path = folder / f"{prefix}.{array}.bin"
+        return np.memmap(path, dtype=DTYPES[array], mode="r") if path.stat().st_size else np.zeros(0, DTYPES[array])
     with warnings.catch_warnings():  # read-only views: nothing writes to the token ids
         warnings.simplefilter("ignore", UserWarning)
-        ids, targets = (torch.from_numpy(np.load(folder / f"{prefix}.{a}.npy", mmap_mode="r")) for a in ("ids", "targets"))
-    lengths = torch.from_numpy(np.load(folder / f"{prefix}.lengths.npy")).long()
+        ids, targets = torch.from_numpy(mapped("ids")), torch.from_numpy(mapped("targets"))
+    lengths = torch.from_numpy(np.array(mapped("lengths"))).long()
     return LMDataset(ids, targets, torch.cumsum(lengths, 0) - lengths, lengths, vocab_size, name)
 
 
@@ -106,16 +141,21 @@ def build_cache(d: LMData, tokenizer: Any, folder: Path, student_tokenizer: Any 
     main = student_tokenizer if student_tokenizer is not None else tokenizer
     try:
         for split in ("train", d.test_split):
-            found, source = read_lm_split(d, split)
+            writers = [SplitWriter(scratch, split)] + ([SplitWriter(scratch, f"{split}.teacher")] if student_tokenizer is not None else [])
+            counts = {"truncated": 0, "empty": 0}
+            for found, source in lm_batches(d, split):
+                data, found_counts = tokenize_split(d, main, found, f"lm/{split}")
+                writers[0].add(data)
+                counts = {k: counts[k] + found_counts[k] for k in counts}
+                if student_tokenizer is not None:
+                    writers[1].add(tokenize_split(d, tokenizer, found, f"lm/{split}")[0])
+            for writer in writers:
+                writer.close()
             meta["sources"].append(source)
-            data, counts = tokenize_split(d, main, found, f"lm/{split}")
-            if len(data) == 0:
-                raise ConfigError(next(iter(found)), f"{source} holds no example with text in {', '.join(columns(d).values())}; "
-                                  "check the columns.")
-            meta[split] = counts | {"examples": len(data), "tokens": data.token_count}
-            write_arrays(scratch, split, data)
-            if student_tokenizer is not None:
-                write_arrays(scratch, f"{split}.teacher", tokenize_split(d, tokenizer, found, f"lm/{split}")[0])
+            if writers[0].examples == 0:
+                raise ConfigError(next(iter(columns(d))), f"{source} holds no example with text in "
+                                  f"{', '.join(columns(d).values())}; check the columns.")
+            meta[split] = counts | {"examples": writers[0].examples, "tokens": writers[0].tokens}
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             scratch.rename(folder)
