@@ -64,7 +64,7 @@ def table(job: Job) -> str:
     image = image_of(shape)
     text = image is None
     sample = example_batch(shape, 1) if text else torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    per = shape[-1] if text else 1  # text: multiply-adds per token of a max_length text
+    per = sample.shape[-1] if text else 1  # text: multiply-adds per token of the sample text
     nets = {role: build_model(job.cfg, role, job.num_classes, job.in_channels, shape).eval() for role in ("teacher", "student")}
     pair = job.cfg.pair
     ends = {role: block_names(getattr(pair, role), net, getattr(pair, f"{role}_blocks")) for role, net in nets.items()}

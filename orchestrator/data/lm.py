@@ -48,6 +48,7 @@ def columns(d: LMData) -> dict[str, str]:
 
 
 ROWS = 8192  # examples tokenized at a time while the cache is written
+CACHE_FORMAT = "flat-bin-1"  # part of the cache's key: a folder written in another layout is never read as this one
 
 
 def lm_batches(d: LMData, split: str) -> Iterator[tuple[dict[str, list[str]], str]]:
@@ -83,7 +84,8 @@ def cache_folder(d: LMData, tokenizer: Any, student_tokenizer: Any = None) -> Pa
     """The cache folder of this data (its files as they are now), tokenizers, max_length, columns and template."""
     key = {"source": source_digest(d), "tokenizer": tokenizer_digest(tokenizer), "max_length": d.max_length,
            "columns": columns(d), "chat": chat_template_used(d, tokenizer), "test": d.test_split,
-           "student": tokenizer_digest(student_tokenizer) if student_tokenizer is not None else None}
+           "student": tokenizer_digest(student_tokenizer) if student_tokenizer is not None else None,
+           "format": CACHE_FORMAT}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(d.cache_dir or default_cache_dir()) / f"lm-{digest}"
 
