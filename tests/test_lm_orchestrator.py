@@ -151,6 +151,11 @@ def test_a_student_from_the_teachers_layers(world, tmp_path, capsys):
                                 "pair.student_config={num_hidden_layers: 2}", "pair.student_from_teacher=true")))
     assert "pair.student_from_teacher: 21 tensors from the teacher (embeddings, layers [1, 3])" in capsys.readouterr().out
     assert job.num_blocks == 3
+    from orchestrator import describe
+
+    assert entry_point(describe.run, args(world, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "MACs/token" in out and "SequenceConnector" in out and "sequence of 48 (+ mask)" in out, out
 
 
 @pytest.mark.ray

@@ -3,6 +3,8 @@ tokenized once with the teacher's fast tokenizer and cached as Parquet, one fold
 max_length). The driver writes the cache while it validates; every trial and DDP worker reads it.
 
     cache_dir/<digest>/train.parquet, test.parquet   token ids and segment ids per text (unpadded), label
+    cache_dir/<digest>/train.tokens.npy, ...         the same padded to the split's longest text, memory-mapped by
+                                                     every trial (one copy per node)
     cache_dir/<digest>/labels.json                   the class names, in class-id order
     cache_dir/<digest>/meta.json                     sources, tokenizer, max_length, truncated texts
 """
@@ -226,6 +228,23 @@ def read_split_tokens(path: Path, num_classes: int, name: str) -> TextDataset:
     return TextDataset(torch.from_numpy(tokens), labels, num_classes, name)
 
 
+def mapped_split(folder: Path, split: str, num_classes: int, name: str) -> TextDataset:
+    """A cached split whose padded token store is memory-mapped (``<split>.tokens.npy``), shared by the trials of a
+    node; a cache written without it is read from its Parquet file (a copy per process)."""
+    import warnings
+
+    import pyarrow.parquet as pq
+
+    path = folder / f"{split}.tokens.npy"
+    if not path.is_file():
+        return read_split_tokens(folder / f"{split}.parquet", num_classes, name)
+    with warnings.catch_warnings():  # a read-only view: nothing writes to the token ids
+        warnings.simplefilter("ignore", UserWarning)
+        store = torch.from_numpy(np.load(path, mmap_mode="r"))
+    labels = torch.from_numpy(pq.read_table(folder / f"{split}.parquet", columns=["label"]).column("label").to_numpy().astype(np.int64))
+    return TextDataset(store, labels, num_classes, name)
+
+
 def build_cache(d: TextData, tokenizer: Any, folder: Path) -> None:
     """Read, check, map labels and tokenize both splits into ``folder`` (written whole or not at all)."""
     train, test = read_split(d, "train"), read_split(d, d.test_split)
@@ -243,6 +262,7 @@ def build_cache(d: TextData, tokenizer: Any, folder: Path) -> None:
             if split == "train":
                 meta["unknown_share"] = check_unknown_tokens(d, tokenizer, data, train.source)
             write_split(scratch / f"{split}.parquet", data)
+            np.save(scratch / f"{split}.tokens.npy", data.tokens.numpy())
         (scratch / "labels.json").write_text(json.dumps([v if isinstance(v, (int, str)) else str(v) for v in names]))
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -300,6 +320,6 @@ def load_text(d: TextData) -> DataSplits:
     if not (folder / "meta.json").is_file():
         build_cache(d, tokenizer, folder)
     names = json.loads((folder / "labels.json").read_text())
-    train = read_split_tokens(folder / "train.parquet", len(names), "text/train")
-    test = read_split_tokens(folder / "test.parquet", len(names), "text/test")
+    train = mapped_split(folder, "train", len(names), "text/train")
+    test = mapped_split(folder, "test", len(names), "text/test")
     return DataSplits(train, test, classes=[str(n) for n in names])  # type: ignore[arg-type]
