@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from bkd_core import methods  # noqa: E402
 from bkd_core.data import DataSplits, tokenize_lm  # noqa: E402
-from bkd_core.data.lm import LMDataset, pad_batch  # noqa: E402
+from bkd_core.data.lm import LMDataset, pack_rows, pad_batch  # noqa: E402
 from bkd_core.losses import jsd_loss, kd_loss, make_logit_distance, reverse_kl_loss, skew_kl_loss  # noqa: E402
 from bkd_core.models.causal import check_same_lm_logits, from_hf_causal, pack_lm  # noqa: E402
 from bkd_core.token_losses import IGNORE, aligned_targets, per_token, sorted_probability_l1, task_loss, uld_loss  # noqa: E402
@@ -310,3 +310,30 @@ def test_uld_distils_across_two_tokenizers(tokenizer, tmp_path):
     assert math.isfinite(metrics["val_loss"]) and metrics["test_tokens"] > 0
     with pytest.raises(ValueError, match="two tokenizations"):
         methods.make("uld", teacher, student, sample_input=x[:, :2])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 14), min_size=1, max_size=9), st.integers(14, 30))
+def test_a_packed_batch_gives_every_example_its_own_logits_and_targets(tokenizer, lengths, capacity):
+    g = torch.Generator().manual_seed(sum(lengths) + capacity)
+    ids = torch.randint(1, len(tokenizer), (int(sum(lengths)),), generator=g, dtype=torch.int32)
+    targets = torch.rand(len(ids), generator=g) > 0.3
+    data = LMDataset.of_offsets(ids, targets, torch.tensor([0] + lengths).cumsum(0), len(tokenizer))
+    x, y = data.batch(torch.arange(len(lengths)))
+    packed_x, packed_y = pack_rows(x, y, capacity)
+    assert packed_x.shape[0] <= len(lengths) and packed_x.shape[-1] <= capacity
+    assert sorted(packed_y[packed_y != IGNORE].tolist()) == sorted(y[y != IGNORE].tolist())
+    net = PACKING_MODEL(tokenizer)
+    with torch.no_grad():
+        alone = F.cross_entropy(net(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+        packed = F.cross_entropy(net(packed_x).flatten(0, 1), packed_y.flatten(), ignore_index=IGNORE, reduction="sum")
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-5, abs=1e-4)
+
+
+_PACKING: dict = {}
+
+
+def PACKING_MODEL(tokenizer):  # noqa: N802  (one Mistral with a sliding window of 4, made once)
+    if "net" not in _PACKING:
+        _PACKING["net"] = from_hf_causal(decoder("mistral", tokenizer, 32, 2)).eval()
+    return _PACKING["net"]

@@ -185,7 +185,8 @@ def test_an_lm_search_selects_on_val_loss_and_its_student_generates(world, ws, r
 
 @pytest.mark.ray
 def test_an_lm_comparison_reports_test_loss_with_paired_differences(world, ws, ray_cluster, capsys):
-    argv = args(world, ws, "compare.methods=[none,kd]", "compare.seeds=2", "tune.name=lm-compare", "train.lr_range=[1.0e-3,1.0e-2,3.0e-3]")
+    argv = args(world, ws, "compare.methods=[none,kd]", "compare.seeds=2", "tune.name=lm-compare", "train.lr_range=[1.0e-3,1.0e-2,3.0e-3]",
+                "data.pack=true")  # training batches packed into rows of up to data.max_length tokens
     assert entry_point(compare.run, argv) == 0
     out = capsys.readouterr().out
     rows = pq.read_table(ws / "out" / "lm-compare" / "compare.parquet").to_pylist()

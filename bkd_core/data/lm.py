@@ -39,6 +39,7 @@ class LMDataset:
     vocab_size: int
     name: str = "lm"
     partner: Optional["LMDataset"] = None  # the same examples in a second tokenizer's ids (ULD's teacher)
+    pack: Optional[int] = None  # a training loader packs each batch into rows of up to this many tokens (pack_rows)
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 1 or self.targets.shape != self.ids.shape:
@@ -94,7 +95,7 @@ class LMDataset:
         """The arrays on ``device`` (a loader's copy; on the CPU the same arrays)."""
         partner = self.partner.to(device) if self.partner is not None else None
         return LMDataset(self.ids.to(device), self.targets.to(device), self.starts.to(device), self.lengths.to(device),
-                         self.vocab_size, self.name, partner)
+                         self.vocab_size, self.name, partner, self.pack)
 
     def sample(self, count: int = 2) -> torch.Tensor:
         """The first ``count`` examples as a packed model input (shape probes, input examples)."""
@@ -130,6 +131,39 @@ def pad_batch(ids: torch.Tensor, targets: torch.Tensor, starts: torch.Tensor, le
     y = torch.full_like(tokens, IGNORE)
     y[:, :-1] = torch.where(is_target[:, 1:], tokens[:, 1:], IGNORE)
     return torch.stack([tokens, valid.long()], dim=1), y
+
+
+def pack_rows(x: torch.Tensor, y: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A right-padded batch (x (B, 2, L), y (B, L)) packed into as few rows of at most ``capacity`` tokens as first-fit
+    by decreasing length finds: the same examples and targets, less padding. Each row's mask numbers its examples
+    1, 2, ... (0: padding), so that each example attends to itself alone and counts its positions from 0
+    (``bkd_core.models.causal``)."""
+    lengths = x[:, 1].sum(1).tolist()
+    fill: list[int] = []
+    place = [(0, 0, 0)] * len(lengths)  # (row, offset, example's number in its row)
+    counts: list[int] = []
+    for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(fill) if used + lengths[b] <= capacity), None)
+        if row is None:
+            row = len(fill)
+            fill.append(0)
+            counts.append(0)
+        counts[row] += 1
+        place[b] = (row, fill[row], counts[row])
+        fill[row] += lengths[b]
+    device = x.device
+    rows, offsets, numbers = (torch.tensor(v, device=device) for v in zip(*place))
+    steps = torch.arange(x.shape[-1], device=device)
+    valid = steps[None, :] < x[:, 1].sum(1, keepdim=True)
+    example, step = valid.nonzero(as_tuple=True)
+    row, col = rows[example], offsets[example] + step
+    width = max(fill) if fill else 1
+    out = torch.zeros(len(fill), 2, width, dtype=x.dtype, device=device)
+    out_y = torch.full((len(fill), width), IGNORE, dtype=y.dtype, device=device)
+    out[row, 0, col] = x[example, 0, step]
+    out[row, 1, col] = numbers[example].to(x.dtype)
+    out_y[row, col] = y[example, step]
+    return out, out_y
 
 
 def tokenize_lm(tokenizer: Any, texts: Optional[Sequence[str]] = None, prompts: Optional[Sequence[str]] = None,
@@ -183,17 +217,21 @@ def chat_prefix(tokenizer: Any, prompt: str) -> str:
 class LMBatchLoader(EpochSampler):
     """(x, y) batches of an ``LMDataset``: x (B, 2, L) int64 with L the batch's own longest example, y (B, L) next-token
     targets. ``set_epoch`` reshuffles deterministically; ``rank``/``world_size`` shard as ``BatchLoader`` does;
-    ``train=True`` shuffles and drops the last partial batch."""
+    ``train=True`` shuffles and drops the last partial batch. ``pack``: a training batch's examples are packed into
+    rows of up to this many tokens (``pack_rows``; each example still attends to itself alone)."""
 
     token_level = True  # evaluation scores tokens (train.evaluate_tokens)
 
     def __init__(self, dataset: LMDataset, batch_size: int, *, train: bool, device: Union[str, torch.device] = "cpu",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, **_: Any) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, pack: Optional[int] = None, **_: Any) -> None:
         super().__init__(len(dataset), batch_size, train=train, device=torch.device(device), seed=seed, rank=rank,
                          world_size=world_size, name=dataset.name, what="examples")
         self.dataset = dataset.to(self.device)
+        pack = pack if pack is not None else dataset.pack
+        self.pack = pack if train and dataset.partner is None else None  # evaluation keeps one example a row
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = self._indices()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self.dataset.batch(index[start:start + self.batch_size])
+            x, y = self.dataset.batch(index[start:start + self.batch_size])
+            yield pack_rows(x, y, max(self.pack, x.shape[-1])) if self.pack else (x, y)

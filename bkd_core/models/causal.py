@@ -9,6 +9,10 @@ each decoder block rebuilds, from that mask, what its layers need: the causal an
 (counted over the real tokens, so that left and right padding give the same logits) and rotary embeddings. No KV
 cache is used. The head returns (B, L, V) next-token logits.
 
+A packed row holds several examples: its mask numbers them 1, 2, 3, ... (0: padding). Each example's positions
+start at 0 and its tokens attend to its own tokens only, so a packed row gives every example the logits it gets
+alone (``bkd_core.data.lm.pack_rows`` makes such rows).
+
 ``transformers`` is imported only when a model is wrapped (``pip install 'bkd[text]'``).
 """
 from __future__ import annotations
@@ -32,8 +36,14 @@ def pack_lm(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = No
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counted over the real tokens: 0 at each sequence's first token, whichever side pads."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+    """Position ids counted over the real tokens: 0 at each example's first token, whichever side pads; in a packed
+    row (the mask numbers the examples 1, 2, ...) each example counts from 0 again."""
+    mask = mask.long()
+    steps = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    starts = torch.ones_like(mask, dtype=torch.bool)
+    starts[..., 1:] = mask[..., 1:] != mask[..., :-1]  # a new example (or the padding) begins here
+    first = torch.cummax(torch.where(starts, steps, torch.zeros_like(steps)), dim=-1).values
+    return torch.where(mask > 0, steps - first, torch.zeros_like(steps))
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -84,6 +94,13 @@ class GPT2Embeddings(nn.Module):
         return with_mask(hidden, mask)
 
 
+def packed_sequence_mask_function(segments: torch.Tensor):
+    """A mask function (transformers' ``and_mask_function``) that keeps each token's attention within its example."""
+    from transformers.masking_utils import packed_sequence_mask_function as same_example
+
+    return same_example(segments)
+
+
 class DecoderLayers(nn.Module):
     """Consecutive decoder layers; each sees the causal mask (full or sliding-window, as its config says), the
     position ids and the rotary embeddings the model itself would build for the batch's attention mask."""
@@ -102,8 +119,9 @@ class DecoderLayers(nn.Module):
         hidden, mask = split_mask(x)
         mask = mask.long()
         pos = positions(mask)
-        made = {kind: self.masks[kind](config=self.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
-                                       position_ids=pos) for kind in set(self.kinds)}
+        packed = {"and_mask_function": packed_sequence_mask_function(mask)} if bool((mask > 1).any()) else {}
+        made = {kind: self.masks[kind](config=self.config, inputs_embeds=hidden, attention_mask=(mask > 0).long(), cache=None,
+                                       position_ids=pos, **packed) for kind in set(self.kinds)}
         rotary = self.rotary(hidden, position_ids=pos) if self.rotary is not None else None
         for layer, kind in zip(self.layers, self.kinds):
             if self.gpt2:

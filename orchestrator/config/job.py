@@ -130,7 +130,7 @@ class Job:
             spec["text"] = [d.hub, d.hub_config, d.test_split, d.text_column, d.text_pair_column, d.label_column, d.max_length,
                             d.tokenizer]
         if isinstance(d, LMData):
-            spec["lm"] = [d.prompt_column, d.response_column, d.chat_template, t.grad_clip]
+            spec["lm"] = [d.prompt_column, d.response_column, d.chat_template, t.grad_clip, d.pack]
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -162,6 +162,8 @@ class LMData(TextData):
                               "the models' positions", at_least(8, " (tokens)"))
     student_tokenizer: Optional[str] = setting(None, "search=uld: the student's own tokenizer (null: the student's folder's); "
                                                "every other method reads the teacher's ids")
+    pack: bool = setting(False, "pack each training batch's examples into rows of up to data.max_length tokens (less "
+                         "padding; each example attends to itself alone, its positions from 0); evaluation is not packed")
 
 
 DataConfig = Union[BuiltinData, ImageFolderData, ParquetData, TextData, LMData]  # the typed ``data`` of a composed config

@@ -52,6 +52,8 @@ def load_dataset(data_cfg: DataConfig) -> bkd_data.DataSplits:
         splits = splits.hold_out(val_fraction(data_cfg), data_cfg.split_seed)
     if data_cfg.train_size:
         splits.train = splits.train.subset(data_cfg.train_size)
+    if isinstance(data_cfg, LMData) and data_cfg.pack:
+        splits.train.pack = data_cfg.max_length
     return splits
 
 
