@@ -170,4 +170,5 @@ def verdict(name: str, reference: str, diff: Optional[Interval], higher_is_bette
         return f"{name} beats {reference} by {abs(diff.mean):.2f} {unit} (95 % CI {span}, {diff.n} seeds){few}."
     if below:
         return f"{name} trails {reference} by {abs(diff.mean):.2f} {unit} (95 % CI {span}, {diff.n} seeds){few}."
-    return f"{name} and {reference} are not distinguishable at {diff.n} seeds (difference {span}){few}."
+    units = "" if unit == "points" else f" {unit}"
+    return f"{name} and {reference} are not distinguishable at {diff.n} seeds (difference {span}{units}){few}."
