@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -28,7 +26,8 @@ import torch
 from bkd_core.data import DataSplits, LMDataset, tokenize_lm
 from orchestrator.config.checks import ConfigError
 from orchestrator.config.schema import LMData
-from orchestrator.data.text import default_cache_dir, load_tokenizer, source_digest, source_table, split_file, tokenizer_digest
+from orchestrator.data.text import (default_cache_dir, load_tokenizer, source_digest, source_table, split_file,
+                                    tokenizer_digest, written_whole)
 
 ARRAYS = ("ids", "targets", "lengths")
 
@@ -138,10 +137,8 @@ def build_cache(d: LMData, tokenizer: Any, folder: Path, student_tokenizer: Any 
     skipped. With ``student_tokenizer`` (ULD), the student's ids are the main ones and the teacher's the partner."""
     meta: dict[str, Any] = {"sources": [], "max_length": d.max_length, "tokenizer": d.tokenizer, "columns": columns(d),
                             "student_tokenizer": d.student_tokenizer, "chat_template": chat_template_used(d, tokenizer)}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     main = student_tokenizer if student_tokenizer is not None else tokenizer
-    try:
+    with written_whole(folder) as scratch:
         for split in ("train", d.test_split):
             writers = [SplitWriter(scratch, split)] + ([SplitWriter(scratch, f"{split}.teacher")] if student_tokenizer is not None else [])
             counts = {"truncated": 0, "empty": 0}
@@ -159,12 +156,6 @@ def build_cache(d: LMData, tokenizer: Any, folder: Path, student_tokenizer: Any 
                                   f"{', '.join(columns(d).values())}; check the columns.")
             meta[split] = counts | {"examples": writers[0].examples, "tokens": writers[0].tokens}
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            scratch.rename(folder)
-        except OSError:  # written meanwhile by another process: theirs is the same
-            pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     train, test = meta["train"], meta[d.test_split]
     print(f"[bkd] data: tokenized {train['examples']:,} training and {test['examples']:,} test examples "
           f"({train['tokens']:,} and {test['tokens']:,} tokens) with {d.student_tokenizer or d.tokenizer} into {folder}", flush=True)

@@ -10,6 +10,7 @@ max_length). The driver writes the cache while it validates; every trial and DDP
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -245,6 +246,22 @@ def mapped_split(folder: Path, split: str, num_classes: int, name: str) -> TextD
     return TextDataset(store, labels, num_classes, name)
 
 
+@contextlib.contextmanager
+def written_whole(folder: Path) -> Iterator[Path]:
+    """A scratch folder beside ``folder`` that becomes ``folder`` when the block ends without an error: a cache is
+    read whole or not at all (one another process wrote meanwhile is kept: theirs is the same)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        yield scratch
+        try:
+            scratch.rename(folder)
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def build_cache(d: TextData, tokenizer: Any, folder: Path) -> None:
     """Read, check, map labels and tokenize both splits into ``folder`` (written whole or not at all)."""
     train, test = read_split(d, "train"), read_split(d, d.test_split)
@@ -252,9 +269,7 @@ def build_cache(d: TextData, tokenizer: Any, folder: Path) -> None:
     index = {str(v): i for i, v in enumerate(names)}
     meta: dict[str, Any] = {"sources": [train.source, test.source], "max_length": d.max_length,
                             "tokenizer": d.tokenizer, "classes": len(names), "truncated": {}}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with written_whole(folder) as scratch:
         for split, cols in (("train", train), ("test", test)):
             labels = [index[str(v)] for v in cols.labels]
             data = tokenize(cols.texts, labels, tokenizer, d.max_length, len(names), pairs=cols.pairs, name=f"text/{split}")
@@ -265,12 +280,6 @@ def build_cache(d: TextData, tokenizer: Any, folder: Path) -> None:
             np.save(scratch / f"{split}.tokens.npy", data.tokens.numpy())
         (scratch / "labels.json").write_text(json.dumps([v if isinstance(v, (int, str)) else str(v) for v in names]))
         (scratch / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            scratch.rename(folder)
-        except OSError:  # written meanwhile by another process: theirs is the same
-            pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     reach = meta["truncated"]
     print(f"[bkd] data: tokenized {len(train.texts):,} training and {len(test.texts):,} test texts with {d.tokenizer} "
           f"into {folder}" + (f"; {reach['train']:,} training and {reach['test']:,} test texts reach max_length="
