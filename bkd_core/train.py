@@ -266,17 +266,18 @@ def evaluate_tokens(inner: nn.Module, loader: BatchLoader, bf16: bool = False,
         with autocast(loader.device, bf16):
             student_logits, stones = inner.logits(x)
         target = y != IGNORE
-        count = int(target.sum())
-        if per_example is not None:
-            losses = torch.nn.functional.cross_entropy(student_logits.float().transpose(1, 2), y.clamp_min(0), reduction="none")
-            per_example.append(torch.stack([(losses * target).sum(1), target.sum(1).float()], 1).cpu())
+        labels = y[target]
         for suffix, logits in {"": student_logits, **{f"_stone_{c}": l for c, l in stones.items()}}.items():
-            rows, labels = logits[target].float(), y[target]
-            nll = torch.nn.functional.cross_entropy(rows, labels, reduction="sum") if count else rows.sum()
+            rows = logits[target].float()  # the target tokens only: no float32 copy of the whole logits
+            nll_rows = torch.nn.functional.cross_entropy(rows, labels, reduction="none")
             hits = (rows.argmax(-1) == labels).sum()
-            for key, value in ((f"nll{suffix}", nll), (f"hits{suffix}", hits)):
+            for key, value in ((f"nll{suffix}", nll_rows.sum()), (f"hits{suffix}", hits)):
                 sums[key] = sums[key] + value if key in sums else value
-        tokens += count
+            if suffix == "" and per_example is not None:  # each example's summed loss over its target tokens
+                example = target.nonzero()[:, 0]
+                nll = torch.zeros(y.shape[0], device=y.device).index_add_(0, example, nll_rows)
+                per_example.append(torch.stack([nll, target.sum(1).float()], 1).cpu())
+        tokens += int(target.sum())
     metrics: dict[str, float] = {}
     for key, value in sums.items():
         if key.startswith("nll"):

@@ -114,10 +114,6 @@ class LMDataset:
         g = torch.Generator().manual_seed(seed)
         return self.take(torch.randperm(len(self), generator=g)[:count].sort().values)
 
-    def target_count(self) -> int:
-        """Target tokens of these examples."""
-        return sum(int(self.targets[int(s):int(s) + int(n)].sum()) for s, n in zip(self.starts, self.lengths))
-
 
 def pad_batch(ids: torch.Tensor, targets: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The examples at ``starts`` of ``lengths`` tokens in flat arrays as (x (B, 2, L) ids and mask, right-padded with

@@ -94,22 +94,17 @@ class GPT2Embeddings(nn.Module):
         return with_mask(hidden, mask)
 
 
-def packed_sequence_mask_function(segments: torch.Tensor):
-    """A mask function (transformers' ``and_mask_function``) that keeps each token's attention within its example."""
-    from transformers.masking_utils import packed_sequence_mask_function as same_example
-
-    return same_example(segments)
-
-
 class DecoderLayers(nn.Module):
     """Consecutive decoder layers; each sees the causal mask (full or sliding-window, as its config says), the
     position ids and the rotary embeddings the model itself would build for the batch's attention mask."""
 
     def __init__(self, layers: Sequence[nn.Module], run: range, config, rotary: Optional[nn.Module], gpt2: bool,
                  kinds: Sequence[str]) -> None:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+        from transformers.masking_utils import (create_causal_mask, create_sliding_window_causal_mask,
+                                                packed_sequence_mask_function)
 
         super().__init__()
+        self.within_example = packed_sequence_mask_function  # a packed row: attention stays within each example
         self.layers, self.config, self.gpt2 = nn.ModuleList(layers), config, gpt2
         self.rotary = rotary  # parameter-free (its inv_freq is not saved): registered in every block, moved with it
         self.kinds = [kinds[i] for i in run]
@@ -119,7 +114,7 @@ class DecoderLayers(nn.Module):
         hidden, mask = split_mask(x)
         mask = mask.long()
         pos = positions(mask)
-        packed = {"and_mask_function": packed_sequence_mask_function(mask)} if bool((mask > 1).any()) else {}
+        packed = {"and_mask_function": self.within_example(mask)} if bool((mask > 1).any()) else {}
         made = {kind: self.masks[kind](config=self.config, inputs_embeds=hidden, attention_mask=(mask > 0).long(), cache=None,
                                        position_ids=pos, **packed) for kind in set(self.kinds)}
         rotary = self.rotary(hidden, position_ids=pos) if self.rotary is not None else None

@@ -18,7 +18,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -183,11 +183,3 @@ def load_lm(d: LMData) -> DataSplits:
             data.partner = read_arrays(folder, f"{split}.teacher", len(tokenizer), f"lm/{split}")
         splits.append(data)
     return DataSplits(splits[0], splits[1])  # type: ignore[arg-type]
-
-
-def cache_meta(d: LMData) -> Optional[dict[str, Any]]:
-    """What the cache says of the data (examples, tokens, cut and skipped per split), once written."""
-    tokenizer = load_tokenizer(d.tokenizer)
-    student = load_tokenizer(d.student_tokenizer, "data.student_tokenizer") if d.student_tokenizer else None
-    path = cache_folder(d, tokenizer, student) / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -316,7 +316,8 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     """compare.parquet, compare.png, the printed table and verdicts, and the parent run's metrics."""
     found, _, _ = collect_rows(job, parent, results, interrupted)
     rows = sorted(found, key=lambda r: (r.get("method") or "", r.get("seed") or 0))
-    columns = COLUMNS[:2] + (objective_of(job).test, objective_of(job).val, objective_of(job).best_val) + COLUMNS[2:]
+    o = objective_of(job)
+    columns = COLUMNS[:2] + (o.test, o.val, o.best_val) + COLUMNS[2:]
     for r in rows:  # fixed names first, for readers of compare.parquet
         for key in columns:
             r.setdefault(key, None)
@@ -325,7 +326,6 @@ def report(job: Job, parent: MLflowWriter, results: Any, interrupted: bool, run_
     write_parquet([{k: r[k] for k in columns} | r for r in rows], str(out / "compare.parquet"))
     c = job.cfg.compare
     methods, baseline = list(c.methods), c.baseline
-    o = objective_of(job)
     summary = summaries(rows, methods, baseline, job.dataset.rows["test"], o)
     print("\n" + format_summary(summary, baseline, o))
     at_chance = at_chance_line(rows, Chance.of_split(job, "test"), o.test, "run of every method and seed")

@@ -44,10 +44,6 @@ class Objective:
         finite = [float(v) for v in values if v is not None and v == v]
         return (max(finite) if self.higher_is_better else min(finite)) if finite else float("nan")
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether ``a`` beats ``b``."""
-        return a > b if self.higher_is_better else a < b
-
     def gain(self, value: float, reference: float) -> float:
         """How much ``value`` is better than ``reference`` (positive: better), in the metric's units."""
         return value - reference if self.higher_is_better else reference - value
@@ -64,9 +60,6 @@ class Objective:
     def final_metrics(self) -> tuple[str, ...]:
         """The final figures a trial's row keeps."""
         return (self.val, self.test, *self.also, "train_loss", "throughput_img_s")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name}
 
 
 ACCURACY = Objective("acc", "max", "%", "top-1 accuracy (%)")
